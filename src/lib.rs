@@ -1,1 +1,17 @@
-//! kiln
+//! kiln: a minimal, security-focused microVM monitor.
+//!
+//! Start-up is one linear function ([`builder::build_and_start`]); the running VM is a
+//! [`vmm::Vmm`] whose event loop runs on the main thread while each vCPU runs on its own.
+
+pub mod arch;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod logger;
+pub mod signals;
+pub mod terminal;
+pub mod test_guest;
+pub mod vmm;
+pub mod vstate;

@@ -1,0 +1,337 @@
+//! Building a VM, in boot order: KVM → guest memory → VM → devices → kernel, initrd and
+//! command line → vCPUs → event loop → start.
+
+use std::fs::File;
+use std::io::{Cursor, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_ioctls::Cap;
+use linux_loader::cmdline::Cmdline;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::configure_system;
+use crate::arch::x86_64::cpuid::CpuTopology;
+use crate::arch::x86_64::layout::{BOOT_TIMER_START, CMDLINE_MAX_SIZE, I8042_GSI, SERIAL_GSI};
+use crate::arch::x86_64::loader::{LoadError, LoadedKernel, load_initrd, load_kernel};
+use crate::config::{BUILTIN_KERNEL, DEFAULT_BOOT_ARGS, VmConfig};
+use crate::devices::IrqLine;
+use crate::devices::boot_timer::{BOOT_TIMER_SIZE, BootTimer};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::i8042::{I8042_BASE, I8042_PORTS, I8042Device};
+use crate::devices::serial::{COM1_BASE, SerialDevice, SerialInput, UART_PORTS};
+use crate::exit::{ExitCode, ExitSignal};
+use crate::signals::SignalWatcher;
+use crate::vmm::{ExitWatcher, Subscriber, Vmm, VmmDevices};
+use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory};
+use crate::vstate::vcpu::{Vcpu, VcpuError, install_kick_handler};
+use crate::vstate::vm::{Vm, VmError, open_kvm};
+
+/// Start-up errors. Those caused by the configuration name the field.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// KVM is missing or unsuitable, or the VM could not be created.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory could not be reserved.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel image could not be opened.
+    #[error("boot-source.kernel_image_path: {path}: {source}")]
+    KernelOpen {
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel image could not be loaded.
+    #[error("boot-source.kernel_image_path: {path}: {source}")]
+    Kernel {
+        /// The path.
+        path: String,
+        /// Why.
+        source: LoadError,
+    },
+    /// The built-in guest was asked for but is not built in.
+    #[error("boot-source.kernel_image_path: this kiln was built without the test guest")]
+    NoBuiltinKernel,
+    /// The initrd could not be opened.
+    #[error("boot-source.initrd_path: {path}: {source}")]
+    InitrdOpen {
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The initrd could not be loaded.
+    #[error("boot-source.initrd_path: {path}: {source}")]
+    Initrd {
+        /// The path.
+        path: String,
+        /// Why.
+        source: LoadError,
+    },
+    /// The command line is invalid or too long.
+    #[error("boot-source.boot_args: {0}")]
+    Cmdline(String),
+    /// The boot structures could not be written.
+    #[error(transparent)]
+    Configure(#[from] crate::arch::x86_64::ConfigureError),
+    /// KVM's CPUID could not be read.
+    #[error("cannot read the CPUID KVM supports: {0}")]
+    Cpuid(#[source] kvm_ioctls::Error),
+    /// A vCPU could not be set up.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// An eventfd could not be created or registered.
+    #[error("cannot set up {what}: {source}")]
+    Event {
+        /// For what.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A device could not be placed on a bus.
+    #[error("cannot place a device: {0}")]
+    Bus(#[from] BusError),
+    /// The event loop could not be created.
+    #[error("cannot create the event loop: {0}")]
+    EventManager(event_manager::Error),
+    /// The serial output file could not be opened.
+    #[error("--serial-out {path}: {source}")]
+    SerialOut {
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// The exit code: configuration problems are 2, everything else 1.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            StartError::Memory(_)
+            | StartError::KernelOpen { .. }
+            | StartError::Kernel { .. }
+            | StartError::NoBuiltinKernel
+            | StartError::InitrdOpen { .. }
+            | StartError::Initrd { .. }
+            | StartError::Cmdline(_)
+            | StartError::SerialOut { .. }
+            | StartError::Vm(VmError::TooManyVcpus { .. } | VmError::MemorySlot(_)) => {
+                ExitCode::BadConfiguration
+            }
+            _ => ExitCode::StartFailure,
+        }
+    }
+}
+
+/// Options that are not part of the VM configuration.
+#[derive(Debug, Default)]
+pub struct RunOptions {
+    /// Serial output file instead of stdout.
+    pub serial_out: Option<PathBuf>,
+    /// Feed stdin to the serial console.
+    pub serial_in: bool,
+    /// Install the boot-timer device.
+    pub boot_timer: bool,
+    /// When the process started (for the boot timer).
+    pub start: Option<(Instant, u64)>,
+    /// Stop the VM in order on SIGINT, SIGTERM and SIGHUP.
+    pub stop_on_signals: bool,
+}
+
+fn event_err(what: &'static str) -> impl FnOnce(std::io::Error) -> StartError {
+    move |source| StartError::Event { what, source }
+}
+
+/// Loads the kernel named by `path`: the built-in test guest or a file.
+fn load_kernel_from(mem: &GuestMemory, path: &str) -> Result<LoadedKernel, StartError> {
+    let loaded = if path == BUILTIN_KERNEL {
+        let bytes = crate::test_guest::ELF.ok_or(StartError::NoBuiltinKernel)?;
+        load_kernel(mem, &mut Cursor::new(bytes))
+    } else {
+        let mut file = File::open(path).map_err(|source| StartError::KernelOpen {
+            path: path.to_string(),
+            source,
+        })?;
+        load_kernel(mem, &mut file)
+    };
+    loaded.map_err(|source| StartError::Kernel {
+        path: path.to_string(),
+        source,
+    })
+}
+
+/// The kernel command line: the user's (or the default) plus what devices add.
+fn base_cmdline(config: &VmConfig) -> Result<Cmdline, StartError> {
+    let args = config
+        .boot_source
+        .boot_args
+        .as_deref()
+        .unwrap_or(DEFAULT_BOOT_ARGS);
+    Cmdline::try_from(args, CMDLINE_MAX_SIZE).map_err(|e| StartError::Cmdline(e.to_string()))
+}
+
+fn serial_output(path: &Option<PathBuf>) -> Result<Box<dyn Write + Send>, StartError> {
+    match path {
+        None => Ok(Box::new(std::io::stdout())),
+        Some(p) => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(p)
+                .map_err(|source| StartError::SerialOut {
+                    path: p.display().to_string(),
+                    source,
+                })?;
+            Ok(Box::new(file))
+        }
+    }
+}
+
+fn stdin_source() -> Option<File> {
+    // A duplicate, so reads bypass std's buffering and closing it leaves fd 0 alone.
+    nix::unistd::dup(std::io::stdin()).ok().map(File::from)
+}
+
+/// Builds the VM described by `config` and starts its vCPUs.
+pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, StartError> {
+    let vcpu_count = config.vcpus();
+    let machine = &config.machine_config;
+
+    // KVM, memory, VM.
+    let kvm = open_kvm(vcpu_count)?;
+    let memory = create_guest_memory(machine.mem_size_mib)?;
+    let vm = Vm::new(&kvm, memory, machine.track_dirty_pages)?;
+    let exit = Arc::new(ExitSignal::new().map_err(event_err("the exit event"))?);
+
+    // Legacy devices on the port bus.
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("the serial IRQ"))?;
+    vm.fd()
+        .register_irqfd(&serial_irq, SERIAL_GSI)
+        .map_err(|e| event_err("the serial IRQ")(std::io::Error::from_raw_os_error(e.errno())))?;
+    let input_ready = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("the serial input"))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        IrqLine::new(serial_irq),
+        serial_output(&opts.serial_out)?,
+        input_ready
+            .try_clone()
+            .map_err(event_err("the serial input"))?,
+    )));
+    pio.insert(serial.clone(), COM1_BASE, UART_PORTS)?;
+
+    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("the i8042 IRQ"))?;
+    vm.fd()
+        .register_irqfd(&kbd_irq, I8042_GSI)
+        .map_err(|e| event_err("the i8042 IRQ")(std::io::Error::from_raw_os_error(e.errno())))?;
+    let i8042 = Arc::new(Mutex::new(I8042Device::new(
+        exit.clone(),
+        IrqLine::new(kbd_irq),
+    )));
+    pio.insert(i8042.clone(), I8042_BASE, I8042_PORTS)?;
+
+    if opts.boot_timer {
+        let (start, cpu) = opts.start.unwrap_or_else(|| (Instant::now(), 0));
+        mmio.insert(
+            Arc::new(Mutex::new(BootTimer::new(start, cpu))),
+            BOOT_TIMER_START,
+            BOOT_TIMER_SIZE,
+        )?;
+    }
+
+    // Kernel, initrd, command line, boot structures.
+    let boot = &config.boot_source;
+    let kernel = load_kernel_from(vm.memory(), &boot.kernel_image_path)?;
+    let initrd = match &boot.initrd_path {
+        None => None,
+        Some(path) => {
+            let mut file = File::open(path).map_err(|source| StartError::InitrdOpen {
+                path: path.clone(),
+                source,
+            })?;
+            Some(
+                load_initrd(vm.memory(), &mut file, &kernel).map_err(|source| {
+                    StartError::Initrd {
+                        path: path.clone(),
+                        source,
+                    }
+                })?,
+            )
+        }
+    };
+    let cmdline = base_cmdline(config)?;
+    configure_system(vm.memory(), &kernel, &cmdline, initrd, vcpu_count)?;
+
+    // vCPUs.
+    let pio = Arc::new(pio);
+    let mmio = Arc::new(mmio);
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(StartError::Cpuid)?;
+    let topology = CpuTopology::new(vcpu_count, machine.smt);
+    let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+    let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
+    for index in 0..vcpu_count {
+        let vcpu = Vcpu::new(vm.fd(), index, pio.clone(), mmio.clone(), exit.clone())?;
+        vcpu.configure(
+            vm.memory(),
+            &kernel,
+            &supported_cpuid,
+            topology,
+            tsc_deadline,
+        )?;
+        vcpus.push(vcpu);
+    }
+
+    // Event loop.
+    let mut event_manager: EventManager<Subscriber> =
+        EventManager::new().map_err(StartError::EventManager)?;
+    let watcher: Arc<Mutex<dyn MutEventSubscriber + Send>> =
+        Arc::new(Mutex::new(ExitWatcher::new(
+            exit.eventfd()
+                .try_clone()
+                .map_err(event_err("the exit event"))?,
+        )));
+    event_manager.add_subscriber(watcher);
+    if opts.stop_on_signals {
+        let signals: Subscriber = Arc::new(Mutex::new(
+            SignalWatcher::install(exit.clone()).map_err(event_err("the stop signals"))?,
+        ));
+        event_manager.add_subscriber(signals);
+    }
+    if opts.serial_in {
+        let input: Subscriber = Arc::new(Mutex::new(SerialInput::new(
+            serial.clone(),
+            stdin_source(),
+            input_ready,
+        )));
+        event_manager.add_subscriber(input);
+    }
+
+    // Go.
+    install_kick_handler()?;
+    let vcpu_metrics = vcpus.iter().map(Vcpu::metrics).collect();
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        handles.push(vcpu.start()?);
+    }
+    Ok(Vmm::new(
+        vm,
+        handles,
+        event_manager,
+        exit,
+        VmmDevices {
+            serial,
+            i8042,
+            vcpu_metrics,
+        },
+    ))
+}

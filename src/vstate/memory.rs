@@ -1,0 +1,166 @@
+//! Guest memory: anonymous, `MAP_NORESERVE` mappings laid out around the 32-bit MMIO gap.
+//!
+//! Memory is reserved, never touched or zeroed by kiln: the host kernel hands out zero pages
+//! on the guest's first access, so a VM costs only what its guest actually uses.
+
+use vm_memory::mmap::FromRangesError;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::{FIRST_ADDR_PAST_32BITS, MMIO_GAP_START};
+
+/// The guest memory type used throughout kiln.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+const MIB: u64 = 1 << 20;
+
+/// Errors creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The memory (plus the MMIO gap it straddles) does not fit the guest physical space.
+    #[error(
+        "machine-config.mem_size_mib: {size_mib} MiB does not fit the {phys_bits}-bit guest physical address space"
+    )]
+    TooLarge {
+        /// Requested size.
+        size_mib: u64,
+        /// Physical address bits of this host.
+        phys_bits: u8,
+    },
+    /// The host refused the mapping.
+    #[error("machine-config.mem_size_mib: cannot map {size_mib} MiB of guest memory: {source}")]
+    Map {
+        /// Requested size.
+        size_mib: u64,
+        /// Why the mapping failed.
+        source: FromRangesError,
+    },
+}
+
+/// Splits `size` bytes of RAM into guest-physical regions: below the MMIO gap, and the rest
+/// from 4 GiB upward.
+pub fn arch_memory_regions(size: u64) -> Vec<(GuestAddress, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(GuestAddress(0), size)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START),
+            (GuestAddress(FIRST_ADDR_PAST_32BITS), size - MMIO_GAP_START),
+        ]
+    }
+}
+
+/// Physical address width of the host CPU (CPUID 0x80000008 EAX[7:0]); 36 when not reported.
+pub fn host_phys_bits() -> u8 {
+    let max_ext = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+    if max_ext < 0x8000_0008 {
+        return 36;
+    }
+    (std::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8
+}
+
+/// Reserves `size_mib` MiB of guest RAM.
+pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemory, MemoryError> {
+    let phys_bits = host_phys_bits();
+    let too_large = MemoryError::TooLarge {
+        size_mib,
+        phys_bits,
+    };
+    let size = size_mib.checked_mul(MIB).ok_or(too_large)?;
+    let regions = arch_memory_regions(size);
+    let end = regions
+        .last()
+        .and_then(|(start, len)| start.raw_value().checked_add(*len));
+    match end {
+        Some(end) if phys_bits >= 64 || end <= 1u64 << phys_bits => {}
+        _ => {
+            return Err(MemoryError::TooLarge {
+                size_mib,
+                phys_bits,
+            });
+        }
+    }
+    let ranges: Vec<(GuestAddress, usize)> = regions
+        .iter()
+        .map(|(start, len)| (*start, *len as usize))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size_mib, source })
+}
+
+/// Bytes of guest memory currently resident in host RAM (pages the guest or kiln touched).
+pub fn resident_bytes(mem: &GuestMemory) -> u64 {
+    let page = 4096usize;
+    let mut total = 0u64;
+    let mut vec = vec![0u8; 1 << 16];
+    for region in mem.iter() {
+        let Ok(base) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+            continue;
+        };
+        let len = region.len() as usize;
+        let mut off = 0usize;
+        while off < len {
+            let chunk = (len - off).min(vec.len() * page);
+            // SAFETY: `base + off .. + chunk` lies inside this region's live mapping, and
+            // `vec` holds one byte per page of the chunk, as mincore(2) requires.
+            let ret = unsafe {
+                libc::mincore(
+                    base.add(off).cast::<libc::c_void>(),
+                    chunk,
+                    vec.as_mut_ptr(),
+                )
+            };
+            if ret != 0 {
+                break;
+            }
+            let pages = chunk.div_ceil(page);
+            total += vec[..pages].iter().filter(|b| **b & 1 != 0).count() as u64 * page as u64;
+            off += chunk;
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_below_the_gap() {
+        assert_eq!(
+            arch_memory_regions(128 * MIB),
+            vec![(GuestAddress(0), 128 * MIB)]
+        );
+        assert_eq!(
+            arch_memory_regions(MMIO_GAP_START),
+            vec![(GuestAddress(0), MMIO_GAP_START)]
+        );
+    }
+
+    #[test]
+    fn regions_across_the_gap() {
+        assert_eq!(
+            arch_memory_regions(4096 * MIB),
+            vec![
+                (GuestAddress(0), 3072 * MIB),
+                (GuestAddress(4096 * MIB), 1024 * MIB)
+            ]
+        );
+    }
+
+    #[test]
+    fn memory_is_reserved_not_touched() {
+        let mem = create_guest_memory(64).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        assert_eq!(resident_bytes(&mem), 0);
+        vm_memory::Bytes::write_obj(&mem, 1u64, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(resident_bytes(&mem), 4096);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        assert!(matches!(
+            create_guest_memory(u64::MAX / MIB),
+            Err(MemoryError::TooLarge { .. })
+        ));
+        assert!(create_guest_memory(u64::MAX).is_err());
+    }
+}

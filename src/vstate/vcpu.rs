@@ -1,0 +1,619 @@
+//! vCPUs: boot-state configuration, one thread per vCPU running KVM_RUN, the dispatch of
+//! exits to the buses, and the run-state machine the VMM drives (run, pause, stop).
+//!
+//! A vCPU thread is kicked out of KVM_RUN with a real-time signal whose handler sets the
+//! thread's `kvm_run.immediate_exit`, so a kick that lands just before KVM_RUN is not lost.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_mp_state};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vmm_sys_util::signal::{Killable, register_signal_handler};
+
+use crate::arch::x86_64::cpuid::{CpuTopology, normalize};
+use crate::arch::x86_64::loader::LoadedKernel;
+use crate::arch::x86_64::regs::{
+    RegsError, boot_fpu, boot_msrs, boot_regs, setup_lint, setup_sregs,
+};
+use crate::devices::Counter;
+use crate::devices::bus::Bus;
+use crate::exit::{ExitReason, ExitSignal};
+use crate::vstate::memory::GuestMemory;
+
+/// Errors creating, configuring or starting a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// KVM_CREATE_VCPU failed.
+    #[error("cannot create vCPU {0}: {1}")]
+    Create(u8, #[source] kvm_ioctls::Error),
+    /// A state ioctl failed.
+    #[error("cannot configure vCPU {cpu} ({what}): {source}")]
+    Configure {
+        /// vCPU index.
+        cpu: u8,
+        /// The failed step.
+        what: &'static str,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted fewer boot MSRs than given.
+    #[error("vCPU {cpu}: KVM set {set} of {wanted} boot MSRs")]
+    Msrs {
+        /// vCPU index.
+        cpu: u8,
+        /// MSRs set.
+        set: usize,
+        /// MSRs given.
+        wanted: usize,
+    },
+    /// Boot-state construction failed.
+    #[error(transparent)]
+    Regs(#[from] RegsError),
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    /// The thread could not be spawned.
+    #[error("cannot spawn the thread of vCPU {0}: {1}")]
+    Spawn(u8, #[source] std::io::Error),
+}
+
+/// Per-vCPU exit counters.
+#[derive(Debug, Default)]
+pub struct VcpuMetrics {
+    /// Port reads.
+    pub exit_io_in: Counter,
+    /// Port writes.
+    pub exit_io_out: Counter,
+    /// MMIO reads.
+    pub exit_mmio_read: Counter,
+    /// MMIO writes.
+    pub exit_mmio_write: Counter,
+    /// Accesses no device claimed.
+    pub unhandled_access: Counter,
+    /// KVM_RUN returns caused by kicks or signals.
+    pub interrupted: Counter,
+    /// Exits that stopped the vCPU with an error.
+    pub failures: Counter,
+}
+
+// ---- kicking a vCPU out of KVM_RUN -------------------------------------------------------
+
+thread_local! {
+    /// `kvm_run.immediate_exit` of the vCPU running on this thread (null elsewhere).
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let ptr = IMMEDIATE_EXIT.with(Cell::get);
+    if !ptr.is_null() {
+        // SAFETY: the pointer is set by this thread's vCPU loop to the `immediate_exit` byte
+        // of its mapped `kvm_run`, and cleared before that mapping goes away; the signal runs
+        // on the same thread, so the mapping is live.
+        unsafe { std::ptr::write_volatile(ptr, 1) };
+    }
+}
+
+/// The signal that kicks vCPU threads.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick handler (process-wide, idempotent).
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::SignalHandler)
+}
+
+// ---- the run-state machine -----------------------------------------------------------------
+
+/// What the VMM wants a vCPU to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum VcpuRequest {
+    /// Run the guest.
+    Run = 0,
+    /// Stop at a safe point (outside KVM_RUN) and wait.
+    Pause = 1,
+    /// Leave the thread.
+    Stop = 2,
+}
+
+/// Where a vCPU thread is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuState {
+    /// Created, thread not yet running the guest.
+    Created,
+    /// Running guest code (or handling an exit).
+    Running,
+    /// Parked at a safe point.
+    Paused,
+    /// The thread has left its loop.
+    Exited,
+}
+
+impl VcpuState {
+    /// The state a vCPU moves to when it observes `request` in `self`; `None` if the
+    /// request does not apply (the explicit transition table).
+    pub fn on_request(self, request: VcpuRequest) -> Option<VcpuState> {
+        use VcpuRequest as R;
+        use VcpuState as S;
+        match (self, request) {
+            (S::Exited, _) => None,
+            (_, R::Stop) => Some(S::Exited),
+            (S::Created | S::Paused, R::Run) => Some(S::Running),
+            (S::Running | S::Created, R::Pause) => Some(S::Paused),
+            (S::Running, R::Run) | (S::Paused, R::Pause) => None,
+        }
+    }
+}
+
+/// State shared between a vCPU thread and the VMM.
+#[derive(Debug)]
+pub struct VcpuControl {
+    request: AtomicU8,
+    state: Mutex<VcpuState>,
+    changed: Condvar,
+}
+
+impl VcpuControl {
+    fn new() -> Self {
+        VcpuControl {
+            request: AtomicU8::new(VcpuRequest::Run as u8),
+            state: Mutex::new(VcpuState::Created),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn request(&self) -> VcpuRequest {
+        match self.request.load(Ordering::SeqCst) {
+            0 => VcpuRequest::Run,
+            1 => VcpuRequest::Pause,
+            _ => VcpuRequest::Stop,
+        }
+    }
+
+    fn set_request(&self, request: VcpuRequest) {
+        // Hold the state lock so a parked thread cannot miss the change.
+        let _state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.request() != VcpuRequest::Stop {
+            self.request.store(request as u8, Ordering::SeqCst);
+        }
+        self.changed.notify_all();
+    }
+
+    fn transition(&self, to: VcpuState) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        *state = to;
+        self.changed.notify_all();
+    }
+
+    /// The current state.
+    pub fn state(&self) -> VcpuState {
+        *self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Blocks the calling vCPU thread while the request is `Pause`.
+    fn wait_while_paused(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while self.request() == VcpuRequest::Pause {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Waits until the vCPU is in a state accepted by `done`.
+    pub fn wait_for(&self, done: impl Fn(VcpuState) -> bool) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while !done(*state) {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+// ---- the vCPU -----------------------------------------------------------------------------
+
+/// What one KVM_RUN produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// Exit handled; run again.
+    Continue,
+    /// KVM_RUN was interrupted (kick or signal); look at the request, then run again.
+    Interrupted,
+    /// The VM must stop.
+    Stop(ExitReason),
+}
+
+/// A configured vCPU, before its thread starts.
+#[derive(Debug)]
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+    metrics: Arc<VcpuMetrics>,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` of `vm`.
+    pub fn new(
+        vm: &VmFd,
+        index: u8,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+        exit: Arc<ExitSignal>,
+    ) -> Result<Vcpu, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VcpuError::Create(index, e))?;
+        Ok(Vcpu {
+            index,
+            fd,
+            pio,
+            mmio,
+            exit,
+            metrics: Arc::new(VcpuMetrics::default()),
+        })
+    }
+
+    /// The vCPU's index (and APIC id).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// The exit counters.
+    pub fn metrics(&self) -> Arc<VcpuMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The KVM vCPU fd.
+    pub fn fd(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
+
+    fn step(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let cpu = self.index;
+        move |source| VcpuError::Configure { cpu, what, source }
+    }
+
+    /// Sets CPUID, MSRs, registers, FPU and LAPIC for entry into `kernel`.
+    pub fn configure(
+        &self,
+        mem: &GuestMemory,
+        kernel: &LoadedKernel,
+        supported_cpuid: &CpuId,
+        topology: CpuTopology,
+        tsc_deadline: bool,
+    ) -> Result<(), VcpuError> {
+        let mut cpuid = supported_cpuid.clone();
+        normalize(cpuid.as_mut_slice(), self.index, topology, tsc_deadline);
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(self.step("KVM_SET_CPUID2"))?;
+
+        let msrs = boot_msrs()?;
+        let set = self.fd.set_msrs(&msrs).map_err(self.step("KVM_SET_MSRS"))?;
+        if set != msrs.as_slice().len() {
+            return Err(VcpuError::Msrs {
+                cpu: self.index,
+                set,
+                wanted: msrs.as_slice().len(),
+            });
+        }
+
+        self.fd
+            .set_regs(&boot_regs(kernel.protocol, kernel.entry.0))
+            .map_err(self.step("KVM_SET_REGS"))?;
+        let mut sregs = self.fd.get_sregs().map_err(self.step("KVM_GET_SREGS"))?;
+        setup_sregs(mem, &mut sregs, kernel.protocol)?;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(self.step("KVM_SET_SREGS"))?;
+        self.fd
+            .set_fpu(&boot_fpu())
+            .map_err(self.step("KVM_SET_FPU"))?;
+
+        let mut lapic = self.fd.get_lapic().map_err(self.step("KVM_GET_LAPIC"))?;
+        setup_lint(&mut lapic.regs);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.step("KVM_SET_LAPIC"))?;
+        Ok(())
+    }
+
+    /// The vCPU's multiprocessing state (BSP runnable, APs waiting for INIT/SIPI).
+    pub fn mp_state(&self) -> Result<kvm_mp_state, VcpuError> {
+        self.fd
+            .get_mp_state()
+            .map_err(self.step("KVM_GET_MP_STATE"))
+    }
+
+    /// Runs the guest once and handles the exit.
+    pub fn run_once(&mut self) -> RunOutcome {
+        let cpu = self.index;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                self.metrics.exit_io_in.inc();
+                if !self.pio.read(u64::from(port), data) {
+                    self.metrics.unhandled_access.inc();
+                }
+                RunOutcome::Continue
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                self.metrics.exit_io_out.inc();
+                if !self.pio.write(u64::from(port), data) {
+                    self.metrics.unhandled_access.inc();
+                }
+                RunOutcome::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                self.metrics.exit_mmio_read.inc();
+                if !self.mmio.read(addr, data) {
+                    self.metrics.unhandled_access.inc();
+                }
+                RunOutcome::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                self.metrics.exit_mmio_write.inc();
+                if !self.mmio.write(addr, data) {
+                    self.metrics.unhandled_access.inc();
+                }
+                RunOutcome::Continue
+            }
+            Ok(VcpuExit::Intr) => RunOutcome::Interrupted,
+            Ok(VcpuExit::Shutdown) => RunOutcome::Stop(ExitReason::TripleFault { cpu }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => RunOutcome::Stop(ExitReason::GuestShutdown),
+                KVM_SYSTEM_EVENT_RESET => RunOutcome::Stop(ExitReason::GuestReset),
+                other => self.fail(format!("unexpected system event {other}")),
+            },
+            Ok(VcpuExit::InternalError) => {
+                self.metrics.failures.inc();
+                RunOutcome::Stop(self.internal_error())
+            }
+            Ok(VcpuExit::FailEntry(reason, hw_cpu)) => self.fail(format!(
+                "KVM entry failed: hardware reason {reason:#x} on host CPU {hw_cpu}"
+            )),
+            Ok(other) => {
+                let detail = format!("unexpected exit {other:?}");
+                self.fail(detail)
+            }
+            Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => RunOutcome::Interrupted,
+            Err(e) => self.fail(format!("KVM_RUN failed: {e}")),
+        }
+    }
+
+    fn fail(&self, detail: String) -> RunOutcome {
+        self.metrics.failures.inc();
+        RunOutcome::Stop(ExitReason::VcpuError {
+            cpu: self.index,
+            detail,
+        })
+    }
+
+    /// Describes a KVM_EXIT_INTERNAL_ERROR from `kvm_run.internal`.
+    fn internal_error(&mut self) -> ExitReason {
+        let cpu = self.index;
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
+        // member KVM filled in.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let data = &internal.data[..n];
+        let detail = emulation_failure_detail(internal.suberror, data)
+            .unwrap_or_else(|| format!("data {data:x?}"));
+        ExitReason::InternalError {
+            cpu,
+            suberror: internal.suberror,
+            detail,
+        }
+    }
+
+    /// Spawns the vCPU thread.
+    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        let control = Arc::new(VcpuControl::new());
+        let thread_control = control.clone();
+        let index = self.index;
+        let thread = std::thread::Builder::new()
+            .name(format!("kiln_vcpu{index}"))
+            .spawn(move || self.thread_main(&thread_control))
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        Ok(VcpuHandle {
+            index,
+            thread: Some(thread),
+            control,
+        })
+    }
+
+    fn thread_main(mut self, control: &VcpuControl) {
+        let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
+        self.run_loop(control);
+        IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
+        control.transition(VcpuState::Exited);
+    }
+
+    fn run_loop(&mut self, control: &VcpuControl) {
+        let mut state = VcpuState::Created;
+        loop {
+            if let Some(next) = state.on_request(control.request()) {
+                state = next;
+                control.transition(state);
+            }
+            match state {
+                VcpuState::Exited => return,
+                VcpuState::Paused => {
+                    control.wait_while_paused();
+                    continue;
+                }
+                VcpuState::Created | VcpuState::Running => {}
+            }
+            match self.run_once() {
+                RunOutcome::Continue => {}
+                RunOutcome::Interrupted => {
+                    self.metrics.interrupted.inc();
+                    // Re-arm before the request is looked at again, so a kick arriving now
+                    // still interrupts the next KVM_RUN.
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                RunOutcome::Stop(reason) => {
+                    self.exit.post(reason);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// For emulation failures with instruction bytes (suberror 1, flag bit 0 in data[0]), the
+/// bytes as hex.
+pub fn emulation_failure_detail(suberror: u32, data: &[u64]) -> Option<String> {
+    const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+    const FLAG_INSTRUCTION_BYTES: u64 = 1;
+    if suberror != KVM_INTERNAL_ERROR_EMULATION || data.len() < 3 {
+        return None;
+    }
+    if data[0] & FLAG_INSTRUCTION_BYTES == 0 {
+        return Some("emulation failure".to_string());
+    }
+    let len = ((data[1] & 0xff) as usize).min(16);
+    let bytes: Vec<u8> = data[2..]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .take(len)
+        .collect();
+    let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Some(format!(
+        "emulation failure, instruction bytes {}",
+        hex.join(" ")
+    ))
+}
+
+/// The VMM's handle on a running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    index: u8,
+    thread: Option<JoinHandle<()>>,
+    control: Arc<VcpuControl>,
+}
+
+impl VcpuHandle {
+    /// The vCPU's index.
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Its run state.
+    pub fn state(&self) -> VcpuState {
+        self.control.state()
+    }
+
+    fn kick(&self) {
+        if let Some(thread) = &self.thread {
+            // The thread may already have left its loop; a failed kick then changes nothing.
+            let _ = thread.kill(kick_signal());
+        }
+    }
+
+    /// Asks the vCPU to stop at a safe point; `wait_paused` then waits for it.
+    pub fn pause(&self) {
+        self.control.set_request(VcpuRequest::Pause);
+        self.kick();
+    }
+
+    /// Waits until the vCPU is parked (or gone).
+    pub fn wait_paused(&self) {
+        self.control
+            .wait_for(|s| matches!(s, VcpuState::Paused | VcpuState::Exited));
+    }
+
+    /// Lets a paused vCPU run again.
+    pub fn resume(&self) {
+        self.control.set_request(VcpuRequest::Run);
+    }
+
+    /// Asks the thread to leave its loop.
+    pub fn stop(&self) {
+        self.control.set_request(VcpuRequest::Stop);
+        self.kick();
+    }
+
+    /// Waits for the thread to end.
+    pub fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            // With panic=abort a vCPU thread never ends in a panic.
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_table() {
+        use VcpuRequest as R;
+        use VcpuState as S;
+        assert_eq!(S::Created.on_request(R::Run), Some(S::Running));
+        assert_eq!(S::Running.on_request(R::Pause), Some(S::Paused));
+        assert_eq!(S::Paused.on_request(R::Run), Some(S::Running));
+        assert_eq!(S::Paused.on_request(R::Stop), Some(S::Exited));
+        assert_eq!(S::Running.on_request(R::Stop), Some(S::Exited));
+        assert_eq!(S::Running.on_request(R::Run), None);
+        assert_eq!(S::Paused.on_request(R::Pause), None);
+        for r in [R::Run, R::Pause, R::Stop] {
+            assert_eq!(S::Exited.on_request(r), None);
+        }
+    }
+
+    #[test]
+    fn stop_is_final() {
+        let c = VcpuControl::new();
+        c.set_request(VcpuRequest::Stop);
+        c.set_request(VcpuRequest::Run);
+        assert_eq!(c.request(), VcpuRequest::Stop);
+    }
+
+    #[test]
+    fn paused_thread_waits_for_resume() {
+        let c = Arc::new(VcpuControl::new());
+        c.set_request(VcpuRequest::Pause);
+        let t = {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                c.transition(VcpuState::Paused);
+                c.wait_while_paused();
+                c.transition(VcpuState::Running);
+            })
+        };
+        c.wait_for(|s| s == VcpuState::Paused);
+        c.set_request(VcpuRequest::Run);
+        t.join().unwrap();
+        assert_eq!(c.state(), VcpuState::Running);
+    }
+
+    #[test]
+    fn emulation_failure_bytes() {
+        let data = [1u64, 3, 0x00c0_570f, 0, 0];
+        assert_eq!(
+            emulation_failure_detail(1, &data).unwrap(),
+            "emulation failure, instruction bytes 0f 57 c0"
+        );
+        assert_eq!(emulation_failure_detail(2, &data), None);
+        assert_eq!(
+            emulation_failure_detail(1, &[0, 0, 0]).unwrap(),
+            "emulation failure"
+        );
+        // A length beyond the data is clamped.
+        let d = emulation_failure_detail(1, &[1, 0xff, u64::MAX]).unwrap();
+        assert_eq!(d.split(" ").count(), 4 + 8);
+    }
+}

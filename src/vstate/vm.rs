@@ -1,0 +1,153 @@
+//! The KVM VM: capability checks, memory slots, the in-kernel interrupt controllers and PIT,
+//! and the TSS / identity-map pages VMX needs.
+
+use kvm_bindings::{
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::memory::GuestMemory;
+use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+
+/// The KVM API version kiln speaks.
+const KVM_API_VERSION: i32 = 12;
+
+/// Capabilities kiln relies on.
+const REQUIRED_CAPS: [(Cap, &str); 9] = [
+    (Cap::Irqchip, "in-kernel irqchip"),
+    (Cap::Pit2, "in-kernel PIT"),
+    (Cap::Irqfd, "irqfd"),
+    (Cap::Ioeventfd, "ioeventfd"),
+    (Cap::UserMemory, "user memory regions"),
+    (Cap::SetTssAddr, "KVM_SET_TSS_ADDR"),
+    (Cap::SetIdentityMapAddr, "KVM_SET_IDENTITY_MAP_ADDR"),
+    (Cap::ImmediateExit, "immediate_exit"),
+    (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID"),
+];
+
+/// Errors creating the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// Wrong KVM API version.
+    #[error("KVM API version {0} is not supported (need {KVM_API_VERSION})")]
+    ApiVersion(i32),
+    /// A capability is missing.
+    #[error("KVM lacks a required capability: {0}")]
+    MissingCap(&'static str),
+    /// More vCPUs than KVM allows.
+    #[error("machine-config.vcpu_count: KVM allows at most {max} vCPUs, {requested} requested")]
+    TooManyVcpus {
+        /// Requested count.
+        requested: u8,
+        /// KVM's limit.
+        max: usize,
+    },
+    /// KVM_CREATE_VM failed.
+    #[error("cannot create the VM: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// A memory slot was refused (typically: more memory than KVM maps in one slot).
+    #[error("machine-config.mem_size_mib: KVM refused the guest memory: {0}")]
+    MemorySlot(#[source] kvm_ioctls::Error),
+    /// More memory regions than slots.
+    #[error("guest memory needs more KVM memory slots than the host offers")]
+    TooManySlots,
+    /// A VM-level ioctl failed.
+    #[error("{what}: {source}")]
+    Ioctl {
+        /// The operation.
+        what: &'static str,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Ioctl { what, source }
+}
+
+/// Opens /dev/kvm and checks that it can run a kiln VM with `vcpus` vCPUs.
+pub fn open_kvm(vcpus: u8) -> Result<Kvm, VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION {
+        return Err(VmError::ApiVersion(version));
+    }
+    for (cap, name) in REQUIRED_CAPS {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(name));
+        }
+    }
+    let max = kvm.get_max_vcpus();
+    if usize::from(vcpus) > max {
+        return Err(VmError::TooManyVcpus {
+            requested: vcpus,
+            max,
+        });
+    }
+    Ok(kvm)
+}
+
+/// A VM with its guest memory registered. The memory outlives the slots that point into it:
+/// fields drop in declaration order, the VM fd first.
+#[derive(Debug)]
+pub struct Vm {
+    fd: VmFd,
+    memory: GuestMemory,
+}
+
+impl Vm {
+    /// Creates the VM, registers `memory`, and sets up the irqchip, PIT, TSS and identity map.
+    pub fn new(kvm: &Kvm, memory: GuestMemory, track_dirty_pages: bool) -> Result<Vm, VmError> {
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        if memory.num_regions() > kvm.get_nr_memslots() {
+            return Err(VmError::TooManySlots);
+        }
+        let flags = if track_dirty_pages {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        for (slot, region) in memory.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| VmError::TooManySlots)?;
+            let mem_region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
+            // `memory`, which this struct keeps alive for at least as long as `fd`.
+            unsafe { fd.set_user_memory_region(mem_region) }.map_err(VmError::MemorySlot)?;
+        }
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_START)
+            .map_err(ioctl("cannot set the identity map address"))?;
+        fd.set_tss_address(KVM_TSS_START as usize)
+            .map_err(ioctl("cannot set the TSS address"))?;
+        fd.create_irq_chip()
+            .map_err(ioctl("cannot create the in-kernel irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(ioctl("cannot create the in-kernel PIT"))?;
+        Ok(Vm { fd, memory })
+    }
+
+    /// The KVM VM fd.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+}
