@@ -1,0 +1,108 @@
+/*
+ * The scenario table and the kiln.run= command-line parser.
+ * To add a scenario: write `void scn_<name>(const char *arg)` in its own
+ * file under scenarios/, declare it in include/scenario.h and add a row
+ * here. Nothing else (build.rs compiles every .c/.S it finds).
+ */
+#include "boot.h"
+#include "lib.h"
+#include "report.h"
+#include "scenario.h"
+
+static const struct scenario scenarios[] = {
+    { "boot",              scn_boot,              false, "every boot check below, in order" },
+    { "boot-params",       scn_boot_params,       false, "entry protocol and boot structure" },
+    { "cmdline",           scn_cmdline,           false, "the command line" },
+    { "e820",              scn_e820,              false, "the memory map" },
+    { "memory",            scn_memory,            false, "write/read RAM at range ends" },
+    { "initrd",            scn_initrd,            false, "initrd placement and FNV-1a" },
+    { "cpuid",             scn_cpuid,             false, "vendor, hypervisor bit, APIC ids" },
+    { "mptable",           scn_mptable,           false, "the MP table" },
+    { "smp",               scn_smp,               false, "start every AP (INIT/SIPI/SIPI)" },
+    { "hello",             scn_hello,             false, "one line, then reset" },
+    { "serial-echo",       scn_serial_echo,       false, "read a line by UART interrupt" },
+    { "pio-bench",         scn_pio_bench,         true,  "N outs to port 0x80, timed" },
+    { "triple-fault",      scn_triple_fault,      false, "shut down by triple fault" },
+    { "emulation-failure", scn_emulation_failure, false, "execute an SSE instruction" },
+    { "idle",              scn_idle,              false, "sti; hlt forever" },
+};
+
+void scn_boot(const char *arg)
+{
+    (void)arg;
+    scn_boot_params(NULL);
+    scn_cmdline(NULL);
+    scn_e820(NULL);
+    scn_memory(NULL);
+    scn_initrd(NULL);
+    scn_cpuid(NULL);
+    scn_mptable(NULL);
+    scn_smp(NULL);
+}
+
+/* Runs one "<name>[:<arg>]" item of a kiln.run= list. */
+static void run_item(const char *item, size_t len)
+{
+    char buf[128];
+    if (len >= sizeof(buf)) {
+        fail("scenario", "too-long=%.*s", 64, item);
+        return;
+    }
+    memcpy(buf, item, len);
+    buf[len] = '\0';
+
+    char *arg = NULL;
+    for (size_t i = 0; i < len; i++) {
+        if (buf[i] == ':') {
+            buf[i] = '\0';
+            arg = &buf[i + 1];
+            break;
+        }
+    }
+    for (size_t i = 0; i < ARRAY_SIZE(scenarios); i++) {
+        const struct scenario *s = &scenarios[i];
+        if (strcmp(s->name, buf) != 0)
+            continue;
+        if (arg && !s->takes_arg) {
+            fail("scenario", "unexpected-arg=%s:%s", buf, arg);
+            return;
+        }
+        s->run(arg);
+        return;
+    }
+    fail("scenario", "unknown=%s", buf);
+}
+
+static bool is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+void scenarios_run(const char *cmdline)
+{
+    static const char key[] = "kiln.run=";
+    bool selected = false;
+    const char *p = cmdline;
+
+    /* Every kiln.run= token counts, in order of appearance. */
+    while (*p) {
+        while (is_space(*p))
+            p++;
+        const char *tok = p;
+        while (*p && !is_space(*p))
+            p++;
+        if ((size_t)(p - tok) < sizeof(key) - 1 || strncmp(tok, key, sizeof(key) - 1) != 0)
+            continue;
+        selected = true;
+        for (const char *item = tok + sizeof(key) - 1; item < p;) {
+            const char *end = item;
+            while (end < p && *end != ',')
+                end++;
+            if (end > item)
+                run_item(item, (size_t)(end - item));
+            item = end + 1;
+        }
+    }
+    if (!selected)
+        scn_boot(NULL);
+}
