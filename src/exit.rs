@@ -44,6 +44,8 @@ pub enum ExitReason {
     TripleFault {
         /// Index of the vCPU.
         cpu: u8,
+        /// Where it was (registers).
+        state: String,
     },
     /// KVM could not continue running vCPU `cpu`.
     InternalError {
@@ -104,7 +106,9 @@ impl std::fmt::Display for ExitReason {
         match self {
             ExitReason::GuestReset => write!(f, "guest reset through the i8042 controller"),
             ExitReason::GuestShutdown => write!(f, "guest shut down"),
-            ExitReason::TripleFault { cpu } => write!(f, "vCPU {cpu} triple-faulted"),
+            ExitReason::TripleFault { cpu, state } => {
+                write!(f, "vCPU {cpu} triple-faulted ({state})")
+            }
             ExitReason::InternalError {
                 cpu,
                 suberror,
@@ -172,9 +176,15 @@ mod tests {
     fn first_reason_wins() {
         let s = ExitSignal::new().unwrap();
         assert_eq!(s.reason(), None);
-        s.post(ExitReason::TripleFault { cpu: 1 });
+        s.post(ExitReason::TripleFault {
+            cpu: 1,
+            state: String::new(),
+        });
         s.post(ExitReason::GuestReset);
-        assert_eq!(s.reason(), Some(ExitReason::TripleFault { cpu: 1 }));
+        assert!(matches!(
+            s.reason(),
+            Some(ExitReason::TripleFault { cpu: 1, .. })
+        ));
         assert_eq!(s.eventfd().read().unwrap(), 2);
     }
 
@@ -182,7 +192,10 @@ mod tests {
     fn codes_are_distinct() {
         let reasons = [
             ExitReason::GuestReset,
-            ExitReason::TripleFault { cpu: 0 },
+            ExitReason::TripleFault {
+                cpu: 0,
+                state: String::new(),
+            },
             ExitReason::InternalError {
                 cpu: 0,
                 suberror: 1,

@@ -99,15 +99,10 @@ pub fn resident_bytes(mem: &GuestMemory) -> u64 {
         let mut off = 0usize;
         while off < len {
             let chunk = (len - off).min(vec.len() * page);
-            // SAFETY: `base + off .. + chunk` lies inside this region's live mapping, and
+            let start = base.wrapping_add(off).cast::<libc::c_void>();
+            // SAFETY: `start .. start + chunk` lies inside this region's live mapping, and
             // `vec` holds one byte per page of the chunk, as mincore(2) requires.
-            let ret = unsafe {
-                libc::mincore(
-                    base.add(off).cast::<libc::c_void>(),
-                    chunk,
-                    vec.as_mut_ptr(),
-                )
-            };
+            let ret = unsafe { libc::mincore(start, chunk, vec.as_mut_ptr()) };
             if ret != 0 {
                 break;
             }

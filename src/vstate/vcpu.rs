@@ -52,6 +52,9 @@ pub enum VcpuError {
     /// Boot-state construction failed.
     #[error(transparent)]
     Regs(#[from] RegsError),
+    /// The CPUID list could not be built.
+    #[error("cannot build the CPUID list: {0}")]
+    CpuidList(vmm_sys_util::fam::Error),
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
@@ -292,8 +295,9 @@ impl Vcpu {
         topology: CpuTopology,
         tsc_deadline: bool,
     ) -> Result<(), VcpuError> {
-        let mut cpuid = supported_cpuid.clone();
-        normalize(cpuid.as_mut_slice(), self.index, topology, tsc_deadline);
+        let mut entries = supported_cpuid.as_slice().to_vec();
+        normalize(&mut entries, self.index, topology, tsc_deadline);
+        let cpuid = CpuId::from_entries(&entries).map_err(VcpuError::CpuidList)?;
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(self.step("KVM_SET_CPUID2"))?;
@@ -368,7 +372,10 @@ impl Vcpu {
                 RunOutcome::Continue
             }
             Ok(VcpuExit::Intr) => RunOutcome::Interrupted,
-            Ok(VcpuExit::Shutdown) => RunOutcome::Stop(ExitReason::TripleFault { cpu }),
+            Ok(VcpuExit::Shutdown) => RunOutcome::Stop(ExitReason::TripleFault {
+                cpu,
+                state: self.cpu_state(),
+            }),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => RunOutcome::Stop(ExitReason::GuestShutdown),
                 KVM_SYSTEM_EVENT_RESET => RunOutcome::Stop(ExitReason::GuestReset),
@@ -387,6 +394,17 @@ impl Vcpu {
             }
             Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => RunOutcome::Interrupted,
             Err(e) => self.fail(format!("KVM_RUN failed: {e}")),
+        }
+    }
+
+    /// The registers that locate a failure, for the log line.
+    pub fn cpu_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+                r.rip, r.rsp, s.cr0, s.cr3, s.cr4, s.efer, s.cs.selector
+            ),
+            _ => "registers unavailable".to_string(),
         }
     }
 
@@ -472,23 +490,31 @@ impl Vcpu {
     }
 }
 
-/// For emulation failures with instruction bytes (suberror 1, flag bit 0 in data[0]), the
-/// bytes as hex.
-pub fn emulation_failure_detail(suberror: u32, data: &[u64]) -> Option<String> {
+/// The instruction bytes of an emulation failure (suberror 1 with
+/// KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES): `kvm_run.emulation_failure` puts
+/// the flags in data[0], then `insn_size` (one byte) and up to 15 instruction bytes.
+pub fn emulation_failure_bytes(suberror: u32, data: &[u64]) -> Option<Vec<u8>> {
     const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
     const FLAG_INSTRUCTION_BYTES: u64 = 1;
-    if suberror != KVM_INTERNAL_ERROR_EMULATION || data.len() < 3 {
+    if suberror != KVM_INTERNAL_ERROR_EMULATION
+        || data.len() < 3
+        || data[0] & FLAG_INSTRUCTION_BYTES == 0
+    {
         return None;
     }
-    if data[0] & FLAG_INSTRUCTION_BYTES == 0 {
-        return Some("emulation failure".to_string());
+    let raw: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
+    let len = usize::from(raw[0]).min(15);
+    Some(raw[1..=len].to_vec())
+}
+
+/// A readable description of an emulation failure.
+pub fn emulation_failure_detail(suberror: u32, data: &[u64]) -> Option<String> {
+    if suberror != 1 {
+        return None;
     }
-    let len = ((data[1] & 0xff) as usize).min(16);
-    let bytes: Vec<u8> = data[2..]
-        .iter()
-        .flat_map(|w| w.to_le_bytes())
-        .take(len)
-        .collect();
+    let Some(bytes) = emulation_failure_bytes(suberror, data) else {
+        return Some("emulation failure".to_string());
+    };
     let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
     Some(format!(
         "emulation failure, instruction bytes {}",
@@ -601,19 +627,24 @@ mod tests {
     }
 
     #[test]
-    fn emulation_failure_bytes() {
-        let data = [1u64, 3, 0x00c0_570f, 0, 0];
+    fn emulation_failure_instruction_bytes() {
+        // insn_size 3, then 0f 57 c0 (xorps), as kvm_run.emulation_failure lays them out.
+        let data = [1u64, 0xc057_0f03, 0, 0];
         assert_eq!(
             emulation_failure_detail(1, &data).unwrap(),
             "emulation failure, instruction bytes 0f 57 c0"
+        );
+        assert_eq!(
+            emulation_failure_bytes(1, &data),
+            Some(vec![0x0f, 0x57, 0xc0])
         );
         assert_eq!(emulation_failure_detail(2, &data), None);
         assert_eq!(
             emulation_failure_detail(1, &[0, 0, 0]).unwrap(),
             "emulation failure"
         );
-        // A length beyond the data is clamped.
-        let d = emulation_failure_detail(1, &[1, 0xff, u64::MAX]).unwrap();
-        assert_eq!(d.split(" ").count(), 4 + 8);
+        // A length beyond 15 is clamped.
+        let b = emulation_failure_bytes(1, &[1, 0xff, u64::MAX]).unwrap();
+        assert_eq!(b.len(), 15);
     }
 }

@@ -82,14 +82,39 @@ fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
     })
 }
 
+/// `kvm_cpuid_entry2.flags`: the entry depends on the subleaf index.
+const KVM_CPUID_FLAG_SIGNIFCANT_INDEX: u32 = 1;
+
+/// Makes sure the extended topology leaf 0xB has its SMT, core and terminating subleaves
+/// (KVM may report only an empty subleaf 0); their contents are filled in by `normalize`.
+fn ensure_topology_leaf(entries: &mut Vec<kvm_cpuid_entry2>) {
+    let max_basic = entries
+        .iter()
+        .find(|e| e.function == 0)
+        .map_or(0, |e| e.eax);
+    if max_basic < 0xb {
+        return;
+    }
+    entries.retain(|e| e.function != 0xb);
+    for index in 0..3 {
+        entries.push(kvm_cpuid_entry2 {
+            function: 0xb,
+            index,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            ..Default::default()
+        });
+    }
+}
+
 /// Rewrites `entries` (KVM's supported CPUID) for vCPU `cpu_index` of a VM with topology
 /// `topo`. The vCPU's APIC id is its index.
 pub fn normalize(
-    entries: &mut [kvm_cpuid_entry2],
+    entries: &mut Vec<kvm_cpuid_entry2>,
     cpu_index: u8,
     topo: CpuTopology,
     tsc_deadline: bool,
 ) {
+    ensure_topology_leaf(entries);
     let apic_id = u32::from(cpu_index);
     let amd = is_amd(entries);
     let vcpus = u32::from(topo.vcpu_count);
@@ -272,6 +297,28 @@ mod tests {
         ];
         normalize(&mut e, 0, CpuTopology::new(3, false), false);
         assert_eq!(find(&e, 0x8000_0008, 0).ecx, 0xffff_0000 | 2 | (2 << 12));
+    }
+
+    #[test]
+    fn topology_leaf_is_completed() {
+        // What KVM reports on some hosts: an empty subleaf 0 only.
+        let mut e = vec![
+            entry(0, 0, 0x1f, 0x756e_6547, 0x6c65_746e, 0x4965_6e69),
+            entry(0xb, 0, 0, 0, 0, 1),
+        ];
+        normalize(&mut e, 1, CpuTopology::new(2, false), false);
+        let b: Vec<_> = e.iter().filter(|x| x.function == 0xb).collect();
+        assert_eq!(b.len(), 3);
+        let b1 = find(&e, 0xb, 1);
+        assert_eq!(
+            (b1.eax, b1.ebx, b1.ecx, b1.edx, b1.flags),
+            (1, 2, 0x201, 1, 1)
+        );
+        assert_eq!(find(&e, 0xb, 2).ecx, 2);
+        // A CPU without leaf 0xB gets none.
+        let mut e = vec![entry(0, 0, 0xa, 0, 0, 0)];
+        normalize(&mut e, 0, CpuTopology::new(2, false), false);
+        assert_eq!(e.len(), 1);
     }
 
     #[test]

@@ -141,10 +141,18 @@ where
     }
     let entry = result.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET;
     check_entry(BootProtocol::Linux64, entry)?;
+    // The kernel needs `init_size` bytes from its load address (decompression, .bss), more
+    // than the file holds: nothing may be placed there.
+    let init_end = result.kernel_load.raw_value() + u64::from(hdr.init_size);
+    let kernel_end = if version >= 0x020a {
+        result.kernel_end.max(init_end)
+    } else {
+        result.kernel_end
+    };
     Ok(LoadedKernel {
         entry: GuestAddress(entry),
         protocol: BootProtocol::Linux64,
-        kernel_end: result.kernel_end,
+        kernel_end,
         setup_header: Some(hdr),
     })
 }
@@ -289,6 +297,7 @@ mod tests {
         f[0x22c..0x230].copy_from_slice(&0x37ff_ffffu32.to_le_bytes()); // initrd_addr_max
         f[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
         f[0x238..0x23c].copy_from_slice(&2047u32.to_le_bytes());
+        f[0x260..0x264].copy_from_slice(&0x8_0000u32.to_le_bytes()); // init_size
         f[1024 + 0x200] = 0xf4;
         f
     }
@@ -325,6 +334,8 @@ mod tests {
         assert_eq!(k.entry, GuestAddress(0x10_0200));
         let hdr = k.setup_header.unwrap();
         assert_eq!({ hdr.version }, 0x020f);
+        // The end covers init_size, not only the file.
+        assert_eq!(k.kernel_end, 0x10_0000 + 0x8_0000);
         let b: u8 = mem.read_obj(GuestAddress(0x10_0200)).unwrap();
         assert_eq!(b, 0xf4);
     }

@@ -96,7 +96,7 @@ mod tests {
     fn start_info_layout() {
         let mem = create_guest_memory(128).unwrap();
         let e820 = e820_map(&mem);
-        let info = build_start_info(&e820, 0x20000, Some((0x7000_000, 0x2000)));
+        let info = build_start_info(&e820, 0x20000, Some((0x0700_0000, 0x2000)));
         write_start_info(&mem, &info).unwrap();
         let rd = |off: u64| -> u32 { mem.read_obj(GuestAddress(PVH_INFO_START + off)).unwrap() };
         let rd64 = |off: u64| -> u64 { mem.read_obj(GuestAddress(PVH_INFO_START + off)).unwrap() };
@@ -109,7 +109,7 @@ mod tests {
         assert_eq!(rd64(40), MEMMAP_START);
         assert_eq!(rd(48), 3);
         let m: u64 = mem.read_obj(GuestAddress(MODLIST_START)).unwrap();
-        assert_eq!(m, 0x7000_000);
+        assert_eq!(m, 0x0700_0000);
         let sz: u64 = mem.read_obj(GuestAddress(MODLIST_START + 8)).unwrap();
         assert_eq!(sz, 0x2000);
         // Memory map entries: 24 bytes each.
