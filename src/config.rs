@@ -406,7 +406,7 @@ pub fn validate_machine(m: &MachineConfig) -> Result<(), ConfigError> {
             format!("must be between 1 and {MAX_VCPUS}, got {}", m.vcpu_count),
         ));
     }
-    if m.smt && m.vcpu_count > 1 && m.vcpu_count % 2 != 0 {
+    if m.smt && m.vcpu_count > 1 && !m.vcpu_count.is_multiple_of(2) {
         return Err(invalid(
             "machine-config.vcpu_count",
             format!("must be 1 or even when smt is on, got {}", m.vcpu_count),
@@ -499,10 +499,10 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
                 ));
             }
         }
-        if let Some(p) = &d.partuuid {
-            if p.is_empty() || !p.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
-                return Err(invalid(field("partuuid"), format!("`{p}` is not a UUID")));
-            }
+        if let Some(p) = &d.partuuid
+            && (p.is_empty() || !p.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+        {
+            return Err(invalid(field("partuuid"), format!("`{p}` is not a UUID")));
         }
         if d.rate_limiter.is_some() {
             return Err(invalid(

@@ -21,12 +21,13 @@ pub struct BootTimer {
 
 /// CPU time this process has used, in microseconds.
 pub fn process_cpu_us() -> u64 {
-    // SAFETY: getrusage only writes into the zeroed struct passed to it.
-    let usage = unsafe {
-        let mut usage: libc::rusage = std::mem::zeroed();
-        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
-        usage
-    };
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage only writes into the struct passed to it.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+        return 0;
+    }
+    // SAFETY: zero-initialised, then filled by the successful getrusage above.
+    let usage = unsafe { usage.assume_init() };
     let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }

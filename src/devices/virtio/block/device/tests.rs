@@ -1,0 +1,357 @@
+use super::*;
+use crate::devices::IrqLine;
+use crate::devices::virtio::mock::{F_INDIRECT, MockQueue};
+use crate::vstate::memory::create_guest_memory;
+use std::io::{Read, Seek, Write};
+use vm_memory::GuestAddress;
+
+const HDR: u64 = 0x10_0000;
+const DATA: u64 = 0x20_0000;
+const STATUS: u64 = 0x30_0000;
+const DISK_SECTORS: u64 = 64;
+
+struct Rig {
+    mem: GuestMemory,
+    q: MockQueue,
+    dev: Block,
+    irq: EventFd,
+    file: std::fs::File,
+}
+
+fn memfd(len: usize) -> std::fs::File {
+    let fd =
+        nix::sys::memfd::memfd_create(c"kiln-blk", nix::sys::memfd::MFdFlags::empty()).unwrap();
+    let mut f = std::fs::File::from(fd);
+    let pattern: Vec<u8> = (0..len).map(|i| (i / 512) as u8).collect();
+    f.write_all(&pattern).unwrap();
+    f
+}
+
+fn rig_with(read_only: bool, cache_type: CacheType, features: u64) -> Rig {
+    let mem = create_guest_memory(16).unwrap();
+    let file = memfd((DISK_SECTORS * 512) as usize);
+    let disk = DiskFile::from_file(file.try_clone().unwrap(), read_only).unwrap();
+    let config = BlockConfig {
+        drive_id: "rootfs-drive-id-which-is-long".into(),
+        read_only,
+        cache_type,
+    };
+    let mut dev = Block::new(config, disk).unwrap();
+    let q = MockQueue::new(0x1000, 16);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(irq.try_clone().unwrap())));
+    dev.activate(Activation {
+        mem: mem.clone(),
+        queues: vec![q.device_queue()],
+        acked_features: features & dev.avail_features(),
+        interrupt,
+    })
+    .unwrap();
+    Rig {
+        mem,
+        q,
+        dev,
+        irq,
+        file,
+    }
+}
+
+fn rig() -> Rig {
+    rig_with(false, CacheType::Writeback, u64::MAX)
+}
+
+impl Rig {
+    fn header(&self, kind: u32, sector: u64) {
+        self.mem.write_obj(kind, GuestAddress(HDR)).unwrap();
+        self.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    /// Submits a chain and runs the device; returns (status byte, used length).
+    fn submit(&mut self, bufs: &[(u64, u32, bool)]) -> (u8, u32) {
+        let before = self.q.used_idx(&self.mem);
+        let head = self.q.add_chain(&self.mem, bufs);
+        self.q.publish(&self.mem, head);
+        self.dev.process_queue();
+        let after = self.q.used_idx(&self.mem);
+        assert_eq!(
+            after,
+            before.wrapping_add(1),
+            "exactly one used entry per request"
+        );
+        let (id, len) = self.q.used_elem(&self.mem, before);
+        assert_eq!(id, u32::from(head));
+        (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+    }
+
+    fn read(&mut self, sector: u64, len: u32) -> (u8, u32) {
+        self.header(0, sector);
+        self.submit(&[(HDR, 16, false), (DATA, len, true), (STATUS, 1, true)])
+    }
+
+    fn file_bytes(&mut self) -> Vec<u8> {
+        let mut v = Vec::new();
+        self.file.rewind().unwrap();
+        self.file.read_to_end(&mut v).unwrap();
+        v
+    }
+}
+
+#[test]
+fn features_and_config_space() {
+    let r = rig();
+    let f = r.dev.avail_features();
+    assert_ne!(f & features::VIRTIO_BLK_F_FLUSH, 0);
+    assert_eq!(f & features::VIRTIO_BLK_F_RO, 0);
+    let mut cap = [0u8; 8];
+    r.dev.read_config(0, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), DISK_SECTORS);
+    let mut seg = [0u8; 4];
+    r.dev.read_config(12, &mut seg);
+    assert_eq!(u32::from_le_bytes(seg), 254);
+    let ro = rig_with(true, CacheType::Unsafe, u64::MAX);
+    assert_ne!(ro.dev.avail_features() & features::VIRTIO_BLK_F_RO, 0);
+    assert_eq!(ro.dev.avail_features() & features::VIRTIO_BLK_F_FLUSH, 0);
+}
+
+#[test]
+fn read_write_flush_get_id() {
+    let mut r = rig();
+    assert_eq!(r.read(3, 1024), (status::OK, 1025));
+    let mut got = vec![0u8; 1024];
+    r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert!(got[..512].iter().all(|b| *b == 3) && got[512..].iter().all(|b| *b == 4));
+    assert_eq!(r.irq.read().unwrap(), 1);
+
+    r.mem
+        .write_slice(&[0xabu8; 512], GuestAddress(DATA))
+        .unwrap();
+    r.header(1, 10);
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]),
+        (status::OK, 1)
+    );
+    assert!(
+        r.file_bytes()[10 * 512..11 * 512]
+            .iter()
+            .all(|b| *b == 0xab)
+    );
+
+    r.header(4, 0);
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (STATUS, 1, true)]),
+        (status::OK, 1)
+    );
+
+    r.header(8, 0);
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (DATA, 20, true), (STATUS, 1, true)]),
+        (status::OK, 21)
+    );
+    let mut id = [0u8; 20];
+    r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+    assert_eq!(&id, b"rootfs-drive-id-whic");
+
+    let m = r.dev.metrics();
+    assert_eq!(
+        (
+            m.read_count.get(),
+            m.write_count.get(),
+            m.flush_count.get(),
+            m.get_id_count.get()
+        ),
+        (1, 1, 1, 1)
+    );
+    assert_eq!((m.read_bytes.get(), m.write_bytes.get()), (1024, 512));
+}
+
+#[test]
+fn scattered_buffers_and_last_sector() {
+    let mut r = rig();
+    r.header(0, DISK_SECTORS - 1);
+    let st = r.submit(&[
+        (HDR, 16, false),
+        (DATA, 100, true),
+        (DATA + 0x1000, 412, true),
+        (STATUS, 1, true),
+    ]);
+    assert_eq!(st, (status::OK, 513));
+    let mut tail = [0u8; 412];
+    r.mem
+        .read_slice(&mut tail, GuestAddress(DATA + 0x1000))
+        .unwrap();
+    assert!(tail.iter().all(|b| *b == (DISK_SECTORS - 1) as u8));
+}
+
+#[test]
+fn hostile_requests_get_ioerr_or_unsupp() {
+    let mut r = rig();
+    let before = r.file_bytes();
+    // Sector past the capacity, sector u64::MAX, length not a multiple of 512.
+    assert_eq!(r.read(DISK_SECTORS, 512).0, status::IOERR);
+    assert_eq!(r.read(DISK_SECTORS - 1, 1024).0, status::IOERR);
+    assert_eq!(r.read(u64::MAX, 512).0, status::IOERR);
+    assert_eq!(r.read(0, 100).0, status::IOERR);
+    // Device-writable header.
+    r.header(0, 0);
+    assert_eq!(
+        r.submit(&[(HDR, 16, true), (DATA, 512, true), (STATUS, 1, true)])
+            .0,
+        status::IOERR
+    );
+    // Write whose data is device-writable: it is a read-stream buffer in the wrong place.
+    r.header(1, 0);
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)])
+            .0,
+        status::IOERR
+    );
+    // Unknown type.
+    r.header(0x77, 0);
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (STATUS, 1, true)]),
+        (status::UNSUPP, 1)
+    );
+    // Missing status byte: returned with length 0, the status location untouched.
+    r.header(0, 0);
+    assert_eq!(r.submit(&[(HDR, 16, false), (DATA, 512, false)]), (0xff, 0));
+    // Read-only status byte.
+    r.header(0, 0);
+    assert_eq!(r.submit(&[(HDR, 16, false), (STATUS, 1, false)]), (0xff, 0));
+    assert_eq!(r.file_bytes(), before, "nothing was written");
+    // The queue still works.
+    assert_eq!(r.read(0, 512), (status::OK, 513));
+    let m = r.dev.metrics();
+    assert_eq!(m.invalid_requests.get(), 6);
+    assert_eq!(m.unsupported.get(), 1);
+    assert_eq!(m.dropped_chains.get(), 2);
+}
+
+#[test]
+fn broken_chains_are_returned_unanswered() {
+    let mut r = rig();
+    r.header(0, 0);
+    // A loop: descriptor 0 -> 0.
+    MockQueue::write_desc(
+        &r.mem,
+        r.q.desc,
+        0,
+        (HDR, 16, crate::devices::virtio::mock::F_NEXT, 0),
+    );
+    r.q.publish(&r.mem, 0);
+    r.dev.process_queue();
+    assert_eq!(r.q.used_elem(&r.mem, 0), (0, 0));
+    // Address past RAM.
+    r.q = MockQueue::new(0x1000, 16);
+    let mut r = rig();
+    r.header(0, 0);
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (64 << 20, 512, true), (STATUS, 1, true)]),
+        (0xff, 0)
+    );
+    // Indirect descriptor when it was not negotiated.
+    let mut r = rig_with(false, CacheType::Writeback, !VIRTIO_RING_F_INDIRECT_DESC);
+    r.header(0, 0);
+    MockQueue::write_desc(&r.mem, r.q.desc, 0, (0x8000, 48, F_INDIRECT, 0));
+    r.q.publish(&r.mem, 0);
+    r.dev.process_queue();
+    assert_eq!(r.q.used_elem(&r.mem, 0), (0, 0));
+    assert_eq!(r.dev.metrics().dropped_chains.get(), 1);
+    assert_eq!(r.read(0, 512).0, status::OK);
+}
+
+#[test]
+fn indirect_chain_when_negotiated() {
+    let mut r = rig();
+    r.header(0, 5);
+    let table = 0x8000u64;
+    MockQueue::write_desc(&r.mem, table, 0, (HDR, 16, 1, 1));
+    MockQueue::write_desc(&r.mem, table, 1, (DATA, 512, 1 | 2, 2));
+    MockQueue::write_desc(&r.mem, table, 2, (STATUS, 1, 2, 0));
+    MockQueue::write_desc(&r.mem, r.q.desc, 0, (table, 48, F_INDIRECT, 0));
+    r.q.publish(&r.mem, 0);
+    r.dev.process_queue();
+    assert_eq!(r.q.used_elem(&r.mem, 0), (0, 513));
+    assert_eq!(
+        r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+        status::OK
+    );
+}
+
+#[test]
+fn read_only_drive_refuses_writes() {
+    let mut r = rig_with(true, CacheType::Unsafe, u64::MAX);
+    let before = r.file_bytes();
+    r.header(1, 0);
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)])
+            .0,
+        status::IOERR
+    );
+    // FLUSH was not offered.
+    r.header(4, 0);
+    assert_eq!(
+        r.submit(&[(HDR, 16, false), (STATUS, 1, true)]).0,
+        status::UNSUPP
+    );
+    assert_eq!(r.file_bytes(), before);
+    assert_eq!(r.read(0, 512).0, status::OK);
+}
+
+#[test]
+fn avail_index_jump_needs_reset() {
+    let mut r = rig();
+    r.q.set_avail_idx(&r.mem, 1000);
+    r.dev.process_queue();
+    assert!(r.dev.needs_reset());
+    assert_eq!(r.dev.metrics().queue_errors.get(), 1);
+    // A config interrupt told the driver.
+    assert_eq!(r.irq.read().unwrap(), 1);
+    // Nothing is processed until reset + reactivation.
+    r.dev.process_queue();
+    r.dev.reset();
+    assert!(!r.dev.needs_reset());
+}
+
+#[test]
+fn same_head_twice_and_many_requests() {
+    let mut r = rig();
+    r.header(0, 1);
+    let head = r.q.add_chain(
+        &r.mem,
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
+    r.q.publish(&r.mem, head);
+    r.q.publish(&r.mem, head);
+    r.dev.process_queue();
+    assert_eq!(r.q.used_idx(&r.mem), 2);
+    for i in 0..100u64 {
+        assert_eq!(r.read(i % DISK_SECTORS, 512).0, status::OK);
+    }
+    assert_eq!(r.q.used_idx(&r.mem), 102);
+}
+
+#[test]
+fn inactive_device_ignores_notifications() {
+    let mut r = rig();
+    r.dev.reset();
+    r.header(0, 0);
+    let head = r.q.add_chain(
+        &r.mem,
+        &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+    );
+    r.q.publish(&r.mem, head);
+    r.dev.process_queue();
+    assert_eq!(r.q.used_idx(&r.mem), 0);
+}
+
+#[test]
+fn backing_file_errors_are_ioerr() {
+    // A file that shrank under the device: reads beyond its end fail.
+    let mut r = rig();
+    r.file.set_len(512).unwrap();
+    assert_eq!(r.read(10, 512).0, status::IOERR);
+    assert_eq!(r.dev.metrics().io_errors.get(), 1);
+    assert_eq!(r.read(0, 512).0, status::OK);
+}

@@ -1,0 +1,281 @@
+//! The backing file of a drive: opened read-only or read-write, locked against a second
+//! writer, and read and written with preadv/pwritev directly on guest buffers.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use super::{SECTOR_SHIFT, SECTOR_SIZE};
+
+/// Most iovecs one preadv/pwritev accepts (IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+/// Errors opening a backing file.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// open(2) failed.
+    #[error("cannot open: {0}")]
+    Open(#[source] std::io::Error),
+    /// Not a regular file or block device.
+    #[error("not a regular file or block device")]
+    NotAFile,
+    /// Its size could not be read.
+    #[error("cannot read its size: {0}")]
+    Size(#[source] std::io::Error),
+    /// Another process holds it.
+    #[error("it is in use by another process (lock held)")]
+    Locked,
+}
+
+/// A guest buffer as the host sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct HostBuffer {
+    /// Host address (inside a guest memory mapping).
+    pub ptr: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// The backing file.
+#[derive(Debug)]
+pub struct DiskFile {
+    file: File,
+    read_only: bool,
+    sectors: u64,
+}
+
+impl DiskFile {
+    /// Opens `path`; a writable image is locked exclusively, a read-only one shared.
+    pub fn open(path: &Path, read_only: bool) -> Result<DiskFile, DiskError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(DiskError::Open)?;
+        Self::from_file(file, read_only)
+    }
+
+    /// Wraps an open file (tests and fuzzing use a memfd).
+    pub fn from_file(mut file: File, read_only: bool) -> Result<DiskFile, DiskError> {
+        let meta = file.metadata().map_err(DiskError::Size)?;
+        use std::os::unix::fs::FileTypeExt;
+        if !(meta.is_file() || meta.file_type().is_block_device()) {
+            return Err(DiskError::NotAFile);
+        }
+        let lock = if read_only {
+            libc::LOCK_SH
+        } else {
+            libc::LOCK_EX
+        };
+        // SAFETY: flock on a file descriptor this function owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+            return Err(DiskError::Locked);
+        }
+        use std::io::Seek;
+        let size = file
+            .seek(std::io::SeekFrom::End(0))
+            .map_err(DiskError::Size)?;
+        if size % SECTOR_SIZE != 0 {
+            log::warn!(
+                "disk image size {size} is not a multiple of {SECTOR_SIZE}: the last {} bytes are not visible to the guest",
+                size % SECTOR_SIZE
+            );
+        }
+        Ok(DiskFile {
+            file,
+            read_only,
+            sectors: size >> SECTOR_SHIFT,
+        })
+    }
+
+    /// Capacity in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// Whether the file was opened read-only.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Reads from `offset` into the buffers, filling them completely.
+    ///
+    /// # Safety
+    /// Every buffer must be valid for writes of its length for the duration of the call.
+    pub unsafe fn read_at(&self, offset: u64, bufs: &[HostBuffer]) -> std::io::Result<()> {
+        // SAFETY: forwarded from the caller.
+        unsafe { self.vectored(offset, bufs, false) }
+    }
+
+    /// Writes the buffers at `offset`, completely.
+    ///
+    /// # Safety
+    /// Every buffer must be valid for reads of its length for the duration of the call.
+    pub unsafe fn write_at(&self, offset: u64, bufs: &[HostBuffer]) -> std::io::Result<()> {
+        if self.read_only {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+        }
+        // SAFETY: forwarded from the caller.
+        unsafe { self.vectored(offset, bufs, true) }
+    }
+
+    /// Makes written data durable.
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// preadv/pwritev over all buffers, in IOV_MAX chunks, resuming after short transfers.
+    unsafe fn vectored(
+        &self,
+        offset: u64,
+        bufs: &[HostBuffer],
+        write: bool,
+    ) -> std::io::Result<()> {
+        let mut iovs: Vec<libc::iovec> = bufs
+            .iter()
+            .filter(|b| b.len > 0)
+            .map(|b| libc::iovec {
+                iov_base: b.ptr.cast(),
+                iov_len: b.len,
+            })
+            .collect();
+        let mut offset = offset;
+        let mut first = 0;
+        while first < iovs.len() {
+            let chunk = &iovs[first..iovs.len().min(first + IOV_MAX)];
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::EOVERFLOW))?;
+            let fd = self.file.as_raw_fd();
+            let n = if write {
+                // SAFETY: the iovecs describe buffers the caller guarantees readable.
+                unsafe { libc::pwritev(fd, chunk.as_ptr(), chunk.len() as libc::c_int, off) }
+            } else {
+                // SAFETY: the iovecs describe buffers the caller guarantees writable.
+                unsafe { libc::preadv(fd, chunk.as_ptr(), chunk.len() as libc::c_int, off) }
+            };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(err);
+            }
+            if n == 0 {
+                // End of file inside the capacity: the image shrank under us.
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+            }
+            let mut done = n as usize;
+            offset += done as u64;
+            // Skip the iovecs completed, trim a partly completed one.
+            while done > 0 && first < iovs.len() {
+                let iov = &mut iovs[first];
+                if done >= iov.iov_len {
+                    done -= iov.iov_len;
+                    first += 1;
+                } else {
+                    iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(done).cast();
+                    iov.iov_len -= done;
+                    done = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    pub(crate) fn memfd(contents: &[u8]) -> File {
+        let fd = nix::sys::memfd::memfd_create(c"kiln-disk", nix::sys::memfd::MFdFlags::empty())
+            .unwrap();
+        let mut f = File::from(fd);
+        f.write_all(contents).unwrap();
+        f
+    }
+
+    fn buf(v: &mut [u8]) -> HostBuffer {
+        HostBuffer {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+        }
+    }
+
+    #[test]
+    fn capacity_and_round_trip() {
+        let disk = DiskFile::from_file(memfd(&[7u8; 4096 + 100]), false).unwrap();
+        assert_eq!(disk.sectors(), 8);
+        let mut a = vec![1u8; 700];
+        let mut b = vec![2u8; 324];
+        // SAFETY: the buffers are live vectors.
+        unsafe { disk.write_at(512, &[buf(&mut a), buf(&mut b)]) }.unwrap();
+        let mut back = vec![0u8; 1024];
+        // SAFETY: as above.
+        unsafe { disk.read_at(512, &[buf(&mut back)]) }.unwrap();
+        assert_eq!(&back[..700], &a[..]);
+        assert_eq!(&back[700..], &b[..]);
+        disk.flush().unwrap();
+    }
+
+    #[test]
+    fn many_iovecs_are_chunked() {
+        let disk = DiskFile::from_file(memfd(&vec![0u8; 4 * 4096]), false).unwrap();
+        let mut data: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let bufs: Vec<HostBuffer> = data
+            .chunks_mut(1)
+            .map(|c| HostBuffer {
+                ptr: c.as_mut_ptr(),
+                len: 1,
+            })
+            .collect();
+        // SAFETY: every buffer is one byte of `data`.
+        unsafe { disk.write_at(0, &bufs) }.unwrap();
+        let mut back = vec![0u8; 3000];
+        // SAFETY: a live vector.
+        unsafe { disk.read_at(0, &[buf(&mut back)]) }.unwrap();
+        assert_eq!(back, (0..3000u32).map(|i| i as u8).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn read_only_refuses_writes() {
+        let disk = DiskFile::from_file(memfd(&[0u8; 512]), true).unwrap();
+        let mut a = [1u8; 512];
+        // SAFETY: a live array.
+        assert!(unsafe { disk.write_at(0, &[buf(&mut a)]) }.is_err());
+    }
+
+    #[test]
+    fn reading_past_the_end_fails() {
+        let disk = DiskFile::from_file(memfd(&[0u8; 512]), false).unwrap();
+        let mut a = [1u8; 1024];
+        // SAFETY: a live array.
+        assert!(unsafe { disk.read_at(0, &[buf(&mut a)]) }.is_err());
+    }
+
+    #[test]
+    fn second_writer_is_refused() {
+        let dir = std::env::temp_dir().join(format!("kiln-disk-lock-{}", std::process::id()));
+        std::fs::write(&dir, [0u8; 512]).unwrap();
+        let first = DiskFile::open(&dir, false).unwrap();
+        assert!(matches!(
+            DiskFile::open(&dir, false),
+            Err(DiskError::Locked)
+        ));
+        assert!(matches!(DiskFile::open(&dir, true), Err(DiskError::Locked)));
+        drop(first);
+        let r1 = DiskFile::open(&dir, true).unwrap();
+        let _r2 = DiskFile::open(&dir, true).unwrap();
+        drop(r1);
+        std::fs::remove_file(&dir).unwrap();
+        assert!(matches!(
+            DiskFile::open(&dir, true),
+            Err(DiskError::Open(_))
+        ));
+        assert!(matches!(
+            DiskFile::open(Path::new("/"), true),
+            Err(DiskError::NotAFile)
+        ));
+    }
+}

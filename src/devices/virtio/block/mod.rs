@@ -1,0 +1,79 @@
+//! virtio-blk backed by a raw image file.
+//!
+//! - `disk.rs`: the backing file (open, lock, capacity, vectored I/O straight to and from
+//!   guest memory, flush);
+//! - `request.rs`: turning a descriptor chain into a request, whatever its framing;
+//! - `device.rs`: the device (features, config space, activation, the queue loop);
+//! - `event_handler.rs`: the event-loop glue.
+
+mod device;
+mod disk;
+mod event_handler;
+mod request;
+
+pub use device::{Block, BlockConfig};
+pub use disk::{DiskError, DiskFile};
+pub use event_handler::BlockEvents;
+pub use request::{Request, RequestError, RequestType};
+
+use crate::devices::Counter;
+
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Bits to shift a byte count by to get sectors.
+pub const SECTOR_SHIFT: u32 = 9;
+/// Size of the queue kiln offers.
+pub const QUEUE_SIZE: u16 = 256;
+/// Bytes of the GET_ID answer.
+pub const ID_BYTES: usize = 20;
+
+/// Request status codes.
+pub mod status {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// I/O error.
+    pub const IOERR: u8 = 1;
+    /// Unsupported request.
+    pub const UNSUPP: u8 = 2;
+}
+
+/// virtio-blk feature bits kiln uses.
+pub mod features {
+    /// Maximum number of segments in a request (`seg_max` in config space).
+    pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+    /// Read-only device.
+    pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+    /// FLUSH is supported.
+    pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+}
+
+/// Per-drive counters.
+#[derive(Debug, Default)]
+pub struct BlockMetrics {
+    /// Queue notifications handled.
+    pub queue_events: Counter,
+    /// Successful reads.
+    pub read_count: Counter,
+    /// Bytes read.
+    pub read_bytes: Counter,
+    /// Successful writes.
+    pub write_count: Counter,
+    /// Bytes written.
+    pub write_bytes: Counter,
+    /// Successful flushes.
+    pub flush_count: Counter,
+    /// GET_ID requests.
+    pub get_id_count: Counter,
+    /// Requests answered IOERR because they were malformed (framing, range, direction).
+    pub invalid_requests: Counter,
+    /// Requests answered IOERR because the backing file failed.
+    pub io_errors: Counter,
+    /// Requests answered UNSUPP.
+    pub unsupported: Counter,
+    /// Chains returned unanswered: no usable status byte, or an unwalkable chain.
+    pub dropped_chains: Counter,
+    /// Available-ring corruption that put the device in NEEDS_RESET.
+    pub queue_errors: Counter,
+    /// Interrupts raised.
+    pub interrupts: Counter,
+}

@@ -1,0 +1,378 @@
+//! Split virtqueues. Ring handling (available and used rings, notification suppression) is
+//! virtio-queue's `Queue`; walking a descriptor chain is done here, so every way a guest can
+//! break a chain — loops, `next` past the table, lengths past 4 GiB, buffers outside RAM,
+//! unnegotiated or nested indirect tables — is a distinct, countable error instead of a
+//! silently shortened chain.
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::vstate::memory::GuestMemory;
+
+/// Size of a split-ring descriptor.
+const DESC_SIZE: u64 = 16;
+/// Largest indirect table kiln follows (entries).
+pub const MAX_INDIRECT_ENTRIES: u32 = 4096;
+
+/// One buffer of a chain, checked to lie inside one guest memory region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    /// Guest-physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable (else device-readable).
+    pub writable: bool,
+}
+
+/// Why a chain was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// The head index from the available ring is not a descriptor.
+    #[error("head {0} is outside the descriptor table")]
+    HeadOutOfRange(u16),
+    /// A `next` index is not a descriptor.
+    #[error("next index {0} is outside the descriptor table")]
+    NextOutOfRange(u16),
+    /// More descriptors than the table holds: the chain loops.
+    #[error("the chain loops")]
+    Loop,
+    /// The buffers add up to more than 4 GiB.
+    #[error("the chain is longer than 4 GiB")]
+    TooLong,
+    /// A buffer is not inside guest RAM (or crosses a hole).
+    #[error("buffer {addr:#x}+{len:#x} is outside guest RAM")]
+    BadBuffer {
+        /// Its address.
+        addr: u64,
+        /// Its length.
+        len: u32,
+    },
+    /// A descriptor could not be read.
+    #[error("descriptor at {0:#x} is outside guest RAM")]
+    Unreadable(u64),
+    /// An indirect descriptor although the feature was not negotiated.
+    #[error("indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")]
+    IndirectNotNegotiated,
+    /// A malformed indirect descriptor (nested, chained, empty, misaligned or too large).
+    #[error("invalid indirect descriptor table")]
+    BadIndirect,
+}
+
+/// Walks the chain starting at `head` of `queue`, appending its buffers to `out`.
+pub fn walk_chain(
+    mem: &GuestMemory,
+    queue: &Queue,
+    head: u16,
+    indirect_allowed: bool,
+    out: &mut Vec<Buffer>,
+) -> Result<(), ChainError> {
+    let mut table = GuestAddress(queue.desc_table());
+    let mut size = u32::from(queue.size());
+    if u32::from(head) >= size {
+        return Err(ChainError::HeadOutOfRange(head));
+    }
+    let mut index = u32::from(head);
+    let mut budget = size;
+    let mut indirect = false;
+    let mut total: u32 = 0;
+    loop {
+        if budget == 0 {
+            return Err(ChainError::Loop);
+        }
+        budget -= 1;
+        let at = table
+            .checked_add(u64::from(index) * DESC_SIZE)
+            .ok_or(ChainError::Unreadable(table.raw_value()))?;
+        let desc: Descriptor = mem
+            .read_obj(at)
+            .map_err(|_| ChainError::Unreadable(at.raw_value()))?;
+
+        if desc.refers_to_indirect_table() {
+            if !indirect_allowed {
+                return Err(ChainError::IndirectNotNegotiated);
+            }
+            let entries = desc.len() / DESC_SIZE as u32;
+            if indirect
+                || desc.has_next()
+                || desc.len() == 0
+                || u64::from(desc.len()) % DESC_SIZE != 0
+                || entries > MAX_INDIRECT_ENTRIES
+                || !mem.check_range(desc.addr(), desc.len() as usize)
+            {
+                return Err(ChainError::BadIndirect);
+            }
+            table = desc.addr();
+            size = entries;
+            index = 0;
+            budget = entries;
+            indirect = true;
+            continue;
+        }
+
+        total = total.checked_add(desc.len()).ok_or(ChainError::TooLong)?;
+        if desc.len() > 0 && mem.get_slice(desc.addr(), desc.len() as usize).is_err() {
+            return Err(ChainError::BadBuffer {
+                addr: desc.addr().raw_value(),
+                len: desc.len(),
+            });
+        }
+        out.push(Buffer {
+            addr: desc.addr(),
+            len: desc.len(),
+            writable: desc.is_write_only(),
+        });
+        if !desc.has_next() {
+            return Ok(());
+        }
+        index = u32::from(desc.next());
+        if index >= size {
+            return Err(ChainError::NextOutOfRange(desc.next()));
+        }
+    }
+}
+
+/// Errors reading the available ring.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// `avail.idx` moved further than the queue size since the last look: the driver is
+    /// broken or hostile.
+    #[error("the available index jumped ahead by more than the queue size")]
+    AvailIndexJump,
+    /// The ring could not be read.
+    #[error("the available ring cannot be read: {0}")]
+    Unreadable(String),
+}
+
+/// Takes the next available head, if any.
+pub fn pop_head(queue: &mut Queue, mem: &GuestMemory) -> Result<Option<u16>, RingError> {
+    match queue.iter(mem) {
+        Ok(mut iter) => Ok(iter.next().map(|chain| chain.head_index())),
+        Err(virtio_queue::Error::InvalidAvailRingIndex) => Err(RingError::AvailIndexJump),
+        Err(e) => Err(RingError::Unreadable(e.to_string())),
+    }
+}
+
+/// A queue of `size` entries configured at the given addresses and made ready, as a driver
+/// would; used by the transport at activation and by tests.
+pub fn configured_queue(
+    max_size: u16,
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+) -> Result<Queue, virtio_queue::Error> {
+    let mut q = Queue::new(max_size)?;
+    q.try_set_size(size)?;
+    q.try_set_desc_table_address(GuestAddress(desc))?;
+    q.try_set_avail_ring_address(GuestAddress(avail))?;
+    q.try_set_used_ring_address(GuestAddress(used))?;
+    q.set_ready(true);
+    Ok(q)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::vstate::memory::create_guest_memory;
+    use virtio_bindings::virtio_ring::{
+        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    };
+
+    pub(crate) const DESC: u64 = 0x1000;
+    pub(crate) const AVAIL: u64 = 0x2000;
+    pub(crate) const USED: u64 = 0x3000;
+
+    pub(crate) fn write_desc(
+        mem: &GuestMemory,
+        table: u64,
+        i: u16,
+        addr: u64,
+        len: u32,
+        flags: u32,
+        next: u16,
+    ) {
+        let d = Descriptor::new(addr, len, flags as u16, next);
+        mem.write_obj(d, GuestAddress(table + u64::from(i) * 16))
+            .unwrap();
+    }
+
+    fn setup() -> (GuestMemory, Queue) {
+        let mem = create_guest_memory(16).unwrap();
+        let q = configured_queue(16, 16, DESC, AVAIL, USED).unwrap();
+        (mem, q)
+    }
+
+    fn walk(
+        mem: &GuestMemory,
+        q: &Queue,
+        head: u16,
+        indirect: bool,
+    ) -> Result<Vec<Buffer>, ChainError> {
+        let mut v = Vec::new();
+        walk_chain(mem, q, head, indirect, &mut v).map(|()| v)
+    }
+
+    #[test]
+    fn simple_chain() {
+        let (mem, q) = setup();
+        write_desc(&mem, DESC, 0, 0x10000, 16, VRING_DESC_F_NEXT, 5);
+        write_desc(
+            &mem,
+            DESC,
+            5,
+            0x11000,
+            512,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            2,
+        );
+        write_desc(&mem, DESC, 2, 0x12000, 1, VRING_DESC_F_WRITE, 0);
+        let b = walk(&mem, &q, 0, false).unwrap();
+        assert_eq!(b.len(), 3);
+        assert_eq!(
+            b[1],
+            Buffer {
+                addr: GuestAddress(0x11000),
+                len: 512,
+                writable: true
+            }
+        );
+        assert!(!b[0].writable);
+    }
+
+    #[test]
+    fn loops_and_bad_indices() {
+        let (mem, q) = setup();
+        write_desc(&mem, DESC, 0, 0x10000, 16, VRING_DESC_F_NEXT, 0);
+        assert_eq!(walk(&mem, &q, 0, false), Err(ChainError::Loop));
+        write_desc(&mem, DESC, 0, 0x10000, 16, VRING_DESC_F_NEXT, 1);
+        write_desc(&mem, DESC, 1, 0x10000, 16, VRING_DESC_F_NEXT, 0);
+        assert_eq!(walk(&mem, &q, 0, false), Err(ChainError::Loop));
+        write_desc(&mem, DESC, 0, 0x10000, 16, VRING_DESC_F_NEXT, 16);
+        assert_eq!(
+            walk(&mem, &q, 0, false),
+            Err(ChainError::NextOutOfRange(16))
+        );
+        assert_eq!(
+            walk(&mem, &q, 16, false),
+            Err(ChainError::HeadOutOfRange(16))
+        );
+        assert_eq!(
+            walk(&mem, &q, u16::MAX, false),
+            Err(ChainError::HeadOutOfRange(u16::MAX))
+        );
+    }
+
+    #[test]
+    fn lengths_past_4gib() {
+        // Two 3 GiB buffers, each inside RAM, 6 GiB together.
+        let mem = create_guest_memory(8192).unwrap();
+        let q = configured_queue(16, 16, DESC, AVAIL, USED).unwrap();
+        write_desc(&mem, DESC, 0, 0, 0xc000_0000, VRING_DESC_F_NEXT, 1);
+        write_desc(&mem, DESC, 1, 0x1_0000_0000, 0xc000_0000, 0, 0);
+        assert_eq!(walk(&mem, &q, 0, false), Err(ChainError::TooLong));
+    }
+
+    #[test]
+    fn buffers_outside_ram() {
+        let (mem, q) = setup();
+        for (addr, len) in [
+            (16 << 20, 1),
+            ((16 << 20) - 1, 2),
+            (u64::MAX, 1),
+            (u64::MAX - 4, 16),
+        ] {
+            write_desc(&mem, DESC, 0, addr, len, 0, 0);
+            assert!(
+                matches!(walk(&mem, &q, 0, false), Err(ChainError::BadBuffer { .. })),
+                "{addr:#x}"
+            );
+        }
+        // Zero-length buffers touch nothing.
+        write_desc(&mem, DESC, 0, u64::MAX, 0, 0, 0);
+        assert_eq!(walk(&mem, &q, 0, false).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn buffer_crossing_the_mmio_gap() {
+        let mem = create_guest_memory(4096).unwrap();
+        let q = configured_queue(16, 16, DESC, AVAIL, USED).unwrap();
+        write_desc(&mem, DESC, 0, 0xc000_0000 - 0x800, 0x1000, 0, 0);
+        assert!(matches!(
+            walk(&mem, &q, 0, false),
+            Err(ChainError::BadBuffer { .. })
+        ));
+        write_desc(&mem, DESC, 0, 0x1_0000_0000, 0x1000, 0, 0);
+        assert!(walk(&mem, &q, 0, false).is_ok());
+    }
+
+    #[test]
+    fn descriptor_table_outside_ram() {
+        let mem = create_guest_memory(16).unwrap();
+        let q = configured_queue(16, 16, (16 << 20) - 32, AVAIL, USED).unwrap();
+        assert!(matches!(
+            walk(&mem, &q, 5, false),
+            Err(ChainError::Unreadable(_))
+        ));
+    }
+
+    #[test]
+    fn indirect_tables() {
+        let (mem, q) = setup();
+        let table = 0x8000u64;
+        write_desc(&mem, DESC, 3, table, 3 * 16, VRING_DESC_F_INDIRECT, 0);
+        write_desc(&mem, table, 0, 0x10000, 16, VRING_DESC_F_NEXT, 1);
+        write_desc(
+            &mem,
+            table,
+            1,
+            0x11000,
+            4096,
+            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
+            2,
+        );
+        write_desc(&mem, table, 2, 0x12000, 1, VRING_DESC_F_WRITE, 0);
+        assert_eq!(
+            walk(&mem, &q, 3, false),
+            Err(ChainError::IndirectNotNegotiated)
+        );
+        assert_eq!(walk(&mem, &q, 3, true).unwrap().len(), 3);
+        // Nested.
+        write_desc(&mem, table, 2, table, 16, VRING_DESC_F_INDIRECT, 0);
+        assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
+        // Loop inside the table.
+        write_desc(&mem, table, 2, 0x12000, 1, VRING_DESC_F_NEXT, 0);
+        assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::Loop));
+        // Misaligned length, empty, chained.
+        write_desc(&mem, DESC, 3, table, 20, VRING_DESC_F_INDIRECT, 0);
+        assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
+        write_desc(&mem, DESC, 3, table, 0, VRING_DESC_F_INDIRECT, 0);
+        assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
+        write_desc(
+            &mem,
+            DESC,
+            3,
+            table,
+            16,
+            VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT,
+            4,
+        );
+        assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
+        // Table outside RAM.
+        write_desc(&mem, DESC, 3, 16 << 20, 16, VRING_DESC_F_INDIRECT, 0);
+        assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
+    }
+
+    #[test]
+    fn avail_index_jump_is_an_error() {
+        let (mem, mut q) = setup();
+        assert_eq!(pop_head(&mut q, &mem), Ok(None));
+        mem.write_obj(3u16, GuestAddress(AVAIL + 4)).unwrap();
+        mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert_eq!(pop_head(&mut q, &mem), Ok(Some(3)));
+        assert_eq!(pop_head(&mut q, &mem), Ok(None));
+        mem.write_obj(100u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert_eq!(pop_head(&mut q, &mem), Err(RingError::AvailIndexJump));
+    }
+}
