@@ -3,19 +3,23 @@
 
 use std::fs::File;
 use std::io::{Cursor, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
-use kvm_ioctls::Cap;
+use kvm_ioctls::{Cap, IoEventAddress};
 use linux_loader::cmdline::Cmdline;
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::configure_system;
 use crate::arch::x86_64::cpuid::CpuTopology;
-use crate::arch::x86_64::layout::{BOOT_TIMER_START, CMDLINE_MAX_SIZE, I8042_GSI, SERIAL_GSI};
+use crate::arch::x86_64::layout::{
+    BOOT_TIMER_START, CMDLINE_MAX_SIZE, GSI_MAX, I8042_GSI, SERIAL_GSI, VIRTIO_GSI_START,
+    VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+};
 use crate::arch::x86_64::loader::{LoadError, LoadedKernel, load_initrd, load_kernel};
 use crate::config::{BUILTIN_KERNEL, DEFAULT_BOOT_ARGS, VmConfig};
 use crate::devices::IrqLine;
@@ -23,6 +27,10 @@ use crate::devices::boot_timer::{BOOT_TIMER_SIZE, BootTimer};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042_BASE, I8042_PORTS, I8042Device};
 use crate::devices::serial::{COM1_BASE, SerialDevice, SerialInput, UART_PORTS};
+use crate::devices::virtio::block::{Block, BlockConfig, BlockEvents, DiskFile};
+use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::net::{Net, NetConfig, NetEvents, Tap};
+use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::exit::{ExitCode, ExitSignal};
 use crate::signals::SignalWatcher;
 use crate::vmm::{ExitWatcher, Subscriber, Vmm, VmmDevices};
@@ -100,6 +108,35 @@ pub enum StartError {
     /// The event loop could not be created.
     #[error("cannot create the event loop: {0}")]
     EventManager(event_manager::Error),
+    /// A drive's backing file could not be used.
+    #[error("drives[{index}].path_on_host: {path}: {source}")]
+    Drive {
+        /// Position in `drives`.
+        index: usize,
+        /// The path.
+        path: String,
+        /// Why.
+        source: crate::devices::virtio::block::DiskError,
+    },
+    /// A network interface's TAP could not be used.
+    #[error("network-interfaces[{index}].host_dev_name: {source}")]
+    Tap {
+        /// Position in `network-interfaces`.
+        index: usize,
+        /// Why.
+        source: crate::devices::virtio::net::TapError,
+    },
+    /// More virtio devices than interrupt lines.
+    #[error("too many virtio devices: at most {0} fit the interrupt lines")]
+    TooManyDevices(u32),
+    /// The KVM notification or interrupt of a virtio device could not be registered.
+    #[error("cannot wire virtio device {slot} into KVM: {source}")]
+    VirtioKvm {
+        /// Its slot.
+        slot: u32,
+        /// Why.
+        source: kvm_ioctls::Error,
+    },
     /// The serial output file could not be opened.
     #[error("--serial-out {path}: {source}")]
     SerialOut {
@@ -122,6 +159,9 @@ impl StartError {
             | StartError::Initrd { .. }
             | StartError::Cmdline(_)
             | StartError::SerialOut { .. }
+            | StartError::Drive { .. }
+            | StartError::Tap { .. }
+            | StartError::TooManyDevices(_)
             | StartError::Vm(VmError::TooManyVcpus { .. } | VmError::MemorySlot(_)) => {
                 ExitCode::BadConfiguration
             }
@@ -200,6 +240,123 @@ fn stdin_source() -> Option<File> {
     nix::unistd::dup(std::io::stdin()).ok().map(File::from)
 }
 
+/// Places a virtio device in the next MMIO slot: its transport on the bus, its interrupt
+/// on a GSI (irqfd), its queue notifications on ioeventfds, and its `virtio_mmio.device=`
+/// entry on the command line.
+fn attach_virtio_device(
+    vm: &Vm,
+    mmio: &mut Bus,
+    cmdline: &mut Cmdline,
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    slot: u32,
+) -> Result<(), StartError> {
+    let gsi = VIRTIO_GSI_START + slot;
+    if gsi > GSI_MAX {
+        return Err(StartError::TooManyDevices(GSI_MAX - VIRTIO_GSI_START + 1));
+    }
+    let base = VIRTIO_MMIO_START + u64::from(slot) * VIRTIO_MMIO_SIZE;
+    let kvm_err = |source| StartError::VirtioKvm { slot, source };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("a virtio interrupt"))?;
+    vm.fd().register_irqfd(&irq, gsi).map_err(kvm_err)?;
+    {
+        let d = device
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (queue, evt) in d.queue_events().iter().enumerate() {
+            let addr = IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET);
+            vm.fd()
+                .register_ioevent(evt, &addr, queue as u32)
+                .map_err(kvm_err)?;
+        }
+    }
+    let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(irq)));
+    let transport = MmioTransport::new(device, vm.memory().clone(), interrupt);
+    mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+    cmdline
+        .add_virtio_mmio_device(VIRTIO_MMIO_SIZE, GuestAddress(base), gsi, None)
+        .map_err(|e| StartError::Cmdline(e.to_string()))?;
+    Ok(())
+}
+
+/// Opens every drive (the root drive first, so it is /dev/vda) and attaches it.
+fn attach_block_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    mmio: &mut Bus,
+    cmdline: &mut Cmdline,
+    event_manager: &mut EventManager<Subscriber>,
+    slot: &mut u32,
+) -> Result<Vec<Arc<Mutex<Block>>>, StartError> {
+    let mut order: Vec<usize> = (0..config.drives.len()).collect();
+    order.sort_by_key(|i| !config.drives[*i].is_root_device);
+    let mut blocks = Vec::new();
+    for index in order {
+        let drive = &config.drives[index];
+        let drive_err = |source| StartError::Drive {
+            index,
+            path: drive.path_on_host.clone(),
+            source,
+        };
+        let disk = DiskFile::open(Path::new(&drive.path_on_host), drive.is_read_only)
+            .map_err(drive_err)?;
+        let block_config = BlockConfig {
+            drive_id: drive.drive_id.clone(),
+            read_only: drive.is_read_only,
+            cache_type: drive.cache_type,
+        };
+        let block = Arc::new(Mutex::new(
+            Block::new(block_config, disk).map_err(event_err("a drive's queue"))?,
+        ));
+        attach_virtio_device(vm, mmio, cmdline, block.clone(), *slot)?;
+        *slot += 1;
+        if drive.is_root_device {
+            let root = match &drive.partuuid {
+                Some(uuid) => format!("root=PARTUUID={uuid}"),
+                None => "root=/dev/vda".to_string(),
+            };
+            let mode = if drive.is_read_only { "ro" } else { "rw" };
+            for arg in [root.as_str(), mode] {
+                cmdline
+                    .insert_str(arg)
+                    .map_err(|e| StartError::Cmdline(e.to_string()))?;
+            }
+        }
+        let events: Subscriber = Arc::new(Mutex::new(BlockEvents::new(block.clone())));
+        event_manager.add_subscriber(events);
+        blocks.push(block);
+    }
+    Ok(blocks)
+}
+
+/// Opens every network interface's TAP and attaches the devices, after the drives.
+fn attach_net_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    mmio: &mut Bus,
+    cmdline: &mut Cmdline,
+    event_manager: &mut EventManager<Subscriber>,
+    slot: &mut u32,
+) -> Result<Vec<Arc<Mutex<Net>>>, StartError> {
+    let mut nets = Vec::new();
+    for (index, iface) in config.network_interfaces.iter().enumerate() {
+        let tap =
+            Tap::open(&iface.host_dev_name).map_err(|source| StartError::Tap { index, source })?;
+        let net_config = NetConfig {
+            iface_id: iface.iface_id.clone(),
+            guest_mac: iface.guest_mac,
+        };
+        let net = Arc::new(Mutex::new(
+            Net::new(net_config, tap).map_err(event_err("an interface's queues"))?,
+        ));
+        attach_virtio_device(vm, mmio, cmdline, net.clone(), *slot)?;
+        *slot += 1;
+        let events: Subscriber = Arc::new(Mutex::new(NetEvents::new(net.clone())));
+        event_manager.add_subscriber(events);
+        nets.push(net);
+    }
+    Ok(nets)
+}
+
 /// Builds the VM described by `config` and starts its vCPUs.
 pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, StartError> {
     let vcpu_count = config.vcpus();
@@ -247,6 +404,28 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
         )?;
     }
 
+    // The event loop, then the virtio devices it serves.
+    let mut event_manager: EventManager<Subscriber> =
+        EventManager::new().map_err(StartError::EventManager)?;
+    let mut cmdline = base_cmdline(config)?;
+    let mut slot = 0;
+    let blocks = attach_block_devices(
+        config,
+        &vm,
+        &mut mmio,
+        &mut cmdline,
+        &mut event_manager,
+        &mut slot,
+    )?;
+    let nets = attach_net_devices(
+        config,
+        &vm,
+        &mut mmio,
+        &mut cmdline,
+        &mut event_manager,
+        &mut slot,
+    )?;
+
     // Kernel, initrd, command line, boot structures.
     let boot = &config.boot_source;
     let kernel = load_kernel_from(vm.memory(), &boot.kernel_image_path)?;
@@ -267,7 +446,6 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
             )
         }
     };
-    let cmdline = base_cmdline(config)?;
     configure_system(vm.memory(), &kernel, &cmdline, initrd, vcpu_count)?;
 
     // vCPUs.
@@ -291,9 +469,7 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
         vcpus.push(vcpu);
     }
 
-    // Event loop.
-    let mut event_manager: EventManager<Subscriber> =
-        EventManager::new().map_err(StartError::EventManager)?;
+    // Event loop housekeeping.
     let watcher: Arc<Mutex<dyn MutEventSubscriber + Send>> =
         Arc::new(Mutex::new(ExitWatcher::new(
             exit.eventfd()
@@ -331,6 +507,8 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
         VmmDevices {
             serial,
             i8042,
+            blocks,
+            nets,
             vcpu_metrics,
         },
     ))

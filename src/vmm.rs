@@ -9,6 +9,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::i8042::I8042Device;
 use crate::devices::serial::SerialDevice;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::Net;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::vstate::vcpu::{VcpuHandle, VcpuMetrics};
 use crate::vstate::vm::Vm;
@@ -52,6 +54,10 @@ pub struct VmmDevices {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// The i8042 controller.
     pub i8042: Arc<Mutex<I8042Device>>,
+    /// Drives, root first.
+    pub blocks: Vec<Arc<Mutex<Block>>>,
+    /// Network interfaces.
+    pub nets: Vec<Arc<Mutex<Net>>>,
     /// Exit counters of each vCPU.
     pub vcpu_metrics: Vec<Arc<VcpuMetrics>>,
 }

@@ -91,6 +91,11 @@ impl MockQueue {
         let _ = mem.write_obj(idx, GuestAddress(self.avail + 2));
     }
 
+    /// The available index the driver published.
+    pub fn avail_idx_value(&self) -> u16 {
+        self.avail_idx
+    }
+
     /// The used index the device published.
     pub fn used_idx(&self, mem: &GuestMemory) -> u16 {
         mem.read_obj(GuestAddress(self.used + 2)).unwrap_or(0)

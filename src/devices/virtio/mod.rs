@@ -7,6 +7,7 @@
 pub mod block;
 pub mod mmio;
 pub mod mock;
+pub mod net;
 pub mod queue;
 
 use std::sync::Arc;

@@ -26,6 +26,77 @@ pub struct Buffer {
     pub writable: bool,
 }
 
+/// A guest buffer as the host sees it: a pointer into a guest memory mapping.
+#[derive(Clone, Copy, Debug)]
+pub struct HostBuffer {
+    /// Host address (inside a guest memory mapping).
+    pub ptr: *mut u8,
+    /// Length in bytes.
+    pub len: usize,
+}
+
+/// Resolves walked guest buffers to host buffers (each lies inside one region, which
+/// `walk_chain` checked).
+pub fn host_buffers(mem: &GuestMemory, bufs: &[Buffer]) -> Option<Vec<HostBuffer>> {
+    bufs.iter()
+        .map(|b| {
+            mem.get_host_address(b.addr).ok().map(|ptr| HostBuffer {
+                ptr,
+                len: b.len as usize,
+            })
+        })
+        .collect()
+}
+
+/// Total bytes of `bufs`.
+pub fn total_len(bufs: &[Buffer]) -> u64 {
+    bufs.iter().map(|b| u64::from(b.len)).sum()
+}
+
+/// Copies between `data` and byte `offset` of the stream the buffers form; returns the
+/// bytes copied (fewer if the buffers end first).
+fn copy_stream(
+    bufs: &[Buffer],
+    offset: u64,
+    len: usize,
+    mut each: impl FnMut(GuestAddress, std::ops::Range<usize>) -> bool,
+) -> usize {
+    let mut pos = 0u64;
+    let mut done = 0usize;
+    for b in bufs {
+        if done == len {
+            break;
+        }
+        let (start, end) = (pos, pos + u64::from(b.len));
+        pos = end;
+        let at = offset + done as u64;
+        if at >= end || at < start {
+            continue;
+        }
+        let n = ((end - at) as usize).min(len - done);
+        if !each(GuestAddress(b.addr.0 + (at - start)), done..done + n) {
+            break;
+        }
+        done += n;
+    }
+    done
+}
+
+/// Writes `data` at byte `offset` of the stream the buffers form; returns the bytes written.
+pub fn write_stream(mem: &GuestMemory, bufs: &[Buffer], offset: u64, data: &[u8]) -> usize {
+    copy_stream(bufs, offset, data.len(), |addr, r| {
+        mem.write_slice(&data[r], addr).is_ok()
+    })
+}
+
+/// Reads into `out` from byte `offset` of the stream the buffers form; returns the bytes read.
+pub fn read_stream(mem: &GuestMemory, bufs: &[Buffer], offset: u64, out: &mut [u8]) -> usize {
+    let len = out.len();
+    copy_stream(bufs, offset, len, |addr, r| {
+        mem.read_slice(&mut out[r], addr).is_ok()
+    })
+}
+
 /// Why a chain was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
@@ -362,6 +433,35 @@ pub(crate) mod tests {
         // Table outside RAM.
         write_desc(&mem, DESC, 3, 16 << 20, 16, VRING_DESC_F_INDIRECT, 0);
         assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
+    }
+
+    #[test]
+    fn stream_writes_span_buffers() {
+        let (mem, _) = setup();
+        let bufs = [
+            Buffer {
+                addr: GuestAddress(0x10000),
+                len: 4,
+                writable: true,
+            },
+            Buffer {
+                addr: GuestAddress(0x20000),
+                len: 4,
+                writable: true,
+            },
+        ];
+        assert_eq!(write_stream(&mem, &bufs, 2, &[1, 2, 3, 4]), 4);
+        let mut a = [0u8; 4];
+        mem.read_slice(&mut a, GuestAddress(0x10000)).unwrap();
+        assert_eq!(a, [0, 0, 1, 2]);
+        mem.read_slice(&mut a, GuestAddress(0x20000)).unwrap();
+        assert_eq!(a, [3, 4, 0, 0]);
+        assert_eq!(write_stream(&mem, &bufs, 7, &[9, 9, 9]), 1);
+        assert_eq!(write_stream(&mem, &bufs, 8, &[9]), 0);
+        let mut back = [0u8; 5];
+        assert_eq!(read_stream(&mem, &bufs, 2, &mut back), 5);
+        assert_eq!(back, [1, 2, 3, 4, 0]);
+        assert_eq!(total_len(&bufs), 8);
     }
 
     #[test]

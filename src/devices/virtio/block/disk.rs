@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use super::{SECTOR_SHIFT, SECTOR_SIZE};
+use crate::devices::virtio::queue::HostBuffer;
 
 /// Most iovecs one preadv/pwritev accepts (IOV_MAX).
 const IOV_MAX: usize = 1024;
@@ -23,17 +24,8 @@ pub enum DiskError {
     #[error("cannot read its size: {0}")]
     Size(#[source] std::io::Error),
     /// Another process holds it.
-    #[error("it is in use by another process (lock held)")]
+    #[error("it is locked by another drive or process")]
     Locked,
-}
-
-/// A guest buffer as the host sees it.
-#[derive(Clone, Copy, Debug)]
-pub struct HostBuffer {
-    /// Host address (inside a guest memory mapping).
-    pub ptr: *mut u8,
-    /// Length in bytes.
-    pub len: usize,
 }
 
 /// The backing file.

@@ -7,7 +7,7 @@
 //! - `event_handler.rs`: the event-loop glue.
 
 mod device;
-mod disk;
+pub(crate) mod disk;
 mod event_handler;
 mod request;
 

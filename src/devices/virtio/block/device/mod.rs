@@ -4,17 +4,17 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::disk::{DiskFile, HostBuffer};
+use super::disk::DiskFile;
 use super::request::{Request, RequestError, RequestType, parse};
 use super::{BlockMetrics, ID_BYTES, QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE, features, status};
 use crate::config::CacheType;
 use crate::devices::virtio::features::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::devices::virtio::queue::{Buffer, pop_head, walk_chain};
+use crate::devices::virtio::queue::{Buffer, host_buffers, pop_head, walk_chain};
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
@@ -321,18 +321,6 @@ impl Block {
             }
         }
     }
-}
-
-/// Resolves guest buffers to host buffers.
-fn host_buffers(mem: &GuestMemory, data: &[Buffer]) -> Option<Vec<HostBuffer>> {
-    data.iter()
-        .map(|b| {
-            mem.get_host_address(b.addr).ok().map(|ptr| HostBuffer {
-                ptr,
-                len: b.len as usize,
-            })
-        })
-        .collect()
 }
 
 impl VirtioDevice for Block {

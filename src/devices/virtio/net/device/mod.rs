@@ -1,0 +1,284 @@
+//! The virtio-net device: features, config space, activation, and the state its RX and TX
+//! paths share.
+
+mod rx;
+mod tx;
+
+use std::sync::Arc;
+
+use event_manager::EventSet;
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::features::*;
+use super::{NetMetrics, QUEUE_SIZE, Tap};
+use crate::config::MacAddr;
+use crate::devices::virtio::features::{
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::devices::virtio::queue::Buffer;
+use crate::devices::virtio::{
+    ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes,
+};
+use crate::vstate::memory::GuestMemory;
+
+/// virtio device id of a network device.
+pub const VIRTIO_ID_NET: u32 = 1;
+
+/// How an interface is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The interface id.
+    pub iface_id: String,
+    /// The guest's MAC address, if fixed.
+    pub guest_mac: Option<MacAddr>,
+}
+
+struct Active {
+    mem: GuestMemory,
+    rx_queue: Queue,
+    tx_queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+    features: u64,
+}
+
+impl Active {
+    fn has(&self, feature: u64) -> bool {
+        self.features & feature != 0
+    }
+}
+
+/// A virtio-net device.
+pub struct Net {
+    config: NetConfig,
+    tap: Tap,
+    /// False once the TAP reported an error or hang-up (e.g. it was deleted).
+    tap_alive: bool,
+    avail_features: u64,
+    config_space: [u8; 8],
+    queue_events: Vec<EventFd>,
+    metrics: Arc<NetMetrics>,
+    active: Option<Active>,
+    broken: bool,
+    /// A frame read from the TAP into `bounce`, waiting for receive buffers.
+    pending_rx: Option<usize>,
+    /// Frames are read here when the guest's buffers might be too small for a whole frame.
+    bounce: Vec<u8>,
+    /// The TAP refused a write (EAGAIN): transmission waits until it is writable.
+    tx_blocked: bool,
+    /// Whether the RX path wants to hear that the TAP is readable.
+    rx_wants_frames: bool,
+    /// Scratch space for chains.
+    chain: Vec<Buffer>,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("config", &self.config)
+            .field("tap", &self.tap.name())
+            .field("tap_alive", &self.tap_alive)
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Net {
+    /// An interface on `tap`.
+    pub fn new(config: NetConfig, tap: Tap) -> std::io::Result<Net> {
+        let mut avail_features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_NET_F_CSUM
+            | VIRTIO_NET_F_GUEST_CSUM
+            | VIRTIO_NET_F_GUEST_TSO4
+            | VIRTIO_NET_F_GUEST_TSO6
+            | VIRTIO_NET_F_HOST_TSO4
+            | VIRTIO_NET_F_HOST_TSO6
+            | VIRTIO_NET_F_MRG_RXBUF;
+        let mut config_space = [0u8; 8];
+        if let Some(mac) = config.guest_mac {
+            avail_features |= VIRTIO_NET_F_MAC;
+            config_space[..6].copy_from_slice(&mac.0);
+        }
+        Ok(Net {
+            config,
+            tap,
+            tap_alive: true,
+            avail_features,
+            config_space,
+            queue_events: vec![
+                EventFd::new(libc::EFD_NONBLOCK)?,
+                EventFd::new(libc::EFD_NONBLOCK)?,
+            ],
+            metrics: Arc::new(NetMetrics::default()),
+            active: None,
+            broken: false,
+            pending_rx: None,
+            bounce: Vec::new(),
+            tx_blocked: false,
+            rx_wants_frames: false,
+            chain: Vec::with_capacity(64),
+        })
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NetConfig {
+        &self.config
+    }
+
+    /// The TAP.
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// What the event loop should watch the TAP for.
+    pub fn tap_interest(&self) -> EventSet {
+        if !self.tap_alive || self.active.is_none() || self.broken {
+            return EventSet::empty();
+        }
+        let mut set = EventSet::empty();
+        if self.rx_wants_frames {
+            set |= EventSet::IN;
+        }
+        if self.tx_blocked {
+            set |= EventSet::OUT;
+        }
+        set
+    }
+
+    /// The TAP reported an error or hang-up: stop using it for reading. Writes keep being
+    /// attempted (and their errors counted) so the guest's transmit queue keeps moving.
+    pub fn tap_failed(&mut self) {
+        if self.tap_alive {
+            log::warn!(
+                "interface {}: TAP {} failed; frames are dropped and counted",
+                self.config.iface_id,
+                self.tap.name()
+            );
+        }
+        self.metrics.tap_failures.inc();
+        self.tap_alive = false;
+        self.tx_blocked = false;
+        self.rx_wants_frames = false;
+    }
+
+    /// The RX queue was kicked: the guest added receive buffers.
+    pub fn rx_queue_kicked(&mut self) {
+        self.process_rx();
+    }
+
+    /// The TAP is writable again.
+    pub fn tap_writable(&mut self) {
+        self.tx_blocked = false;
+        self.process_tx();
+    }
+
+    /// Marks the device broken after ring corruption, telling the driver.
+    fn queue_corrupted(&mut self, what: &str, interrupt: &VirtioInterrupt) {
+        log::warn!(
+            "interface {}: {what}; the device needs a reset",
+            self.config.iface_id
+        );
+        self.metrics.queue_errors.inc();
+        self.broken = true;
+        interrupt.signal_config_change();
+    }
+}
+
+/// TUNSETOFFLOAD flags for the guest's receive offloads.
+fn tap_offloads(features: u64) -> libc::c_uint {
+    let mut flags = 0;
+    if features & VIRTIO_NET_F_GUEST_CSUM != 0 {
+        flags |= libc::TUN_F_CSUM;
+        if features & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+            flags |= libc::TUN_F_TSO4;
+        }
+        if features & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+            flags |= libc::TUN_F_TSO6;
+        }
+    }
+    flags
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space[..6], offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is read-only without VIRTIO_NET_F_CTRL_MAC_ADDR.
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError> {
+        let Activation {
+            mem,
+            queues,
+            acked_features,
+            interrupt,
+        } = activation;
+        let [rx_queue, tx_queue]: [Queue; 2] =
+            queues
+                .try_into()
+                .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
+                    expected: 2,
+                    got: q.len(),
+                })?;
+        self.tap
+            .set_offload(tap_offloads(acked_features))
+            .map_err(|e| ActivateError::Device(e.to_string()))?;
+        self.active = Some(Active {
+            mem,
+            rx_queue,
+            tx_queue,
+            interrupt,
+            features: acked_features,
+        });
+        self.broken = false;
+        self.pending_rx = None;
+        self.tx_blocked = false;
+        self.rx_wants_frames = true;
+        // Buffers posted before DRIVER_OK are picked up now.
+        for evt in &self.queue_events {
+            let _ = evt.write(1);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.broken = false;
+        self.pending_rx = None;
+        self.tx_blocked = false;
+        self.rx_wants_frames = false;
+        let _ = self.tap.set_offload(0);
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.broken
+    }
+}
+
+#[cfg(test)]
+mod tests;

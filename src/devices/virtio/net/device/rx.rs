@@ -1,0 +1,332 @@
+//! Receive: frames from the TAP into the guest's receive buffers.
+//!
+//! When the buffers at hand can hold any frame (64 KiB + headers), the frame is read with
+//! readv straight into them. Otherwise it is read into a bounce buffer and copied, and kept
+//! there (the TAP left unread) until the guest posts enough buffers: no frame is lost to a
+//! full queue, and no wake-up is lost either, because the decision to wait is taken after
+//! re-enabling notifications and looking at the ring once more.
+
+use virtio_queue::QueueT;
+
+use super::super::features::VIRTIO_NET_F_MRG_RXBUF;
+use super::super::{MAX_FRAME_LEN, VNET_HDR_LEN};
+use super::{Active, Net};
+use crate::devices::virtio::features::VIRTIO_RING_F_INDIRECT_DESC;
+use crate::devices::virtio::queue::{
+    Buffer, host_buffers, pop_head, total_len, walk_chain, write_stream,
+};
+
+/// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
+const NUM_BUFFERS_OFFSET: u64 = 10;
+
+/// A receive chain taken from the ring.
+struct RxChain {
+    head: u16,
+    bufs: Vec<Buffer>,
+    capacity: usize,
+}
+
+/// What became of a frame.
+enum Outcome {
+    /// Delivered to the guest.
+    Delivered,
+    /// Not enough buffers; nothing consumed.
+    NoRoom,
+    /// Dropped and counted.
+    Dropped,
+    /// Read into the bounce buffer, waiting for delivery.
+    Pending,
+    /// The ring is corrupt.
+    Corrupt,
+}
+
+impl Net {
+    /// Moves frames from the TAP into the guest until the TAP is empty or the guest has no
+    /// room. This is the whole receive path; tests and fuzzers call it directly.
+    pub fn process_rx(&mut self) {
+        if self.broken || !self.tap_alive {
+            return;
+        }
+        let Some(mut active) = self.active.take() else {
+            return;
+        };
+        let used_before = active.rx_queue.next_used();
+        loop {
+            if let Some(len) = self.pending_rx {
+                match self.deliver_bounced(&mut active, len) {
+                    Outcome::Delivered | Outcome::Dropped => self.pending_rx = None,
+                    Outcome::Pending => {}
+                    Outcome::NoRoom => {
+                        if self.wait_for_buffers(&mut active) {
+                            continue;
+                        }
+                        break;
+                    }
+                    Outcome::Corrupt => break,
+                }
+                continue;
+            }
+            match active
+                .rx_queue
+                .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+            {
+                Ok(idx) if idx.0 == active.rx_queue.next_avail() => {
+                    if self.wait_for_buffers(&mut active) {
+                        continue;
+                    }
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    self.queue_corrupted("receive ring unreadable", &active.interrupt);
+                    break;
+                }
+            }
+            self.rx_wants_frames = true;
+            match self.read_frame(&mut active) {
+                // Delivered, dropped, waiting in the bounce buffer, or every chain offered
+                // was unusable (returned): look at the TAP and the ring again.
+                Some(
+                    Outcome::Delivered | Outcome::Dropped | Outcome::Pending | Outcome::NoRoom,
+                ) => {}
+                Some(Outcome::Corrupt) | None => break,
+            }
+        }
+        let used_any = active.rx_queue.next_used() != used_before;
+        if used_any
+            && active
+                .rx_queue
+                .needs_notification(&active.mem)
+                .unwrap_or(true)
+        {
+            self.metrics.interrupts.inc();
+            active.interrupt.signal_used_queue();
+        }
+        self.active = Some(active);
+    }
+
+    /// No receive buffers: stop reading the TAP and ask the guest for a kick. Returns true if
+    /// buffers arrived in the meantime (then carry on).
+    fn wait_for_buffers(&mut self, active: &mut Active) -> bool {
+        match active.rx_queue.enable_notification(&active.mem) {
+            Ok(true) => true,
+            Ok(false) => {
+                self.rx_wants_frames = false;
+                false
+            }
+            Err(_) => {
+                self.queue_corrupted("receive ring unreadable", &active.interrupt);
+                false
+            }
+        }
+    }
+
+    /// Takes chains from the ring until they hold `target` bytes (one chain only without
+    /// MRG_RXBUF). Unusable chains are returned to the guest with length 0 when they come
+    /// first, or left in the ring for the next round otherwise.
+    fn gather(&mut self, active: &mut Active, target: usize) -> Result<Vec<RxChain>, ()> {
+        let mrg = active.has(VIRTIO_NET_F_MRG_RXBUF);
+        let indirect = active.has(VIRTIO_RING_F_INDIRECT_DESC);
+        let mut chains: Vec<RxChain> = Vec::new();
+        let mut capacity = 0usize;
+        while capacity < target && (mrg || chains.is_empty()) {
+            let head = match pop_head(&mut active.rx_queue, &active.mem) {
+                Ok(Some(head)) => head,
+                Ok(None) => break,
+                Err(e) => {
+                    self.rollback(active, chains.len());
+                    self.queue_corrupted(&e.to_string(), &active.interrupt);
+                    return Err(());
+                }
+            };
+            let mut bufs = std::mem::take(&mut self.chain);
+            bufs.clear();
+            let ok = walk_chain(&active.mem, &active.rx_queue, head, indirect, &mut bufs).is_ok()
+                && bufs.iter().all(|b| b.writable)
+                && (!chains.is_empty() || total_len(&bufs) >= VNET_HDR_LEN as u64);
+            if !ok {
+                self.chain = bufs;
+                self.metrics.rx_bad_chains.inc();
+                if chains.is_empty() {
+                    let _ = active.rx_queue.add_used(&active.mem, head, 0);
+                    continue;
+                }
+                self.rollback(active, 1);
+                break;
+            }
+            let cap = total_len(&bufs) as usize;
+            capacity += cap;
+            chains.push(RxChain {
+                head,
+                bufs,
+                capacity: cap,
+            });
+        }
+        Ok(chains)
+    }
+
+    /// Puts the last `n` chains taken back in the ring.
+    fn rollback(&self, active: &mut Active, n: usize) {
+        let next = active.rx_queue.next_avail().wrapping_sub(n as u16);
+        active.rx_queue.set_next_avail(next);
+    }
+
+    /// Returns the first chains covering `len` bytes to the guest, and the rest to the ring.
+    fn complete(&mut self, active: &mut Active, chains: Vec<RxChain>, len: usize) {
+        let mrg = active.has(VIRTIO_NET_F_MRG_RXBUF);
+        let mut left = len;
+        let mut used = 0usize;
+        for chain in &chains {
+            if left == 0 {
+                break;
+            }
+            let n = left.min(chain.capacity);
+            let _ = active.rx_queue.add_used(&active.mem, chain.head, n as u32);
+            left -= n;
+            used += 1;
+        }
+        let num_buffers: u16 = if mrg { used as u16 } else { 1 };
+        write_stream(
+            &active.mem,
+            &chains[0].bufs,
+            NUM_BUFFERS_OFFSET,
+            &num_buffers.to_le_bytes(),
+        );
+        self.rollback(active, chains.len() - used);
+        self.metrics.rx_frames.inc();
+        self.metrics.rx_bytes.add((len - VNET_HDR_LEN) as u64);
+        for chain in chains {
+            self.chain = chain.bufs;
+        }
+    }
+
+    /// Reads the next frame from the TAP, straight into guest buffers when they can hold
+    /// any frame, else into the bounce buffer. `None` when the TAP has nothing (or failed).
+    fn read_frame(&mut self, active: &mut Active) -> Option<Outcome> {
+        let chains = match self.gather(active, MAX_FRAME_LEN) {
+            Ok(c) => c,
+            Err(()) => return Some(Outcome::Corrupt),
+        };
+        if chains.is_empty() {
+            return Some(Outcome::NoRoom);
+        }
+        let capacity: usize = chains.iter().map(|c| c.capacity).sum();
+        if capacity >= MAX_FRAME_LEN {
+            let bufs: Vec<Buffer> = chains.iter().flat_map(|c| c.bufs.iter().copied()).collect();
+            let Some(host) = host_buffers(&active.mem, &bufs) else {
+                self.rollback(active, chains.len());
+                return Some(Outcome::Corrupt);
+            };
+            // SAFETY: the host buffers are device-writable guest memory inside `active.mem`,
+            // which outlives the call.
+            let read = unsafe { self.tap.read_frame(&host) };
+            return match read {
+                Ok(0) => {
+                    // End of file: the other side is gone.
+                    self.rollback(active, chains.len());
+                    self.tap_failed();
+                    None
+                }
+                Ok(n) if n >= VNET_HDR_LEN => {
+                    self.metrics.rx_zero_copy.inc();
+                    self.complete(active, chains, n);
+                    Some(Outcome::Delivered)
+                }
+                Ok(_) => {
+                    self.rollback(active, chains.len());
+                    self.metrics.rx_dropped.inc();
+                    Some(Outcome::Dropped)
+                }
+                Err(e) => {
+                    self.rollback(active, chains.len());
+                    self.read_failed(&e);
+                    None
+                }
+            };
+        }
+        // The buffers might be too small for the next frame: read it aside.
+        self.rollback(active, chains.len());
+        if self.bounce.len() < MAX_FRAME_LEN {
+            self.bounce.resize(MAX_FRAME_LEN, 0);
+        }
+        let host = [crate::devices::virtio::queue::HostBuffer {
+            ptr: self.bounce.as_mut_ptr(),
+            len: self.bounce.len(),
+        }];
+        // SAFETY: the bounce buffer is owned by the device and outlives the call.
+        match unsafe { self.tap.read_frame(&host) } {
+            Ok(0) => {
+                self.tap_failed();
+                None
+            }
+            Ok(n) => {
+                self.metrics.rx_bounced.inc();
+                // Delivered at the top of the receive loop.
+                self.pending_rx = Some(n);
+                Some(Outcome::Pending)
+            }
+            Err(e) => {
+                self.read_failed(&e);
+                None
+            }
+        }
+    }
+
+    fn read_failed(&mut self, e: &std::io::Error) {
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            // The TAP is empty; it will tell the event loop when a frame arrives.
+            self.rx_wants_frames = true;
+            return;
+        }
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return;
+        }
+        self.metrics.rx_errors.inc();
+        log::debug!("interface {}: TAP read failed: {e}", self.config.iface_id);
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::EBADFD | libc::EIO | libc::ENXIO)
+        ) {
+            self.tap_failed();
+        }
+    }
+
+    /// Copies the frame in the bounce buffer into the guest's buffers.
+    fn deliver_bounced(&mut self, active: &mut Active, len: usize) -> Outcome {
+        if !(VNET_HDR_LEN..=MAX_FRAME_LEN).contains(&len) {
+            self.metrics.rx_dropped.inc();
+            return Outcome::Dropped;
+        }
+        let chains = match self.gather(active, len) {
+            Ok(c) => c,
+            Err(()) => return Outcome::Corrupt,
+        };
+        let capacity: usize = chains.iter().map(|c| c.capacity).sum();
+        if capacity < len {
+            let single_chain_too_small = !active.has(VIRTIO_NET_F_MRG_RXBUF) && chains.len() == 1;
+            self.rollback(active, chains.len());
+            if single_chain_too_small {
+                // Without MRG_RXBUF a frame must fit one chain: this one never will.
+                self.metrics.rx_dropped.inc();
+                return Outcome::Dropped;
+            }
+            return Outcome::NoRoom;
+        }
+        let mut offset = 0usize;
+        for chain in &chains {
+            if offset == len {
+                break;
+            }
+            let n = chain.capacity.min(len - offset);
+            write_stream(
+                &active.mem,
+                &chain.bufs,
+                0,
+                &self.bounce[offset..offset + n],
+            );
+            offset += n;
+        }
+        self.complete(active, chains, len);
+        Outcome::Delivered
+    }
+}

@@ -1,0 +1,363 @@
+use super::*;
+use crate::devices::IrqLine;
+use crate::devices::virtio::mock::MockQueue;
+use crate::devices::virtio::net::{MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::vstate::memory::create_guest_memory;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use vm_memory::{Bytes, GuestAddress};
+
+const RXQ: u64 = 0x1_0000;
+const TXQ: u64 = 0x2_0000;
+const RX_BUFS: u64 = 0x10_0000;
+const TX_BUFS: u64 = 0x80_0000;
+
+struct Rig {
+    mem: GuestMemory,
+    rx: MockQueue,
+    tx: MockQueue,
+    dev: Net,
+    host: UnixDatagram,
+    irq: EventFd,
+}
+
+fn rig(features: u64) -> Rig {
+    let mem = create_guest_memory(32).unwrap();
+    let (host, guest) = UnixDatagram::pair().unwrap();
+    host.set_nonblocking(true).unwrap();
+    guest.set_nonblocking(true).unwrap();
+    let tap = Tap::from_fd(OwnedFd::from(guest), "test0");
+    let config = NetConfig {
+        iface_id: "eth0".into(),
+        guest_mac: Some(MacAddr([0xaa, 0xfc, 0, 0, 0, 1])),
+    };
+    let mut dev = Net::new(config, tap).unwrap();
+    let rx = MockQueue::new(RXQ, 256);
+    let tx = MockQueue::new(TXQ, 256);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(irq.try_clone().unwrap())));
+    dev.activate(Activation {
+        mem: mem.clone(),
+        queues: vec![rx.device_queue(), tx.device_queue()],
+        acked_features: features & dev.avail_features(),
+        interrupt,
+    })
+    .unwrap();
+    Rig {
+        mem,
+        rx,
+        tx,
+        dev,
+        host,
+        irq,
+    }
+}
+
+fn frame(len: usize, seed: u8) -> Vec<u8> {
+    let mut f: Vec<u8> = (0..len)
+        .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
+        .collect();
+    f[..VNET_HDR_LEN].fill(0);
+    f
+}
+
+impl Rig {
+    /// Posts `n` receive chains of `size` bytes each.
+    fn post_rx(&mut self, n: usize, size: u32) {
+        for _ in 0..n {
+            let at = RX_BUFS + u64::from(self.rx.avail_count()) * 0x1_0000;
+            let head = self.rx.add_chain(&self.mem, &[(at, size, true)]);
+            self.rx.publish(&self.mem, head);
+        }
+    }
+
+    fn send_tx(&mut self, bufs: &[(u64, u32, bool)]) {
+        let head = self.tx.add_chain(&self.mem, bufs);
+        self.tx.publish(&self.mem, head);
+    }
+
+    fn host_recv(&self) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 70_000];
+        match self.host.recv(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                Some(buf)
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn rx_used(&self, i: u16) -> (u32, u32) {
+        self.rx.used_elem(&self.mem, i)
+    }
+}
+
+impl MockQueue {
+    fn avail_count(&self) -> u16 {
+        self.avail_idx_value()
+    }
+}
+
+#[test]
+fn config_space_and_features() {
+    let r = rig(u64::MAX);
+    let mut mac = [0u8; 6];
+    r.dev.read_config(0, &mut mac);
+    assert_eq!(mac, [0xaa, 0xfc, 0, 0, 0, 1]);
+    assert_ne!(r.dev.avail_features() & VIRTIO_NET_F_MAC, 0);
+    assert_eq!(tap_offloads(VIRTIO_NET_F_GUEST_TSO4), 0, "TSO needs CSUM");
+    assert_eq!(
+        tap_offloads(VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6),
+        libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6
+    );
+}
+
+#[test]
+fn transmit_gathers_the_chain() {
+    let mut r = rig(u64::MAX);
+    let f = frame(1500, 3);
+    r.mem.write_slice(&f[..700], GuestAddress(TX_BUFS)).unwrap();
+    r.mem
+        .write_slice(&f[700..], GuestAddress(TX_BUFS + 0x4000))
+        .unwrap();
+    r.send_tx(&[(TX_BUFS, 700, false), (TX_BUFS + 0x4000, 800, false)]);
+    r.dev.process_tx();
+    assert_eq!(r.host_recv().unwrap(), f);
+    assert_eq!(r.tx.used_idx(&r.mem), 1);
+    assert_eq!(r.tx.used_elem(&r.mem, 0), (0, 0));
+    let m = r.dev.metrics();
+    assert_eq!((m.tx_frames.get(), m.tx_bytes.get()), (1, 1500 - 12));
+    assert_eq!(r.irq.read().unwrap(), 1);
+}
+
+#[test]
+fn bad_transmit_frames_are_dropped_and_counted() {
+    let mut r = rig(u64::MAX);
+    // Shorter than the header, longer than the limit, a device-writable buffer, a chain
+    // with only the header (valid: an empty frame is the host's business).
+    r.send_tx(&[(TX_BUFS, 11, false)]);
+    r.send_tx(&[(TX_BUFS, (MAX_FRAME_LEN + 1) as u32, false)]);
+    r.send_tx(&[(TX_BUFS, 100, true)]);
+    r.send_tx(&[(TX_BUFS, 0, false)]);
+    r.dev.process_tx();
+    assert_eq!(r.tx.used_idx(&r.mem), 4);
+    assert_eq!(r.dev.metrics().tx_dropped.get(), 4);
+    assert!(r.host_recv().is_none());
+    // GSO without the feature.
+    let mut r = rig(!VIRTIO_NET_F_HOST_TSO4);
+    let mut f = frame(100, 0);
+    f[1] = 1; // TCPv4 GSO
+    r.mem.write_slice(&f, GuestAddress(TX_BUFS)).unwrap();
+    r.send_tx(&[(TX_BUFS, 100, false)]);
+    r.dev.process_tx();
+    assert_eq!(r.dev.metrics().tx_dropped.get(), 1);
+    // Exactly the limit passes.
+    let mut r = rig(u64::MAX);
+    r.send_tx(&[(TX_BUFS, MAX_FRAME_LEN as u32, false)]);
+    r.dev.process_tx();
+    // A datagram socket may refuse 64 KiB; either it was sent or counted as an error.
+    let m = r.dev.metrics();
+    assert_eq!(m.tx_frames.get() + m.tx_errors.get(), 1);
+}
+
+#[test]
+fn transmit_eagain_keeps_the_frame() {
+    let mut r = rig(u64::MAX);
+    let f = frame(1000, 9);
+    r.mem.write_slice(&f, GuestAddress(TX_BUFS)).unwrap();
+    // Send until the socket refuses.
+    let mut sent = 0;
+    for _ in 0..10_000 {
+        r.send_tx(&[(TX_BUFS, 1000, false)]);
+        r.dev.process_tx();
+        if r.dev.tap_interest().contains(EventSet::OUT) {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(
+        r.dev.tap_interest().contains(EventSet::OUT),
+        "never blocked"
+    );
+    assert_eq!(
+        r.tx.used_idx(&r.mem),
+        sent,
+        "the refused frame was not returned"
+    );
+    assert_eq!(r.dev.metrics().tx_retries.get(), 1);
+    // Drain the host side; the device resumes and sends the held frame.
+    let mut got = 0;
+    while r.host_recv().is_some() {
+        got += 1;
+    }
+    assert_eq!(got, sent);
+    r.dev.tap_writable();
+    assert_eq!(r.tx.used_idx(&r.mem), sent + 1);
+    assert_eq!(r.host_recv().unwrap(), f);
+    assert!(!r.dev.tap_interest().contains(EventSet::OUT));
+}
+
+#[test]
+fn receive_zero_copy_with_mergeable_buffers() {
+    let mut r = rig(u64::MAX);
+    r.post_rx(20, 4096);
+    let f = frame(1514, 1);
+    r.host.send(&f).unwrap();
+    r.dev.process_rx();
+    assert_eq!(r.rx.used_idx(&r.mem), 1);
+    assert_eq!(r.rx_used(0), (0, 1514));
+    let mut got = vec![0u8; 1514];
+    r.mem.read_slice(&mut got, GuestAddress(RX_BUFS)).unwrap();
+    assert_eq!(&got[12..], &f[12..]);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+    let m = r.dev.metrics();
+    assert_eq!(
+        (m.rx_frames.get(), m.rx_zero_copy.get(), m.rx_bounced.get()),
+        (1, 1, 0)
+    );
+    // The other 19 chains went back to the ring: the next frame lands in chain 1.
+    r.host.send(&frame(60, 2)).unwrap();
+    r.dev.process_rx();
+    assert_eq!(r.rx_used(1), (1, 60));
+    assert_eq!(r.irq.read().unwrap(), 2);
+}
+
+#[test]
+fn receive_spanning_buffers_through_the_bounce_buffer() {
+    let mut r = rig(u64::MAX);
+    r.post_rx(3, 1526);
+    let f = frame(3000, 5);
+    r.host.send(&f).unwrap();
+    r.dev.process_rx();
+    assert_eq!(r.rx.used_idx(&r.mem), 2);
+    assert_eq!(r.rx_used(0), (0, 1526));
+    assert_eq!(r.rx_used(1), (1, 3000 - 1526));
+    let mut a = vec![0u8; 1526];
+    let mut b = vec![0u8; 3000 - 1526];
+    r.mem.read_slice(&mut a, GuestAddress(RX_BUFS)).unwrap();
+    r.mem
+        .read_slice(&mut b, GuestAddress(RX_BUFS + 0x1_0000))
+        .unwrap();
+    assert_eq!(u16::from_le_bytes([a[10], a[11]]), 2, "num_buffers");
+    assert_eq!(&a[12..], &f[12..1526]);
+    assert_eq!(&b[..], &f[1526..]);
+    assert_eq!(r.dev.metrics().rx_bounced.get(), 1);
+}
+
+#[test]
+fn no_buffers_stops_reading_and_resumes_on_kick() {
+    let mut r = rig(u64::MAX);
+    r.host.send(&frame(100, 1)).unwrap();
+    r.host.send(&frame(200, 2)).unwrap();
+    r.dev.process_rx();
+    assert_eq!(r.rx.used_idx(&r.mem), 0);
+    assert!(
+        !r.dev.tap_interest().contains(EventSet::IN),
+        "stopped reading the TAP"
+    );
+    // The guest adds buffers and kicks: both frames arrive, in order.
+    r.post_rx(4, 1526);
+    r.dev.rx_queue_kicked();
+    assert_eq!(r.rx.used_idx(&r.mem), 2);
+    assert_eq!(r.rx_used(0), (0, 100));
+    assert_eq!(r.rx_used(1), (1, 200));
+    assert!(r.dev.tap_interest().contains(EventSet::IN));
+}
+
+#[test]
+fn full_queue_and_full_tap_then_drained() {
+    let mut r = rig(u64::MAX);
+    r.post_rx(2, 1526);
+    let mut queued = 0u32;
+    while r.host.send(&frame(500, queued as u8)).is_ok() {
+        queued += 1;
+    }
+    assert!(queued > 2);
+    r.dev.process_rx();
+    assert_eq!(r.rx.used_idx(&r.mem), 2);
+    assert!(!r.dev.tap_interest().contains(EventSet::IN));
+    // The guest drains everything, 2 buffers at a time.
+    let mut delivered = 2u32;
+    while delivered < queued {
+        r.post_rx(2, 1526);
+        r.dev.rx_queue_kicked();
+        let now = u32::from(r.rx.used_idx(&r.mem));
+        assert!(now > delivered, "receive stalled at {delivered}/{queued}");
+        delivered = now;
+    }
+    assert_eq!(delivered, queued);
+    assert_eq!(r.dev.metrics().rx_frames.get(), u64::from(queued));
+}
+
+#[test]
+fn without_mergeable_buffers_a_too_large_frame_is_dropped() {
+    let mut r = rig(!VIRTIO_NET_F_MRG_RXBUF);
+    r.post_rx(2, 1526);
+    r.host.send(&frame(4000, 1)).unwrap();
+    r.host.send(&frame(1000, 2)).unwrap();
+    r.dev.process_rx();
+    assert_eq!(r.dev.metrics().rx_dropped.get(), 1);
+    assert_eq!(r.rx.used_idx(&r.mem), 1);
+    assert_eq!(r.rx_used(0), (0, 1000));
+    let mut hdr = [0u8; 12];
+    r.mem.read_slice(&mut hdr, GuestAddress(RX_BUFS)).unwrap();
+    assert_eq!(
+        u16::from_le_bytes([hdr[10], hdr[11]]),
+        1,
+        "num_buffers is 1"
+    );
+}
+
+#[test]
+fn bad_receive_chains_are_returned() {
+    let mut r = rig(u64::MAX);
+    // A device-readable chain and one too short for the header.
+    let h = r.rx.add_chain(&r.mem, &[(RX_BUFS, 1526, false)]);
+    r.rx.publish(&r.mem, h);
+    let h = r.rx.add_chain(&r.mem, &[(RX_BUFS, 8, true)]);
+    r.rx.publish(&r.mem, h);
+    r.post_rx(1, 1526);
+    r.host.send(&frame(100, 1)).unwrap();
+    r.dev.process_rx();
+    assert_eq!(r.rx.used_idx(&r.mem), 3);
+    assert_eq!(r.rx_used(0), (0, 0));
+    assert_eq!(r.rx_used(1), (1, 0));
+    assert_eq!(r.rx_used(2).1, 100);
+    assert_eq!(r.dev.metrics().rx_bad_chains.get(), 2);
+}
+
+#[test]
+fn peer_gone_is_a_tap_failure() {
+    let mut r = rig(u64::MAX);
+    r.post_rx(2, 1526);
+    let host = std::mem::replace(&mut r.host, UnixDatagram::unbound().unwrap());
+    drop(host);
+    r.dev.process_rx();
+    // Transmit keeps moving, errors counted.
+    r.send_tx(&[(TX_BUFS, 100, false)]);
+    r.dev.process_tx();
+    assert_eq!(r.tx.used_idx(&r.mem), 1);
+    assert_eq!(r.dev.metrics().tx_errors.get(), 1);
+    // The event loop reports the hang-up: the TAP is no longer watched.
+    r.dev.tap_failed();
+    assert_eq!(r.dev.tap_interest(), EventSet::empty());
+    assert_eq!(r.dev.metrics().tap_failures.get(), 1);
+    r.send_tx(&[(TX_BUFS, 100, false)]);
+    r.dev.process_tx();
+    assert_eq!(r.tx.used_idx(&r.mem), 2);
+}
+
+#[test]
+fn reset_stops_everything() {
+    let mut r = rig(u64::MAX);
+    r.dev.reset();
+    r.post_rx(2, 1526);
+    r.host.send(&frame(100, 1)).unwrap();
+    r.dev.process_rx();
+    r.send_tx(&[(TX_BUFS, 100, false)]);
+    r.dev.process_tx();
+    assert_eq!(r.rx.used_idx(&r.mem), 0);
+    assert_eq!(r.tx.used_idx(&r.mem), 0);
+    assert_eq!(r.dev.tap_interest(), EventSet::empty());
+    let _ = r.host.as_raw_fd();
+}
