@@ -1,6 +1,8 @@
 //! Build script of the kiln package.
 //!
 //! `main` only dispatches; each build step is one function:
+//! - `build_seccomp_filters`: compiles seccomp-filters/x86_64.json into BPF
+//!   (one program per thread category) embedded in the binary;
 //! - `build_test_guest` (cargo feature `test-guest`, on by default): compiles
 //!   the freestanding test guest in tests/guest (see its README.md).
 
@@ -10,6 +12,7 @@ use std::process;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    build_seccomp_filters();
     if env::var_os("CARGO_FEATURE_TEST_GUEST").is_some() {
         build_test_guest();
     }
@@ -29,6 +32,95 @@ fn build_test_guest() {
         process::exit(1);
     }
     println!("cargo:rustc-env=KILN_TEST_GUEST_DIR={}", out.display());
+}
+
+/// Compiles the default seccomp filters with seccompiler into `$OUT_DIR/seccomp/`: for each
+/// thread category `<name>.bpf` (the raw `sock_filter` array, little endian) and
+/// `<name>.txt` (one allowed syscall per line, with its argument conditions), and exports
+/// the directory as `KILN_SECCOMP_DIR`. Nothing is parsed when kiln runs.
+fn build_seccomp_filters() {
+    let json = PathBuf::from(env_var("CARGO_MANIFEST_DIR")).join("seccomp-filters/x86_64.json");
+    println!("cargo:rerun-if-changed={}", json.display());
+    let out = PathBuf::from(env_var("OUT_DIR")).join("seccomp");
+    if let Err(message) = seccomp_filters::build(&json, &out) {
+        eprintln!("error: seccomp-filters/x86_64.json: {message}");
+        process::exit(1);
+    }
+    println!("cargo:rustc-env=KILN_SECCOMP_DIR={}", out.display());
+}
+
+mod seccomp_filters {
+    use std::fs;
+    use std::path::Path;
+
+    /// The categories kiln installs; the JSON must define exactly these.
+    const CATEGORIES: [&str; 2] = ["vmm", "vcpu"];
+
+    pub fn build(json: &Path, out: &Path) -> Result<(), String> {
+        let text = fs::read_to_string(json).map_err(|e| e.to_string())?;
+        let programs =
+            seccompiler::compile_from_json(text.as_bytes(), seccompiler::TargetArch::x86_64)
+                .map_err(|e| e.to_string())?;
+        let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        fs::create_dir_all(out).map_err(|e| e.to_string())?;
+        for name in CATEGORIES {
+            let program = programs
+                .get(name)
+                .ok_or_else(|| format!("no filter for thread category `{name}`"))?;
+            let mut bytes = Vec::with_capacity(program.len() * 8);
+            for insn in program {
+                bytes.extend_from_slice(&insn.code.to_le_bytes());
+                bytes.push(insn.jt);
+                bytes.push(insn.jf);
+                bytes.extend_from_slice(&insn.k.to_le_bytes());
+            }
+            fs::write(out.join(format!("{name}.bpf")), bytes).map_err(|e| e.to_string())?;
+            fs::write(out.join(format!("{name}.txt")), allowlist(&doc, name)?)
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(extra) = programs.keys().find(|k| !CATEGORIES.contains(&k.as_str())) {
+            return Err(format!("unknown thread category `{extra}`"));
+        }
+        Ok(())
+    }
+
+    /// "syscall" or "syscall  arg1 == 44672 (KVM_RUN)" lines, one per rule.
+    fn allowlist(doc: &serde_json::Value, name: &str) -> Result<String, String> {
+        let rules = doc[name]["filter"]
+            .as_array()
+            .ok_or_else(|| format!("`{name}` has no filter array"))?;
+        let mut lines = Vec::new();
+        for rule in rules {
+            let syscall = rule["syscall"].as_str().unwrap_or("?");
+            let mut line = syscall.to_string();
+            if let Some(args) = rule["args"].as_array() {
+                let conds: Vec<String> = args
+                    .iter()
+                    .map(|a| {
+                        let op = match a["op"].as_str() {
+                            Some("eq") => "==",
+                            Some("ne") => "!=",
+                            Some("lt") => "<",
+                            Some("le") => "<=",
+                            Some("gt") => ">",
+                            Some("ge") => ">=",
+                            _ => "&",
+                        };
+                        let comment = a["comment"].as_str().unwrap_or("");
+                        format!(
+                            "arg{} {op} {} ({comment})",
+                            a["index"].as_u64().unwrap_or(0),
+                            a["val"].as_u64().unwrap_or(0)
+                        )
+                    })
+                    .collect();
+                line.push_str("  ");
+                line.push_str(&conds.join(" && "));
+            }
+            lines.push(line);
+        }
+        Ok(lines.join("\n") + "\n")
+    }
 }
 
 fn env_var(name: &str) -> String {

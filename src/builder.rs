@@ -32,6 +32,7 @@ use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::net::{Net, NetConfig, NetEvents, Tap};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::exit::{ExitCode, ExitSignal};
+use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
 use crate::vmm::{ExitWatcher, Subscriber, Vmm, VmmDevices};
 use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory};
@@ -171,7 +172,7 @@ impl StartError {
 }
 
 /// Options that are not part of the VM configuration.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RunOptions {
     /// Serial output file instead of stdout.
     pub serial_out: Option<PathBuf>,
@@ -183,6 +184,8 @@ pub struct RunOptions {
     pub start: Option<(Instant, u64)>,
     /// Stop the VM in order on SIGINT, SIGTERM and SIGHUP.
     pub stop_on_signals: bool,
+    /// The seccomp filters each thread installs.
+    pub seccomp: Arc<SeccompFilters>,
 }
 
 fn event_err(what: &'static str) -> impl FnOnce(std::io::Error) -> StartError {
@@ -497,7 +500,7 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
     let vcpu_metrics = vcpus.iter().map(Vcpu::metrics).collect();
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
-        handles.push(vcpu.start()?);
+        handles.push(vcpu.start(opts.seccomp.clone())?);
     }
     Ok(Vmm::new(
         vm,

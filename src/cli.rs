@@ -76,6 +76,12 @@ pub struct Args {
     pub parent_cpu_time_us: Option<u64>,
     /// `--boot-timer`.
     pub boot_timer: bool,
+    /// `--no-seccomp`.
+    pub no_seccomp: bool,
+    /// `--seccomp-filter`.
+    pub seccomp_filter: Option<PathBuf>,
+    /// `--print-seccomp`.
+    pub print_seccomp: bool,
     /// `--help`.
     pub help: bool,
     /// `--version`.
@@ -107,6 +113,12 @@ VM:
 API:
     --api-sock PATH        API socket (default /run/kiln.socket)
     --no-api               do not serve the API; needs a VM from flags or --config-file
+
+Sandboxing:
+    --seccomp-filter FILE  per-thread filters from a JSON file (seccompiler format, categories
+                           vmm and vcpu) instead of the built-in ones
+    --no-seccomp           run without seccomp filters (prints a warning)
+    --print-seccomp        print each thread category's allowed syscalls and exit
 
 Logging and identity:
     --id ID                instance id (default anonymous-instance)
@@ -175,6 +187,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Args, CliError> 
                 out.parent_cpu_time_us = Some(number(&flag, &value(&mut it)?)?)
             }
             "--boot-timer" => out.boot_timer = true,
+            "--no-seccomp" => out.no_seccomp = true,
+            "--seccomp-filter" => out.seccomp_filter = Some(value(&mut it)?.into()),
+            "--print-seccomp" => out.print_seccomp = true,
             "--help" | "-h" => out.help = true,
             "--version" | "-V" => out.version = true,
             _ => return Err(CliError::Unknown(arg)),
@@ -185,6 +200,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Args, CliError> 
         || out.cmdline.is_some()
         || out.vcpus.is_some()
         || out.mem_mib.is_some();
+    if out.no_seccomp && out.seccomp_filter.is_some() {
+        return Err(CliError::Conflict(
+            "--no-seccomp and --seccomp-filter cannot be combined",
+        ));
+    }
     if quick && out.config_file.is_some() {
         return Err(CliError::Conflict(
             "--kernel, --initrd, --cmdline, --vcpus and --mem-mib cannot be combined with --config-file",

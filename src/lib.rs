@@ -10,6 +10,7 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod logger;
+pub mod seccomp;
 pub mod signals;
 pub mod terminal;
 pub mod test_guest;

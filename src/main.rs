@@ -1,5 +1,6 @@
 //! The kiln binary: arguments → configuration → VM → run → exit code.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use kiln::builder::{RunOptions, build_and_start};
@@ -7,6 +8,7 @@ use kiln::cli::{self, Args};
 use kiln::config::VmConfig;
 use kiln::devices::boot_timer::process_cpu_us;
 use kiln::exit::{ExitCode, ExitReason};
+use kiln::seccomp::{SeccompFilters, ThreadCategory, install_panic_hook, install_sigsys_handler};
 use kiln::terminal::RawTerminal;
 
 fn fail(code: ExitCode, message: impl std::fmt::Display) -> i32 {
@@ -51,6 +53,28 @@ fn run(start: (Instant, u64)) -> i32 {
         .clone()
         .unwrap_or_else(|| "anonymous-instance".into());
     kiln::logger::init(args.level.unwrap_or_default().filter(), &id);
+    let seccomp = if args.no_seccomp {
+        SeccompFilters::disabled()
+    } else if let Some(path) = &args.seccomp_filter {
+        match SeccompFilters::from_file(path) {
+            Ok(f) => f,
+            Err(e) => return fail(ExitCode::BadConfiguration, e),
+        }
+    } else {
+        SeccompFilters::builtin()
+    };
+    if args.print_seccomp {
+        print!("{}", seccomp.audit());
+        return 0;
+    }
+    if args.no_seccomp {
+        log::warn!("running without seccomp filters (--no-seccomp)");
+    }
+    install_panic_hook();
+    if let Err(e) = install_sigsys_handler() {
+        return fail(ExitCode::StartFailure, e);
+    }
+    let seccomp = Arc::new(seccomp);
     if !args.no_api {
         return fail(
             ExitCode::BadConfiguration,
@@ -72,12 +96,18 @@ fn run(start: (Instant, u64)) -> i32 {
         boot_timer: args.boot_timer,
         start: Some(start),
         stop_on_signals: true,
+        seccomp: seccomp.clone(),
     };
     let _terminal = RawTerminal::enter();
     let mut vmm = match build_and_start(&config, &opts) {
         Ok(vmm) => vmm,
         Err(e) => return fail(e.exit_code(), e),
     };
+    // Set-up is done: the main thread jails itself before it serves any guest event.
+    if let Err(e) = seccomp.install(ThreadCategory::Vmm) {
+        vmm.stop_vcpus();
+        return fail(ExitCode::StartFailure, e);
+    }
     let reason = vmm.run();
     match &reason {
         ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => {

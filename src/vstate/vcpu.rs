@@ -21,6 +21,7 @@ use crate::arch::x86_64::regs::{
 use crate::devices::Counter;
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::seccomp::{SeccompFilters, ThreadCategory};
 use crate::vstate::memory::GuestMemory;
 
 /// Errors creating, configuring or starting a vCPU.
@@ -434,14 +435,14 @@ impl Vcpu {
         }
     }
 
-    /// Spawns the vCPU thread.
-    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+    /// Spawns the vCPU thread, which installs the vCPU seccomp filter before anything else.
+    pub fn start(self, seccomp: Arc<SeccompFilters>) -> Result<VcpuHandle, VcpuError> {
         let control = Arc::new(VcpuControl::new());
         let thread_control = control.clone();
         let index = self.index;
         let thread = std::thread::Builder::new()
             .name(format!("kiln_vcpu{index}"))
-            .spawn(move || self.thread_main(&thread_control))
+            .spawn(move || self.thread_main(&thread_control, &seccomp))
             .map_err(|e| VcpuError::Spawn(index, e))?;
         Ok(VcpuHandle {
             index,
@@ -450,12 +451,22 @@ impl Vcpu {
         })
     }
 
-    fn thread_main(mut self, control: &VcpuControl) {
+    /// The thread: filter first, then the run loop. The vCPU goes back to the VMM thread
+    /// when it ends, so its fd and mapping are released there, outside this filter.
+    fn thread_main(mut self, control: &VcpuControl, seccomp: &SeccompFilters) -> Vcpu {
+        if let Err(e) = seccomp.install(ThreadCategory::Vcpu) {
+            self.exit.post(ExitReason::Runtime {
+                detail: e.to_string(),
+            });
+            control.transition(VcpuState::Exited);
+            return self;
+        }
         let immediate_exit: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
         self.run_loop(control);
         IMMEDIATE_EXIT.with(|p| p.set(std::ptr::null_mut()));
         control.transition(VcpuState::Exited);
+        self
     }
 
     fn run_loop(&mut self, control: &VcpuControl) {
@@ -526,7 +537,7 @@ pub fn emulation_failure_detail(suberror: u32, data: &[u64]) -> Option<String> {
 #[derive(Debug)]
 pub struct VcpuHandle {
     index: u8,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Vcpu>>,
     control: Arc<VcpuControl>,
 }
 

@@ -1,0 +1,177 @@
+//! Seccomp end to end: every thread of a running kiln is filtered, the audit flag lists
+//! the allowlists, and the filter options refuse bad input.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TempDir, guest, kiln, require_kvm, run_kiln, wait_with_deadline};
+
+/// A TAP that is deleted again when the test ends, however it ends.
+struct TempTap(String);
+
+impl TempTap {
+    fn new(name: &str) -> TempTap {
+        let _ = Command::new("ip")
+            .args(["link", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["tuntap", "add", name, "mode", "tap"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "cannot create TAP {name} (run the tests as root)");
+        TempTap(name.to_string())
+    }
+}
+
+impl Drop for TempTap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
+    }
+}
+
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find(|l| l.starts_with("Seccomp:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+            .unwrap_or_default();
+        out.push((name.trim().to_string(), mode));
+    }
+    out.sort();
+    out
+}
+
+/// Boots an idle guest with 2 vCPUs, a drive and a TAP; returns its thread modes once
+/// every vCPU thread runs, then stops it with SIGTERM.
+fn thread_modes(tap: &str, extra: &[&str]) -> (Vec<(String, String)>, common::Output) {
+    require_kvm();
+    let dir = TempDir::new("seccomp");
+    let disk = dir.file("disk.img", &vec![0u8; 1 << 20]);
+    let tap = TempTap::new(tap);
+    let json = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "kiln.run=idle"}},
+            "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64}},
+            "drives": [{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}],
+            "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{}"}}]}}"#,
+        guest("kiln-guest.elf").display(),
+        disk.display(),
+        tap.0
+    );
+    let cfg = dir.file("vm.json", json.as_bytes());
+    let mut args = vec!["--config-file", cfg.to_str().unwrap(), "--no-api"];
+    args.extend_from_slice(extra);
+    let child = Command::new(kiln())
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        let vcpus = seccomp_modes(pid)
+            .iter()
+            .filter(|(n, _)| n.starts_with("kiln_vcpu"))
+            .count();
+        if vcpus == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The main thread installs its filter right after starting the vCPUs.
+    std::thread::sleep(Duration::from_millis(200));
+    let modes = seccomp_modes(pid);
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = wait_with_deadline(child, Duration::from_secs(20));
+    drop(tap);
+    (modes, out)
+}
+
+#[test]
+fn every_thread_runs_under_its_filter() {
+    let (modes, out) = thread_modes("kilnsc0", &[]);
+    // The main thread, two vCPU threads (and KVM's own worker tasks, which inherit).
+    let kiln_threads = modes
+        .iter()
+        .filter(|(n, _)| n == "kiln" || n.starts_with("kiln_vcpu"))
+        .count();
+    assert_eq!(kiln_threads, 3, "{modes:?}");
+    for (name, mode) in &modes {
+        assert_eq!(mode, "2", "thread {name} is not filtered: {modes:?}");
+    }
+    assert_eq!(
+        out.status,
+        128 + 15,
+        "SIGTERM stops in order under the filters:\n{out}"
+    );
+    assert!(!out.stderr.contains("seccomp"), "{out}");
+}
+
+#[test]
+fn no_seccomp_warns_and_filters_nothing() {
+    let (modes, out) = thread_modes("kilnsc1", &["--no-seccomp"]);
+    assert!(modes.iter().all(|(_, m)| m == "0"), "{modes:?}");
+    assert!(
+        out.stderr.contains("running without seccomp filters"),
+        "{out}"
+    );
+}
+
+#[test]
+fn print_seccomp_lists_every_category() {
+    let out = run_kiln(&["--print-seccomp"]);
+    assert_eq!(out.status, 0);
+    assert!(out.stdout.contains("[vmm] "), "{}", out.stdout);
+    assert!(out.stdout.contains("[vcpu] "), "{}", out.stdout);
+    assert!(out.stdout.contains("ioctl  arg1 == 44672 (KVM_RUN)"));
+}
+
+#[test]
+fn bad_custom_filters_refuse_to_start() {
+    let dir = TempDir::new("seccomp-bad");
+    for (name, body) in [
+        ("truncated.json", r#"{"vmm": {"default_action": "#),
+        ("garbage.json", "not json at all"),
+        (
+            "no-vcpu.json",
+            r#"{"vmm": {"default_action": "trap", "filter_action": "allow", "filter": []}}"#,
+        ),
+    ] {
+        let p = dir.file(name, body.as_bytes());
+        let out = run_kiln(&["--no-api", "--seccomp-filter", p.to_str().unwrap()]);
+        assert_eq!(out.status, 2, "{name}:\n{out}");
+        assert!(
+            out.stderr.starts_with("kiln: error: --seccomp-filter "),
+            "{out}"
+        );
+        assert!(out.stdout.is_empty(), "{name}: nothing may boot:\n{out}");
+    }
+}
+
+#[test]
+fn the_builtin_filters_as_a_custom_file_boot() {
+    require_kvm();
+    let json = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("seccomp-filters/x86_64.json");
+    let out = run_kiln(&[
+        "--no-api",
+        "--seccomp-filter",
+        json.to_str().unwrap(),
+        "--cmdline",
+        "kiln.run=hello",
+    ]);
+    assert_eq!(out.status, 0, "{out}");
+}
