@@ -1,5 +1,6 @@
 //! Why a VM stops, and the process exit code each reason maps to.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
 use vmm_sys_util::eventfd::EventFd;
@@ -132,6 +133,8 @@ impl std::fmt::Display for ExitReason {
 pub struct ExitSignal {
     evt: EventFd,
     reason: Mutex<Option<ExitReason>>,
+    /// Set with the reason: a lock-free check for the vCPU loop.
+    posted: AtomicBool,
 }
 
 impl ExitSignal {
@@ -140,6 +143,7 @@ impl ExitSignal {
         Ok(ExitSignal {
             evt: EventFd::new(libc::EFD_NONBLOCK)?,
             reason: Mutex::new(None),
+            posted: AtomicBool::new(false),
         })
     }
 
@@ -149,9 +153,15 @@ impl ExitSignal {
         if slot.is_none() {
             *slot = Some(reason);
         }
+        self.posted.store(true, Ordering::SeqCst);
         drop(slot);
         // A full eventfd counter still wakes the loop, so a failed write loses nothing.
         let _ = self.evt.write(1);
+    }
+
+    /// Whether a reason was posted (cheap: no lock).
+    pub fn posted(&self) -> bool {
+        self.posted.load(Ordering::Relaxed)
     }
 
     /// The reason posted, if any.
@@ -176,6 +186,7 @@ mod tests {
     fn first_reason_wins() {
         let s = ExitSignal::new().unwrap();
         assert_eq!(s.reason(), None);
+        assert!(!s.posted());
         s.post(ExitReason::TripleFault {
             cpu: 1,
             state: String::new(),
@@ -186,6 +197,7 @@ mod tests {
             Some(ExitReason::TripleFault { cpu: 1, .. })
         ));
         assert_eq!(s.eventfd().read().unwrap(), 2);
+        assert!(s.posted());
     }
 
     #[test]

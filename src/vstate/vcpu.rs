@@ -81,6 +81,8 @@ pub struct VcpuMetrics {
     pub interrupted: Counter,
     /// Exits that stopped the vCPU with an error.
     pub failures: Counter,
+    /// Instructions the host's KVM could not emulate, completed by kiln.
+    pub emulation_completions: Counter,
 }
 
 // ---- kicking a vCPU out of KVM_RUN -------------------------------------------------------
@@ -485,6 +487,9 @@ impl Vcpu {
                 VcpuState::Created | VcpuState::Running => {}
             }
             match self.run_once() {
+                // A device may just have ended the VM (the i8042 reset line): do not go
+                // back into the guest.
+                RunOutcome::Continue if self.exit.posted() => return,
                 RunOutcome::Continue => {}
                 RunOutcome::Interrupted => {
                     self.metrics.interrupted.inc();
