@@ -44,6 +44,8 @@ pub struct Args {
     pub no_api: bool,
     /// `--api-sock`.
     pub api_sock: Option<PathBuf>,
+    /// `--http-api-max-payload-size`: the largest request body the API accepts, in bytes.
+    pub http_api_max_payload_size: Option<usize>,
     /// `--kernel`.
     pub kernel: Option<String>,
     /// `--initrd`.
@@ -113,10 +115,13 @@ VM:
 API:
     --api-sock PATH        API socket (default /run/kiln.socket)
     --no-api               do not serve the API; needs a VM from flags or --config-file
+    --http-api-max-payload-size N
+                           largest API request body in bytes (default 51200); larger
+                           ones are answered 413
 
 Sandboxing:
     --seccomp-filter FILE  per-thread filters from a JSON file (seccompiler format, categories
-                           vmm and vcpu) instead of the built-in ones
+                           vmm, vcpu and api) instead of the built-in ones
     --no-seccomp           run without seccomp filters (prints a warning)
     --print-seccomp        print each thread category's allowed syscalls and exit
 
@@ -162,6 +167,16 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Args, CliError> 
             "--config-file" => out.config_file = Some(value(&mut it)?.into()),
             "--no-api" => out.no_api = true,
             "--api-sock" => out.api_sock = Some(value(&mut it)?.into()),
+            "--http-api-max-payload-size" => {
+                let v = value(&mut it)?;
+                out.http_api_max_payload_size = Some(number(&flag, &v).and_then(|n| {
+                    usize::try_from(n).map_err(|_| CliError::BadValue {
+                        flag: flag.clone(),
+                        value: v.clone(),
+                        what: "a payload size",
+                    })
+                })?);
+            }
             "--kernel" => out.kernel = Some(value(&mut it)?),
             "--initrd" => out.initrd = Some(value(&mut it)?),
             "--cmdline" | "--boot-args" => out.cmdline = Some(value(&mut it)?),
@@ -279,6 +294,18 @@ mod tests {
             (a.start_time_us, a.start_time_cpu_us, a.parent_cpu_time_us),
             (Some(12), Some(3), Some(4))
         );
+        let a = p(&[
+            "--api-sock",
+            "/tmp/k.sock",
+            "--http-api-max-payload-size",
+            "4096",
+        ])
+        .unwrap();
+        assert_eq!(a.http_api_max_payload_size, Some(4096));
+        assert!(matches!(
+            p(&["--http-api-max-payload-size", "big"]),
+            Err(CliError::BadValue { .. })
+        ));
     }
 
     #[test]

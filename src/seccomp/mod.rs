@@ -19,17 +19,24 @@ pub enum ThreadCategory {
     Vmm,
     /// A vCPU thread.
     Vcpu,
+    /// The API server thread.
+    Api,
 }
 
 impl ThreadCategory {
     /// Every category, in the order the audit prints them.
-    pub const ALL: [ThreadCategory; 2] = [ThreadCategory::Vmm, ThreadCategory::Vcpu];
+    pub const ALL: [ThreadCategory; 3] = [
+        ThreadCategory::Vmm,
+        ThreadCategory::Vcpu,
+        ThreadCategory::Api,
+    ];
 
     /// The category's key in the JSON.
     pub fn name(self) -> &'static str {
         match self {
             ThreadCategory::Vmm => "vmm",
             ThreadCategory::Vcpu => "vcpu",
+            ThreadCategory::Api => "api",
         }
     }
 
@@ -39,6 +46,7 @@ impl ThreadCategory {
             ThreadCategory::Vcpu => {
                 include_bytes!(concat!(env!("KILN_SECCOMP_DIR"), "/vcpu.bpf"))
             }
+            ThreadCategory::Api => include_bytes!(concat!(env!("KILN_SECCOMP_DIR"), "/api.bpf")),
         }
     }
 
@@ -46,6 +54,7 @@ impl ThreadCategory {
         match self {
             ThreadCategory::Vmm => include_str!(concat!(env!("KILN_SECCOMP_DIR"), "/vmm.txt")),
             ThreadCategory::Vcpu => include_str!(concat!(env!("KILN_SECCOMP_DIR"), "/vcpu.txt")),
+            ThreadCategory::Api => include_str!(concat!(env!("KILN_SECCOMP_DIR"), "/api.txt")),
         }
     }
 }

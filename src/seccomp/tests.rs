@@ -160,6 +160,10 @@ fn audit_lists_names_and_counts() {
     let vmm = filters.unique_syscalls(ThreadCategory::Vmm);
     assert!(vcpu > 5 && vcpu < 27, "vcpu {vcpu}");
     assert!(vmm > 10 && vmm < 50, "vmm {vmm}");
+    let api = filters.unique_syscalls(ThreadCategory::Api);
+    assert!(api > 5 && api < 31, "api {api}");
+    assert!(audit.contains("[api] "));
+    assert!(audit.contains("accept4  arg3 == 524288 (SOCK_CLOEXEC)"));
 }
 
 #[test]
@@ -170,7 +174,8 @@ fn custom_filter_files() {
     std::fs::write(
         &good,
         r#"{"vmm": {"default_action": "trap", "filter_action": "allow", "filter": [{"syscall": "write"}, {"syscall": "exit_group"}]},
-            "vcpu": {"default_action": "trap", "filter_action": "allow", "filter": [{"syscall": "exit_group"}]}}"#,
+            "vcpu": {"default_action": "trap", "filter_action": "allow", "filter": [{"syscall": "exit_group"}]},
+            "api": {"default_action": "trap", "filter_action": "allow", "filter": [{"syscall": "exit_group"}]}}"#,
     )
     .unwrap();
     let f = SeccompFilters::from_file(&good).unwrap();
@@ -191,7 +196,7 @@ fn custom_filter_files() {
         ),
         (
             "badname.json",
-            r#"{"vmm": {"default_action": "trap", "filter_action": "allow", "filter": [{"syscall": "no_such_call"}]}, "vcpu": {"default_action": "trap", "filter_action": "allow", "filter": []}}"#,
+            r#"{"vmm": {"default_action": "trap", "filter_action": "allow", "filter": [{"syscall": "no_such_call"}]}, "vcpu": {"default_action": "trap", "filter_action": "allow", "filter": []}, "api": {"default_action": "trap", "filter_action": "allow", "filter": []}}"#,
         ),
     ] {
         let p = dir.join(name);
