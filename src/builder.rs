@@ -138,6 +138,12 @@ pub enum StartError {
         /// Why.
         source: kvm_ioctls::Error,
     },
+    /// Something the VM needs was never configured.
+    #[error("{0}")]
+    NotConfigured(&'static str),
+    /// The VM was already started.
+    #[error("the microVM is already running")]
+    AlreadyStarted,
     /// The serial output file could not be opened.
     #[error("--serial-out {path}: {source}")]
     SerialOut {
@@ -160,6 +166,7 @@ impl StartError {
             | StartError::Initrd { .. }
             | StartError::Cmdline(_)
             | StartError::SerialOut { .. }
+            | StartError::NotConfigured(_)
             | StartError::Drive { .. }
             | StartError::Tap { .. }
             | StartError::TooManyDevices(_)

@@ -354,12 +354,10 @@ pub struct VmConfig {
 
 /// Parses JSON into `T`, naming the path of the offending field on error.
 pub fn from_json<'a, T: Deserialize<'a>>(json: &'a str) -> Result<T, ConfigError> {
-    let de = &mut serde_json::Deserializer::from_str(json);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner();
-        // Keep serde's message, drop its "at line .. column .." noise only when a path exists.
-        let message = inner.to_string();
+        let message = e.into_inner().to_string();
         ConfigError::Parse {
             path: if path == "." {
                 "config".to_string()
@@ -368,7 +366,13 @@ pub fn from_json<'a, T: Deserialize<'a>>(json: &'a str) -> Result<T, ConfigError
             },
             message,
         }
-    })
+    })?;
+    // Nothing but whitespace may follow the document.
+    de.end().map_err(|e| ConfigError::Parse {
+        path: "config".to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(value)
 }
 
 impl VmConfig {

@@ -1,11 +1,14 @@
 //! The kiln binary: arguments → configuration → VM → run → exit code.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kiln::builder::{RunOptions, build_and_start};
-use kiln::cli::{self, Args};
+use kiln::api::server::{ApiMetrics, start_api_server};
+use kiln::builder::RunOptions;
+use kiln::cli::{self, Args, DEFAULT_API_SOCK};
 use kiln::config::VmConfig;
+use kiln::controller::{ApiChannel, Controller};
 use kiln::devices::boot_timer::process_cpu_us;
 use kiln::exit::{ExitCode, ExitReason};
 use kiln::seccomp::{SeccompFilters, ThreadCategory, install_panic_hook, install_sigsys_handler};
@@ -16,23 +19,37 @@ fn fail(code: ExitCode, message: impl std::fmt::Display) -> i32 {
     code.code()
 }
 
-fn load_config(args: &Args) -> Result<VmConfig, i32> {
-    let config = match &args.config_file {
-        Some(path) => VmConfig::from_file(path).map_err(|e| {
+/// The VM the arguments describe, if any: a config file, or the quick flags (with
+/// `--no-api`, even none of them: the built-in test guest).
+fn initial_config(args: &Args) -> Result<Option<VmConfig>, i32> {
+    if let Some(path) = &args.config_file {
+        return VmConfig::from_file(path).map(Some).map_err(|e| {
             fail(
                 ExitCode::BadConfiguration,
                 format!("{}: {e}", path.display()),
             )
-        })?,
-        None => {
-            let config = args.quick_config();
-            config
-                .validate()
-                .map_err(|e| fail(ExitCode::BadConfiguration, e))?;
-            config
+        });
+    }
+    if args.no_api || args.has_quick_vm() {
+        let config = args.quick_config();
+        config
+            .validate()
+            .map_err(|e| fail(ExitCode::BadConfiguration, e))?;
+        return Ok(Some(config));
+    }
+    Ok(None)
+}
+
+fn seccomp_filters(args: &Args) -> Result<SeccompFilters, i32> {
+    if args.no_seccomp {
+        return Ok(SeccompFilters::disabled());
+    }
+    match &args.seccomp_filter {
+        Some(path) => {
+            SeccompFilters::from_file(path).map_err(|e| fail(ExitCode::BadConfiguration, e))
         }
-    };
-    Ok(config)
+        None => Ok(SeccompFilters::builtin()),
+    }
 }
 
 fn run(start: (Instant, u64)) -> i32 {
@@ -53,15 +70,9 @@ fn run(start: (Instant, u64)) -> i32 {
         .clone()
         .unwrap_or_else(|| "anonymous-instance".into());
     kiln::logger::init(args.level.unwrap_or_default().filter(), &id);
-    let seccomp = if args.no_seccomp {
-        SeccompFilters::disabled()
-    } else if let Some(path) = &args.seccomp_filter {
-        match SeccompFilters::from_file(path) {
-            Ok(f) => f,
-            Err(e) => return fail(ExitCode::BadConfiguration, e),
-        }
-    } else {
-        SeccompFilters::builtin()
+    let seccomp = match seccomp_filters(&args) {
+        Ok(s) => s,
+        Err(code) => return code,
     };
     if args.print_seccomp {
         print!("{}", seccomp.audit());
@@ -75,20 +86,6 @@ fn run(start: (Instant, u64)) -> i32 {
         return fail(ExitCode::StartFailure, e);
     }
     let seccomp = Arc::new(seccomp);
-    if !args.no_api {
-        return fail(
-            ExitCode::BadConfiguration,
-            "the API server is not available in this build; run with --no-api",
-        );
-    }
-    let mut config = match load_config(&args) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    if let Some(level) = config.logger.as_ref().and_then(|l| l.level) {
-        log::set_max_level(level.filter());
-    }
-    config.logger.get_or_insert_default();
 
     let opts = RunOptions {
         serial_out: args.serial_out.clone(),
@@ -98,17 +95,87 @@ fn run(start: (Instant, u64)) -> i32 {
         stop_on_signals: true,
         seccomp: seccomp.clone(),
     };
-    let _terminal = RawTerminal::enter();
-    let mut vmm = match build_and_start(&config, &opts) {
-        Ok(vmm) => vmm,
-        Err(e) => return fail(e.exit_code(), e),
+    let mut controller = Controller::new(id, opts);
+    if args.log_path.is_some() || args.show_level || args.show_log_origin {
+        let logger = kiln::config::LoggerConfig {
+            log_path: args.log_path.as_ref().map(|p| p.display().to_string()),
+            level: None,
+            show_level: args.show_level.then_some(true),
+            show_log_origin: args.show_log_origin.then_some(true),
+            module: None,
+        };
+        if let Err(e) = controller.configure_logger(&logger) {
+            return fail(ExitCode::BadConfiguration, format!("--log-path: {e}"));
+        }
+    }
+    if let Some(path) = &args.metrics_path
+        && let Err(e) = controller.set_metrics_path(path)
+    {
+        return fail(ExitCode::BadConfiguration, format!("--metrics-path: {e}"));
+    }
+    let config = match initial_config(&args) {
+        Ok(c) => c,
+        Err(code) => return code,
     };
+    let booting_now = config.is_some();
+    if let Some(config) = config
+        && let Err(e) = controller.apply_config(config)
+    {
+        return fail(ExitCode::BadConfiguration, e);
+    }
+
+    // The API server, unless --no-api.
+    let api = if args.no_api {
+        None
+    } else {
+        let path = args
+            .api_sock
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
+        let metrics = Arc::new(ApiMetrics::default());
+        let max_payload = args
+            .http_api_max_payload_size
+            .unwrap_or(kiln::api::http::DEFAULT_MAX_PAYLOAD);
+        match start_api_server(&path, max_payload, seccomp.clone(), metrics.clone()) {
+            Ok((bridge, _thread)) => {
+                match bridge.eventfd().try_clone() {
+                    Ok(evt) => controller.set_api_eventfd(evt),
+                    Err(e) => return fail(ExitCode::StartFailure, format!("API eventfd: {e}")),
+                }
+                let section = metrics.clone();
+                controller.set_extra_metrics(Box::new(move || {
+                    vec![("api_server".to_string(), section.to_json())]
+                }));
+                Some(bridge)
+            }
+            Err(e) => return fail(ExitCode::StartFailure, format!("--api-sock: {e}")),
+        }
+    };
+
+    let _terminal = RawTerminal::enter();
+    if booting_now {
+        if let Err(e) = controller.start() {
+            return fail(e.exit_code(), e);
+        }
+    } else if let Some(bridge) = &api {
+        // Before boot the main thread only serves the API, until InstanceStart succeeds.
+        while !controller.started() {
+            let Some(action) = bridge.recv() else {
+                return fail(ExitCode::StartFailure, "the API server stopped");
+            };
+            let response = controller.handle(action);
+            bridge.respond(response);
+        }
+    }
+
     // Set-up is done: the main thread jails itself before it serves any guest event.
     if let Err(e) = seccomp.install(ThreadCategory::Vmm) {
-        vmm.stop_vcpus();
+        if let Some(vmm) = controller.vmm_mut() {
+            vmm.stop_vcpus();
+        }
         return fail(ExitCode::StartFailure, e);
     }
-    let reason = vmm.run();
+    let reason = controller.run(api.as_ref().map(|b| b as &dyn ApiChannel));
     match &reason {
         ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => {
             log::info!("{reason}")

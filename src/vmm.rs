@@ -2,6 +2,7 @@
 //! thread once the VM must end.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
@@ -44,6 +45,52 @@ impl MutEventSubscriber for ExitWatcher {
         if events.fd() == self.evt.as_raw_fd() {
             let _ = self.evt.read();
         }
+    }
+}
+
+/// Reasons for the event loop to hand control back to its caller.
+#[derive(Debug, Default)]
+pub struct Wake {
+    /// An API request is waiting.
+    pub api: AtomicBool,
+    /// Metrics are due.
+    pub metrics: AtomicBool,
+}
+
+impl Wake {
+    fn any(&self) -> bool {
+        self.api.load(Ordering::SeqCst) || self.metrics.load(Ordering::SeqCst)
+    }
+}
+
+/// Raises a [`Wake`] flag whenever its eventfd (or timerfd) fires.
+#[derive(Debug)]
+pub struct WakeOn<F: AsRawFd + Send> {
+    fd: F,
+    wake: Arc<Wake>,
+    which: fn(&Wake) -> &AtomicBool,
+}
+
+impl<F: AsRawFd + Send> WakeOn<F> {
+    /// Raises `which(wake)` when `fd` is readable.
+    pub fn new(fd: F, wake: Arc<Wake>, which: fn(&Wake) -> &AtomicBool) -> Self {
+        WakeOn { fd, wake, which }
+    }
+}
+
+impl<F: AsRawFd + Send> MutEventSubscriber for WakeOn<F> {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            log::error!("cannot watch an event source: {e}");
+        }
+    }
+
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Drain the counter (eventfd or timerfd expirations): 8 bytes.
+        let mut buf = [0u8; 8];
+        // SAFETY: reading 8 bytes into a local buffer from an fd this struct owns.
+        let _ = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        (self.which)(&self.wake).store(true, Ordering::SeqCst);
     }
 }
 
@@ -117,18 +164,43 @@ impl Vmm {
 
     /// Runs the event loop until the VM must stop, then stops every vCPU.
     pub fn run(&mut self) -> ExitReason {
+        let never = Wake::default();
         let reason = loop {
-            if let Some(reason) = self.exit.reason() {
+            if let Some(reason) = self.run_until(&never) {
                 break reason;
+            }
+        };
+        self.stop_vcpus();
+        reason
+    }
+
+    /// Runs the event loop until the VM must stop (returns why) or something raises a
+    /// `wake` flag for the caller to handle (returns `None`).
+    pub fn run_until(&mut self, wake: &Wake) -> Option<ExitReason> {
+        loop {
+            if let Some(reason) = self.exit.reason() {
+                return Some(reason);
+            }
+            if wake.any() {
+                return None;
             }
             if let Err(e) = self.event_manager.run() {
                 self.exit.post(ExitReason::Runtime {
                     detail: format!("event loop failed: {e}"),
                 });
             }
-        };
-        self.stop_vcpus();
-        reason
+        }
+    }
+
+    /// Adds a subscriber to the event loop.
+    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
+        use event_manager::SubscriberOps;
+        self.event_manager.add_subscriber(subscriber);
+    }
+
+    /// The vCPUs.
+    pub fn vcpus(&self) -> &[VcpuHandle] {
+        &self.vcpus
     }
 
     /// Asks every vCPU thread to stop, then waits for all of them.
