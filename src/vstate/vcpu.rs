@@ -22,6 +22,7 @@ use crate::devices::Counter;
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{SeccompFilters, ThreadCategory};
+use crate::vstate::emulation::{BP_VECTOR, Completion, completion_for};
 use crate::vstate::memory::GuestMemory;
 
 /// Errors creating, configuring or starting a vCPU.
@@ -384,10 +385,7 @@ impl Vcpu {
                 KVM_SYSTEM_EVENT_RESET => RunOutcome::Stop(ExitReason::GuestReset),
                 other => self.fail(format!("unexpected system event {other}")),
             },
-            Ok(VcpuExit::InternalError) => {
-                self.metrics.failures.inc();
-                RunOutcome::Stop(self.internal_error())
-            }
+            Ok(VcpuExit::InternalError) => self.internal_error(),
             Ok(VcpuExit::FailEntry(reason, hw_cpu)) => self.fail(format!(
                 "KVM entry failed: hardware reason {reason:#x} on host CPU {hw_cpu}"
             )),
@@ -419,8 +417,10 @@ impl Vcpu {
         })
     }
 
-    /// Describes a KVM_EXIT_INTERNAL_ERROR from `kvm_run.internal`.
-    fn internal_error(&mut self) -> ExitReason {
+    /// Handles KVM_EXIT_INTERNAL_ERROR: an emulation failure on one of the few instructions
+    /// kiln knows how to complete is completed and the guest goes on; anything else stops
+    /// the VM with the failure described.
+    fn internal_error(&mut self) -> RunOutcome {
         let cpu = self.index;
         let run = self.fd.get_kvm_run();
         // SAFETY: the exit reason was KVM_EXIT_INTERNAL_ERROR, so `internal` is the union
@@ -428,13 +428,48 @@ impl Vcpu {
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
         let data = &internal.data[..n];
+        let completion = emulation_failure_bytes(internal.suberror, data)
+            .and_then(|bytes| completion_for(&bytes).map(|c| (c, bytes)));
+        if let Some((completion, bytes)) = completion {
+            match self.complete_emulation(completion) {
+                Ok(()) => {
+                    self.metrics.emulation_completions.inc();
+                    log::debug!(
+                        "vCPU {cpu}: completed {completion:?} for instruction bytes {bytes:02x?}"
+                    );
+                    return RunOutcome::Continue;
+                }
+                Err(e) => log::debug!("vCPU {cpu}: cannot complete {completion:?}: {e}"),
+            }
+        }
+        self.metrics.failures.inc();
         let detail = emulation_failure_detail(internal.suberror, data)
             .unwrap_or_else(|| format!("data {data:x?}"));
-        ExitReason::InternalError {
+        RunOutcome::Stop(ExitReason::InternalError {
             cpu,
             suberror: internal.suberror,
             detail,
+        })
+    }
+
+    /// Advances RIP past a failed instruction (and injects #BP for int3).
+    fn complete_emulation(&mut self, completion: Completion) -> Result<(), kvm_ioctls::Error> {
+        let mut regs = self.fd.get_regs()?;
+        let len = match completion {
+            Completion::Skip(n) => n,
+            Completion::Breakpoint => 1,
+        };
+        regs.rip = regs.rip.wrapping_add(u64::from(len));
+        self.fd.set_regs(&regs)?;
+        if completion == Completion::Breakpoint {
+            let mut events = self.fd.get_vcpu_events()?;
+            events.exception.injected = 1;
+            events.exception.nr = BP_VECTOR;
+            events.exception.has_error_code = 0;
+            events.exception.error_code = 0;
+            self.fd.set_vcpu_events(&events)?;
         }
+        Ok(())
     }
 
     /// Spawns the vCPU thread, which installs the vCPU seccomp filter before anything else.
