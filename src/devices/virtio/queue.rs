@@ -204,6 +204,13 @@ pub fn walk_chain(
     }
 }
 
+/// Returns chain `head` to the driver with `len` bytes written. A head outside the queue
+/// (from a corrupt available ring) has no used-ring slot: it is not returned, and virtio-queue
+/// is not asked to (it would log every such attempt, letting a guest flood the log).
+pub fn return_chain(queue: &mut Queue, mem: &GuestMemory, head: u16, len: u32) -> bool {
+    head < queue.size() && queue.add_used(mem, head, len).is_ok()
+}
+
 /// Errors reading the available ring.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RingError {

@@ -99,11 +99,13 @@ pub fn parse(mem: &GuestMemory, bufs: &[Buffer]) -> Result<Request, RequestError
     let split = bufs.iter().position(|b| b.writable).unwrap_or(bufs.len());
     let (readable, writable) = bufs.split_at(split);
 
-    // The status byte: the last byte of the writable stream.
+    // The status byte: the last byte of the writable stream, which must be device-writable
+    // (a device-readable buffer after it is never written to).
     let status = writable
         .iter()
         .rev()
         .find(|b| b.len > 0)
+        .filter(|b| b.writable)
         .map(|b| GuestAddress(b.addr.0 + u64::from(b.len) - 1))
         .ok_or(RequestError::NoStatus)?;
     let malformed = |reason| RequestError::Malformed { status, reason };
@@ -276,6 +278,18 @@ mod tests {
             ),
             Err(RequestError::Malformed { .. })
         ));
+        // The last buffer is device-readable: there is no status byte to write.
+        assert_eq!(
+            parse(
+                &mem,
+                &[
+                    b(0x1000, 16, false),
+                    b(0x2000, 512, true),
+                    b(0x3000, 1, false)
+                ]
+            ),
+            Err(RequestError::NoStatus)
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::config::CacheType;
 use crate::devices::virtio::features::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::devices::virtio::queue::{Buffer, host_buffers, pop_head, walk_chain};
+use crate::devices::virtio::queue::{Buffer, host_buffers, pop_head, return_chain, walk_chain};
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
@@ -156,7 +156,7 @@ impl Block {
                 match pop_head(&mut active.queue, &active.mem) {
                     Ok(Some(head)) => {
                         let len = self.handle_chain(&active, head);
-                        if active.queue.add_used(&active.mem, head, len).is_err() {
+                        if !return_chain(&mut active.queue, &active.mem, head, len) {
                             // Head out of range or used ring unwritable: nothing to give back.
                             self.metrics.dropped_chains.inc();
                         }
@@ -164,7 +164,8 @@ impl Block {
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        log::warn!(
+                        // Counted, not logged: a guest could otherwise flood the log.
+                        log::debug!(
                             "drive {}: {e}; the device needs a reset",
                             self.config.drive_id
                         );

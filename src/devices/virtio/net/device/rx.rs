@@ -13,7 +13,7 @@ use super::super::{MAX_FRAME_LEN, VNET_HDR_LEN};
 use super::{Active, Net};
 use crate::devices::virtio::features::VIRTIO_RING_F_INDIRECT_DESC;
 use crate::devices::virtio::queue::{
-    Buffer, host_buffers, pop_head, total_len, walk_chain, write_stream,
+    Buffer, host_buffers, pop_head, return_chain, total_len, walk_chain, write_stream,
 };
 
 /// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
@@ -148,7 +148,7 @@ impl Net {
                 self.chain = bufs;
                 self.metrics.rx_bad_chains.inc();
                 if chains.is_empty() {
-                    let _ = active.rx_queue.add_used(&active.mem, head, 0);
+                    return_chain(&mut active.rx_queue, &active.mem, head, 0);
                     continue;
                 }
                 self.rollback(active, 1);
@@ -181,7 +181,7 @@ impl Net {
                 break;
             }
             let n = left.min(chain.capacity);
-            let _ = active.rx_queue.add_used(&active.mem, chain.head, n as u32);
+            return_chain(&mut active.rx_queue, &active.mem, chain.head, n as u32);
             left -= n;
             used += 1;
         }
