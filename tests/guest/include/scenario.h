@@ -36,5 +36,11 @@ void scn_pio_bench(const char *arg);
 void scn_triple_fault(const char *arg);
 void scn_emulation_failure(const char *arg);
 void scn_idle(const char *arg);
+void scn_virtio(const char *arg);
+void scn_blk(const char *arg);
+void scn_blk_read(const char *arg);
+void scn_blk_write(const char *arg);
+void scn_blk_bench(const char *arg);
+void scn_blk_hostile(const char *arg);
 
 #endif

@@ -25,6 +25,12 @@ static const struct scenario scenarios[] = {
     { "triple-fault",      scn_triple_fault,      false, "shut down by triple fault" },
     { "emulation-failure", scn_emulation_failure, false, "execute an SSE instruction" },
     { "idle",              scn_idle,              false, "sti; hlt forever" },
+    { "virtio",            scn_virtio,            false, "list the virtio-mmio devices" },
+    { "blk",               scn_blk,               true,  "virtio-blk: read, write, flush, get-id, last sector" },
+    { "blk-read",          scn_blk_read,          true,  "virtio-blk: read <dev>:<sector>:<count>, FNV-1a" },
+    { "blk-write",         scn_blk_write,         true,  "virtio-blk: write the pattern at <dev>:<sector>:<count>" },
+    { "blk-bench",         scn_blk_bench,         true,  "virtio-blk: <n> sequential reads of <size> bytes" },
+    { "blk-hostile",       scn_blk_hostile,       true,  "virtio-blk: a hostile driver, [<dev>:]<case>|all" },
 };
 
 void scn_boot(const char *arg)

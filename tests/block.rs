@@ -1,0 +1,753 @@
+//! virtio-blk end to end: the test guest's virtio driver reads, writes, flushes and asks for
+//! the id of drives described in a Firecracker-style config file; its report is checked line
+//! for line and the image files are checked on the host afterwards (exactly the sectors the
+//! guest wrote changed, read-only images keep their bytes). A hostile driver breaks every
+//! transport, queue and request rule it can (security-tests.md 8-16); a full filesystem
+//! gives the guest IOERR (17); data acknowledged by a FLUSH survives SIGKILL (18-19); bad
+//! image paths are start-up errors naming the field.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::{
+    Output, TempDir, fnv1a, guest, kiln, require_kvm, run_kiln, run_kiln_with, wait_with_deadline,
+};
+
+const SECTOR: usize = 512;
+const VERSION_1: u64 = 1 << 32;
+const EVENT_IDX: u64 = 1 << 29;
+const INDIRECT: u64 = 1 << 28;
+const SEG_MAX: u64 = 1 << 2;
+const RO: u64 = 1 << 5;
+const FLUSH: u64 = 1 << 9;
+
+/// One entry of the config file's `drives`.
+struct Drive {
+    id: &'static str,
+    path: PathBuf,
+    root: bool,
+    read_only: bool,
+    writeback: bool,
+}
+
+impl Drive {
+    fn new(id: &'static str, path: &Path, root: bool) -> Drive {
+        Drive {
+            id,
+            path: path.to_path_buf(),
+            root,
+            read_only: false,
+            writeback: true,
+        }
+    }
+
+    fn read_only(mut self) -> Drive {
+        self.read_only = true;
+        self.writeback = false;
+        self
+    }
+
+    fn json(&self) -> String {
+        format!(
+            r#"{{"drive_id": "{}", "path_on_host": "{}", "is_root_device": {}, "is_read_only": {}, "cache_type": "{}"}}"#,
+            self.id,
+            self.path.display(),
+            self.root,
+            self.read_only,
+            if self.writeback {
+                "Writeback"
+            } else {
+                "Unsafe"
+            }
+        )
+    }
+
+    /// What the device offers.
+    fn features(&self) -> u64 {
+        let mut f = VERSION_1 | EVENT_IDX | INDIRECT | SEG_MAX;
+        if self.read_only {
+            f |= RO;
+        }
+        if self.writeback {
+            f |= FLUSH;
+        }
+        f
+    }
+}
+
+/// The command line of every boot here (the guest's scenarios follow).
+fn cmdline(run: &str) -> String {
+    format!("console=ttyS0 reboot=k panic=1 kiln.run={run}")
+}
+
+/// Writes the config file for `drives` and returns its path.
+fn config(dir: &TempDir, run: &str, mem_mib: u64, drives: &[Drive]) -> PathBuf {
+    let drives: Vec<String> = drives.iter().map(Drive::json).collect();
+    let json = format!(
+        r#"{{
+          "boot-source": {{"kernel_image_path": "{}", "boot_args": "{}"}},
+          "machine-config": {{"vcpu_count": 1, "mem_size_mib": {mem_mib}, "smt": false, "track_dirty_pages": false}},
+          "drives": [{}],
+          "network-interfaces": []
+        }}"#,
+        guest("kiln-guest.elf").display(),
+        cmdline(run),
+        drives.join(", ")
+    );
+    dir.file("vm.json", json.as_bytes())
+}
+
+fn boot(dir: &TempDir, run: &str, mem_mib: u64, drives: &[Drive]) -> Output {
+    require_kvm();
+    let cfg = config(dir, run, mem_mib, drives);
+    run_kiln(&["--config-file", cfg.to_str().unwrap(), "--no-api"])
+}
+
+/// Deterministic image contents (never equal to the guest's pattern).
+fn filler(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The guest's write pattern (include/virtio_blk.h, blk_pattern_byte).
+fn pattern(sector: u64, count: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(count as usize * SECTOR);
+    for s in sector..sector + count {
+        let base = (s as u32).wrapping_mul(2_654_435_761);
+        for off in 0..SECTOR as u32 {
+            let h = base.wrapping_add(off.wrapping_mul(40503));
+            v.push((h ^ (h >> 16)) as u8);
+        }
+    }
+    v
+}
+
+fn sector_fnv(image: &[u8], sector: u64) -> u32 {
+    let at = sector as usize * SECTOR;
+    fnv1a(&image[at..at + SECTOR])
+}
+
+/// `image` with the pattern written over `count` sectors from `sector`.
+fn with_pattern(image: &[u8], sector: u64, count: u64) -> Vec<u8> {
+    let mut v = image.to_vec();
+    let at = sector as usize * SECTOR;
+    v[at..at + count as usize * SECTOR].copy_from_slice(&pattern(sector, count));
+    v
+}
+
+/// Asserts two images are equal, naming the first differing sector.
+fn assert_image(path: &Path, want: &[u8]) {
+    let got = std::fs::read(path).unwrap();
+    assert_eq!(got.len(), want.len(), "{} changed size", path.display());
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{}: first difference at byte {i} (sector {}): fnv1a {:#010x}, expected {:#010x}",
+            path.display(),
+            i / SECTOR,
+            fnv1a(&got),
+            fnv1a(want)
+        );
+    }
+}
+
+/// How one `blk` scenario run is set up.
+struct BlkRun<'a> {
+    dev: u32,
+    drive: &'a Drive,
+    image: &'a [u8],
+    sector: u64,
+    count: u64,
+    event_idx: bool,
+    indirect: bool,
+}
+
+impl BlkRun<'_> {
+    fn arg(&self) -> String {
+        let mut a = format!(
+            "blk:{}:sector={}:count={}",
+            self.dev, self.sector, self.count
+        );
+        if self.event_idx {
+            a.push_str(":evidx");
+        }
+        if self.indirect {
+            a.push_str(":indirect");
+        }
+        a
+    }
+
+    /// The lines the `blk` scenario prints (tests/guest/README.md).
+    fn expected(&self) -> Vec<String> {
+        let d = self.drive;
+        let offered = d.features();
+        let mut wanted = VERSION_1 | FLUSH | SEG_MAX;
+        if self.event_idx {
+            wanted |= EVENT_IDX;
+        }
+        if self.indirect {
+            wanted |= INDIRECT;
+        }
+        let acked = offered & wanted;
+        let capacity = (self.image.len() / SECTOR) as u64;
+        let (s, n) = (self.sector, self.count);
+        let mut l = vec![
+            format!(
+                "ok blk init dev={} features={offered:#x} acked={acked:#x} queue-size=256",
+                self.dev
+            ),
+            format!(
+                "info blk capacity={capacity} seg_max=254 ro={} flush={}",
+                u8::from(d.read_only),
+                u8::from(d.writeback)
+            ),
+            format!(
+                "ok blk read sector=0 fnv1a={:#010x}",
+                sector_fnv(self.image, 0)
+            ),
+        ];
+        if d.read_only {
+            l.push(format!("ok blk read-only write=ioerr sector={s}"));
+            l.push(format!("ok blk read-only unchanged sector={s} count={n}"));
+        } else {
+            l.push(format!("ok blk write sector={s} count={n}"));
+            l.push(if d.writeback {
+                "ok blk flush".to_string()
+            } else {
+                "info blk flush not-offered".to_string()
+            });
+            l.push(format!("ok blk read-back sector={s} count={n}"));
+        }
+        l.push(format!("ok blk get-id id=\"{}\"", d.id));
+        l.push(format!(
+            "ok blk read-last sector={} fnv1a={:#010x}",
+            capacity - 1,
+            sector_fnv(self.image, capacity - 1)
+        ));
+        l
+    }
+}
+
+fn assert_lines(out: &Output, want: &[String]) {
+    let got = out.lines();
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g, w, "line {i} differs\n{out}");
+    }
+    assert_eq!(got.len(), want.len(), "\n{out}");
+}
+
+fn done(ok: usize) -> String {
+    format!("kiln-guest: done ok={ok} fail=0")
+}
+
+fn count_ok(lines: &[String]) -> usize {
+    lines.iter().filter(|l| l.starts_with("ok ")).count()
+}
+
+#[test]
+fn read_write_flush_get_id_on_the_root_drive() {
+    let dir = TempDir::new("blk-rw");
+    let image = filler(1 << 20, 1);
+    let path = dir.file("root.img", &image);
+    let root = Drive::new("rootfs", &path, true);
+    // Plain rings, EVENT_IDX, indirect descriptors, both: four runs, four sector ranges.
+    let runs = [
+        (8, 8, false, false),
+        (32, 8, true, false),
+        (64, 16, false, true),
+        (200, 128, true, true),
+    ];
+    let mut args = vec!["virtio".to_string()];
+    let mut want = vec![
+        "kiln-guest: start variant=elf".to_string(),
+        "info virtio dev=0 base=0xc0001000 size=0x1000 gsi=5 device-id=2".to_string(),
+        "ok virtio devices=1".to_string(),
+    ];
+    let mut after = image.clone();
+    for (sector, count, event_idx, indirect) in runs {
+        let run = BlkRun {
+            dev: 0,
+            drive: &root,
+            image: &image,
+            sector,
+            count,
+            event_idx,
+            indirect,
+        };
+        args.push(run.arg());
+        want.extend(run.expected());
+        after = with_pattern(&after, sector, count);
+    }
+    want.push(done(count_ok(&want)));
+    let out = boot(&dir, &args.join(","), 128, &[root]);
+    assert_eq!(out.status, 0, "{out}");
+    assert_lines(&out, &want);
+    assert!(
+        out.stderr.is_empty(),
+        "nothing logged on a clean run:\n{out}"
+    );
+    assert_image(&path, &after);
+}
+
+#[test]
+fn two_drives_root_first_whatever_the_config_order() {
+    let dir = TempDir::new("blk-two");
+    let data_image = filler(2 << 20, 2);
+    let root_image = filler(1 << 20, 3);
+    let data_path = dir.file("data.img", &data_image);
+    let root_path = dir.file("root.img", &root_image);
+    // The root drive is listed second: it must still be the first device (/dev/vda).
+    let drives = [
+        Drive::new("data", &data_path, false),
+        Drive::new("rootfs", &root_path, true),
+    ];
+    let root_run = BlkRun {
+        dev: 0,
+        drive: &drives[1],
+        image: &root_image,
+        sector: 10,
+        count: 4,
+        event_idx: false,
+        indirect: false,
+    };
+    let data_run = BlkRun {
+        dev: 1,
+        drive: &drives[0],
+        image: &data_image,
+        sector: 4000,
+        count: 8,
+        event_idx: true,
+        indirect: false,
+    };
+    let run = format!("cmdline,virtio,{},{}", root_run.arg(), data_run.arg());
+    let cmd = format!(
+        "{} virtio_mmio.device=4K@0xc0001000:5 root=/dev/vda rw virtio_mmio.device=4K@0xc0002000:6",
+        cmdline(&run)
+    );
+    let mut want = vec![
+        "kiln-guest: start variant=elf".to_string(),
+        format!("ok cmdline len={}", cmd.len()),
+        format!("info cmdline {cmd}"),
+        "info virtio dev=0 base=0xc0001000 size=0x1000 gsi=5 device-id=2".to_string(),
+        "info virtio dev=1 base=0xc0002000 size=0x1000 gsi=6 device-id=2".to_string(),
+        "ok virtio devices=2".to_string(),
+    ];
+    want.extend(root_run.expected());
+    want.extend(data_run.expected());
+    want.push(done(count_ok(&want)));
+    let out = boot(&dir, &run, 128, &drives);
+    assert_eq!(out.status, 0, "{out}");
+    assert_lines(&out, &want);
+    assert_image(&root_path, &with_pattern(&root_image, 10, 4));
+    assert_image(&data_path, &with_pattern(&data_image, 4000, 8));
+}
+
+#[test]
+fn read_only_drive_keeps_its_bytes() {
+    let dir = TempDir::new("blk-ro");
+    let root_image = filler(1 << 20, 4);
+    // Not a multiple of 512: the tail is invisible to the guest and must stay as it is.
+    let ro_image = filler(300_000, 5);
+    let root_path = dir.file("root.img", &root_image);
+    let ro_path = dir.file("ro.img", &ro_image);
+    let drives = [
+        Drive::new("rootfs", &root_path, true),
+        Drive::new("data-ro", &ro_path, false).read_only(),
+    ];
+    let visible = &ro_image[..ro_image.len() / SECTOR * SECTOR];
+    let ro_run = BlkRun {
+        dev: 1,
+        drive: &drives[1],
+        image: visible,
+        sector: 8,
+        count: 8,
+        event_idx: false,
+        indirect: false,
+    };
+    let run = format!(
+        "{},blk-hostile:1:ro-write,blk-hostile:1:write-len-513,blk-write:1:0:1:expect-ioerr",
+        ro_run.arg()
+    );
+    let mut want = vec!["kiln-guest: start variant=elf".to_string()];
+    want.extend(ro_run.expected());
+    for (case, detail) in [
+        ("ro-write", "used-len=1 status=ioerr"),
+        ("write-len-513", "used-len=1 status=ioerr"),
+    ] {
+        want.push("info blk-hostile dev=1 capacity=585 ro=1 cases=1".to_string());
+        want.push(format!("ok blk-hostile {case} {detail}"));
+        want.push(format!("ok blk-hostile {case} recovered"));
+    }
+    want.push("ok blk-write dev=1 sector=0 count=1 status=ioerr".to_string());
+    want.push(done(count_ok(&want)));
+    let hash = fnv1a(&ro_image);
+    let out = boot(&dir, &run, 128, &drives);
+    assert_eq!(out.status, 0, "{out}");
+    assert_lines(&out, &want);
+    let after = std::fs::read(&ro_path).unwrap();
+    assert_eq!(fnv1a(&after), hash, "the read-only image changed");
+    assert_image(&ro_path, &ro_image);
+    assert_image(&root_path, &root_image);
+}
+
+/// What `blk-hostile:all` prints for a writable drive of `capacity` sectors in a VM whose RAM
+/// reaches the MMIO hole (more than 3 GiB).
+fn hostile_all_expected(dev: u32, capacity: u64) -> Vec<String> {
+    let mut l = vec![format!(
+        "info blk-hostile dev={dev} capacity={capacity} ro=0 cases=47"
+    )];
+    let mut case = |name: &str, detail: &str, reset: bool| {
+        l.push(format!("ok blk-hostile {name} {detail}"));
+        l.push(format!(
+            "ok blk-hostile {name} recovered{}",
+            if reset { " after-reset" } else { "" }
+        ));
+    };
+    for name in [
+        "qsize-0",
+        "qsize-not-pow2",
+        "qsize-over-max",
+        "desc-misaligned",
+        "avail-misaligned",
+        "used-misaligned",
+        "desc-in-hole",
+        "desc-straddles-ram-end",
+        "avail-past-ram",
+        "used-wraps",
+    ] {
+        case(name, "ready=0 status=0x4b config-irq=1", true);
+    }
+    case(
+        "queue-sel",
+        "num-max=0,0 ready=0,0 queue0-num-max=256 queue0=ok",
+        false,
+    );
+    case(
+        "status-illegal",
+        "0->0x4:0x0 0x1->0xf:0x1 0xb->0x4b:0xb 0xf->0x1:0xf narrow-0:0xf",
+        false,
+    );
+    case("features-no-v1", "status=0x3", true);
+    case("ro-registers", "written=10 changed=none", false);
+    case("queue-write-live", "ready=1 status=0xf", false);
+    case("avail-jump", "status=0x4f config-irq=1 then-used=0", true);
+    case("same-head", "used=2 len=513,513 status=ok", false);
+    case("head-range", "head=300 used=1 other-ids=0 status=ok", false);
+    let refused = "used-len=0 status=untouched";
+    for name in [
+        "desc-self-loop",
+        "desc-loop",
+        "next-range",
+        "next-max",
+        "len-overflow",
+        "addr-past-ram",
+        "addr-straddles-ram-end",
+        "addr-wraps",
+    ] {
+        case(name, refused, false);
+    }
+    case(
+        "addr-into-hole",
+        "ram-to-hole=1 used-len=0 status=untouched",
+        false,
+    );
+    case(
+        "addr-across-hole",
+        "ram-to-hole=1 used-len=0 status=untouched",
+        false,
+    );
+    case("indirect-unneg", refused, false);
+    case("indirect-nested", refused, false);
+    case("hdr-writable", "used-len=1 status=ioerr", false);
+    case("no-status", refused, false);
+    case("status-empty", refused, false);
+    // A chain whose last descriptor is device-readable: that byte must stay untouched; the
+    // device may refuse the chain (used-len=0) or answer IOERR in the last writable byte.
+    case("status-readable", "STATUS-READABLE", false);
+    for name in [
+        "read-len-511",
+        "write-len-513",
+        "read-past-end",
+        "write-past-end",
+        "read-sector-max",
+        "write-sector-max",
+        "write-offset-wraps",
+    ] {
+        case(name, "used-len=1 status=ioerr", false);
+    }
+    case("unknown-type", "used-len=1 status=unsupp", false);
+    case("flush-unneg", "used-len=1 status=unsupp", false);
+    for name in ["write-data-writable", "read-data-readable", "no-data"] {
+        case(name, "used-len=1 status=ioerr", false);
+    }
+    l.push("info blk-hostile ro-write skipped not-read-only".to_string());
+    l
+}
+
+#[test]
+fn hostile_driver_every_case() {
+    let dir = TempDir::new("blk-hostile");
+    let image = filler(1 << 20, 6);
+    let ro_image = filler(64 << 10, 7);
+    let path = dir.file("root.img", &image);
+    let ro_path = dir.file("ro.img", &ro_image);
+    let drives = [
+        Drive::new("rootfs", &path, true),
+        Drive::new("ro", &ro_path, false).read_only(),
+    ];
+    // 4 GiB: RAM runs up to the MMIO hole and continues above 4 GiB, so buffers and rings
+    // can straddle it; then a second, read-only drive for the read-only case.
+    let start = Instant::now();
+    let out = boot(
+        &dir,
+        "blk-hostile:all,blk-hostile:1:ro-write,blk:0",
+        4096,
+        &drives,
+    );
+    let wall = start.elapsed();
+    assert_eq!(out.status, 0, "{out}");
+    let mut want = vec!["kiln-guest: start variant=elf".to_string()];
+    want.extend(hostile_all_expected(0, 2048));
+    want.push("info blk-hostile dev=1 capacity=128 ro=1 cases=1".to_string());
+    want.push("ok blk-hostile ro-write used-len=1 status=ioerr".to_string());
+    want.push("ok blk-hostile ro-write recovered".to_string());
+    // The device still works normally afterwards.
+    let run = BlkRun {
+        dev: 0,
+        drive: &drives[0],
+        image: &image,
+        sector: 8,
+        count: 8,
+        event_idx: false,
+        indirect: false,
+    };
+    want.extend(run.expected());
+    want.push(done(count_ok(&want)));
+    let got = out.lines();
+    assert_eq!(got.len(), want.len(), "\n{out}");
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        if w.contains("STATUS-READABLE") {
+            assert!(
+                g.starts_with("ok blk-hostile status-readable ")
+                    && g.contains(" readable-byte=untouched "),
+                "line {i}: the device wrote into a device-readable buffer: {g}\n{out}"
+            );
+        } else {
+            assert_eq!(g, w, "line {i} differs\n{out}");
+        }
+    }
+    assert!(!out.stderr.contains("panic"), "{out}");
+    // Nothing the hostile driver sent was a valid write.
+    assert_image(&path, &with_pattern(&image, 8, 8));
+    assert_image(&ro_path, &ro_image);
+    assert!(wall < Duration::from_secs(60), "took {wall:?}");
+}
+
+/// Runs `script` in a private mount namespace (`sh -c`, with `$KILN` set), so mounts made
+/// there disappear with it and the host stays as it was.
+fn run_in_mount_namespace(script: &str) -> Output {
+    require_kvm();
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .env("KILN", kiln())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("unshare (util-linux) is needed for this test");
+    wait_with_deadline(child, Duration::from_secs(60))
+}
+
+#[test]
+fn full_filesystem_gives_the_guest_ioerr() {
+    let dir = TempDir::new("blk-enospc");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let image = mnt.join("root.img");
+    let copy = dir.path().join("root-after.img");
+    // Sectors 0-7 are written (their page is allocated), the rest of the 1 MiB is a hole,
+    // and a filler file takes the rest of the 64 KiB tmpfs: writing into the hole needs a
+    // page the filesystem no longer has (ENOSPC), rewriting sectors 0-7 does not.
+    let run = "blk-write:0:16:8:expect-ioerr,blk-write:0:0:8,blk-read:0:0:8,blk-write:0:24:1:expect-ioerr";
+    let cfg = config(&dir, run, 64, &[Drive::new("rootfs", &image, true)]);
+    let script = format!(
+        "set -e; mount -t tmpfs -o size=64k tmpfs '{mnt}'; \
+         head -c 4096 /dev/zero > '{img}'; truncate -s 1M '{img}'; \
+         dd if=/dev/zero of='{mnt}/fill' bs=4k 2>/dev/null || true; \
+         set +e; \"$KILN\" --config-file '{cfg}' --no-api; rc=$?; \
+         cp '{img}' '{copy}'; exit $rc",
+        mnt = mnt.display(),
+        img = image.display(),
+        cfg = cfg.display(),
+        copy = copy.display(),
+    );
+    let out = run_in_mount_namespace(&script);
+    assert_eq!(out.status, 0, "{out}");
+    let written = pattern(0, 8);
+    let want = vec![
+        "kiln-guest: start variant=elf".to_string(),
+        "ok blk-write dev=0 sector=16 count=8 status=ioerr".to_string(),
+        "ok blk-write dev=0 sector=0 count=8 status=ok".to_string(),
+        format!(
+            "ok blk-read dev=0 sector=0 count=8 fnv1a={:#010x}",
+            fnv1a(&written)
+        ),
+        "ok blk-write dev=0 sector=24 count=1 status=ioerr".to_string(),
+        done(4),
+    ];
+    assert_lines(&out, &want);
+    let mut expect = vec![0u8; 1 << 20];
+    expect[..written.len()].copy_from_slice(&written);
+    assert_image(&copy, &expect);
+    // The tmpfs lived only in the namespace.
+    assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 0);
+}
+
+#[test]
+fn flushed_writes_survive_sigkill() {
+    require_kvm();
+    let dir = TempDir::new("blk-sigkill");
+    let image = filler(1 << 20, 8);
+    let path = dir.file("root.img", &image);
+    let cfg = config(
+        &dir,
+        "blk-write:0:16:8:flush,idle",
+        64,
+        &[Drive::new("rootfs", &path, true)],
+    );
+    let mut child = Command::new(kiln())
+        .args(["--config-file", cfg.to_str().unwrap(), "--no-api"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line.clone());
+            all.push(line);
+        }
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut idle = false;
+    while !idle && Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => idle = line == "info idle",
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    let lines = reader.join().unwrap();
+    assert!(idle, "the guest never went idle: {lines:?}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(9));
+    assert_eq!(
+        lines,
+        [
+            "kiln-guest: start variant=elf",
+            "ok blk-write dev=0 sector=16 count=8 status=ok",
+            "ok blk-write flush status=ok",
+            "info idle",
+        ]
+    );
+    assert_image(&path, &with_pattern(&image, 16, 8));
+}
+
+#[test]
+fn benchmark_scenario_reports_its_window() {
+    let dir = TempDir::new("blk-bench");
+    let path = dir.file("root.img", &filler(1 << 20, 9));
+    let out = boot(
+        &dir,
+        "blk-bench:40:4096,blk-bench:8:65536",
+        128,
+        &[Drive::new("rootfs", &path, true)],
+    );
+    assert_eq!(out.status, 0, "{out}");
+    let lines = out.lines();
+    assert_eq!(lines.len(), 8, "{out}");
+    for (i, (n, size)) in [(40u64, 4096u64), (8, 65536)].into_iter().enumerate() {
+        let at = 1 + 3 * i;
+        assert_eq!(
+            lines[at],
+            format!("info blk-bench begin dev=0 n={n} size={size}"),
+            "{out}"
+        );
+        let prefix = format!("bench blk-bench end n={n} bytes={} tsc=", n * size);
+        assert!(lines[at + 1].starts_with(&prefix), "{out}");
+        let tsc: u64 = lines[at + 1][prefix.len()..].parse().unwrap();
+        assert!(tsc > 0);
+        assert_eq!(lines[at + 2], format!("ok blk-bench reads={n} size={size}"));
+    }
+    assert_eq!(lines[7], done(2));
+}
+
+#[test]
+fn missing_or_unusable_images_are_start_up_errors() {
+    let dir = TempDir::new("blk-bad-path");
+    let good = dir.file("root.img", &[0u8; 4096]);
+    let missing = dir.path().join("missing.img");
+    let cases: [(Vec<Drive>, &str); 3] = [
+        // A missing data drive listed before the root drive: named by its own index.
+        (
+            vec![
+                Drive::new("data", &missing, false),
+                Drive::new("rootfs", &good, true),
+            ],
+            "drives[0].path_on_host",
+        ),
+        (
+            vec![Drive::new("rootfs", dir.path(), true)],
+            "drives[0].path_on_host",
+        ),
+        // The same writable image twice: the second one is locked out.
+        (
+            vec![
+                Drive::new("rootfs", &good, true),
+                Drive::new("again", &good, false),
+            ],
+            "drives[1].path_on_host",
+        ),
+    ];
+    for (drives, field) in cases {
+        let cfg = config(&dir, "blk:0", 64, &drives);
+        let out = run_kiln_with(
+            &["--config-file", cfg.to_str().unwrap(), "--no-api"],
+            None,
+            Duration::from_secs(30),
+        );
+        assert_eq!(out.status, 2, "{out}");
+        let log: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(log.len(), 1, "{out}");
+        assert!(log[0].starts_with("kiln: error: "), "{out}");
+        assert!(log[0].contains(field), "want `{field}`:\n{out}");
+        assert!(out.stdout.is_empty(), "nothing may boot:\n{out}");
+    }
+    let out = {
+        let cfg = config(&dir, "blk:0", 64, &[Drive::new("rootfs", &missing, true)]);
+        run_kiln(&["--config-file", cfg.to_str().unwrap(), "--no-api"])
+    };
+    assert!(
+        out.stderr.contains(&missing.display().to_string()),
+        "the path is named:\n{out}"
+    );
+}
