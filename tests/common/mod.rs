@@ -213,3 +213,66 @@ pub fn fnv1a(data: &[u8]) -> u32 {
         (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
     })
 }
+
+pub mod api;
+
+/// A network namespace made for one test, deleted (with everything in it) on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates namespace `kiln-<tag>-<pid>` with loopback up.
+    pub fn new(tag: &str) -> NetNs {
+        let name = format!("kiln-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .unwrap()
+            .success();
+        assert!(
+            ok,
+            "cannot create network namespace {name} (run the tests as root)"
+        );
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `ip ARGS` inside the namespace and asserts it succeeds.
+    pub fn ip(&self, args: &[&str]) {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ip"])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "ip {args:?} failed in {}", self.name);
+    }
+
+    /// Creates TAP `name` in the namespace with address `cidr`, up.
+    pub fn add_tap(&self, name: &str, cidr: &str) {
+        self.ip(&["tuntap", "add", name, "mode", "tap"]);
+        self.ip(&["addr", "add", cidr, "dev", name]);
+        self.ip(&["link", "set", name, "up"]);
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

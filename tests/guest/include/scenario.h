@@ -32,6 +32,7 @@ void scn_mptable(const char *arg);
 void scn_smp(const char *arg);
 void scn_hello(const char *arg);
 void scn_serial_echo(const char *arg);
+void scn_ctrl_alt_del(const char *arg);
 void scn_pio_bench(const char *arg);
 void scn_triple_fault(const char *arg);
 void scn_emulation_failure(const char *arg);
@@ -42,5 +43,6 @@ void scn_blk_read(const char *arg);
 void scn_blk_write(const char *arg);
 void scn_blk_bench(const char *arg);
 void scn_blk_hostile(const char *arg);
+void scn_blk_resize(const char *arg);
 
 #endif

@@ -361,3 +361,35 @@ void scn_blk_bench(const char *arg)
     else
         fail("blk-bench", "reads=%llu/%llu errors=%llu", done, n, errors);
 }
+
+/*
+ * blk-resize[:<dev>]: open the drive, report its capacity, wait (up to 20 s)
+ * for a configuration-change interrupt (the VMM swapped the backing file),
+ * then report the new capacity (read under ConfigGeneration) and the FNV-1a of
+ * sector 0 of the new image.
+ */
+#define BLK_RESIZE_TIMEOUT_MS 20000
+
+void scn_blk_resize(const char *arg)
+{
+    struct blk_opts o = { .sector = BLK_DEFAULT_SECTOR, .count = BLK_DEFAULT_COUNT };
+    if (!parse_opts("blk-resize", arg, &o, 0))
+        return;
+    struct blk_dev *b = open_for("blk-resize", &o, 0);
+    if (!b)
+        return;
+    struct virtio_dev *d = b->vdev;
+    info("blk-resize", "capacity=%llu waiting", b->capacity);
+    if (!virtio_wait_config_irq(d, BLK_RESIZE_TIMEOUT_MS)) {
+        fail("blk-resize", "no-config-interrupt");
+        return;
+    }
+    /* The interrupt handler acknowledged InterruptStatus already. */
+    b->capacity = virtio_config_read64(d, VIRTIO_BLK_CFG_CAPACITY);
+    struct blk_result r;
+    memset(b->data, 0, BLK_SECTOR_SIZE);
+    if (blk_request(b, VIRTIO_BLK_T_IN, 0, b->data, BLK_SECTOR_SIZE, &r)
+        && expect("blk-resize", "read sector=0", &r, VIRTIO_BLK_S_OK, BLK_SECTOR_SIZE + 1))
+        ok("blk-resize", "capacity=%llu fnv1a=0x%08x", b->capacity,
+           fnv_buf(b->data, BLK_SECTOR_SIZE));
+}

@@ -21,6 +21,7 @@ static const struct scenario scenarios[] = {
     { "smp",               scn_smp,               false, "start every AP (INIT/SIPI/SIPI)" },
     { "hello",             scn_hello,             false, "one line, then reset" },
     { "serial-echo",       scn_serial_echo,       false, "read a line by UART interrupt" },
+    { "ctrl-alt-del",      scn_ctrl_alt_del,      false, "wait for Ctrl+Alt+Del on the keyboard" },
     { "pio-bench",         scn_pio_bench,         true,  "N outs to port 0x80, timed" },
     { "triple-fault",      scn_triple_fault,      false, "shut down by triple fault" },
     { "emulation-failure", scn_emulation_failure, false, "execute an SSE instruction" },
@@ -31,6 +32,7 @@ static const struct scenario scenarios[] = {
     { "blk-write",         scn_blk_write,         true,  "virtio-blk: write the pattern at <dev>:<sector>:<count>" },
     { "blk-bench",         scn_blk_bench,         true,  "virtio-blk: <n> sequential reads of <size> bytes" },
     { "blk-hostile",       scn_blk_hostile,       true,  "virtio-blk: a hostile driver, [<dev>:]<case>|all" },
+    { "blk-resize",        scn_blk_resize,        true,  "virtio-blk: wait for a backing-file swap, new capacity" },
 };
 
 void scn_boot(const char *arg)
