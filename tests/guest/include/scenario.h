@@ -44,5 +44,6 @@ void scn_blk_write(const char *arg);
 void scn_blk_bench(const char *arg);
 void scn_blk_hostile(const char *arg);
 void scn_blk_resize(const char *arg);
+void scn_blk_fuzz(const char *arg);
 
 #endif

@@ -33,6 +33,7 @@ static const struct scenario scenarios[] = {
     { "blk-bench",         scn_blk_bench,         true,  "virtio-blk: <n> sequential reads of <size> bytes" },
     { "blk-hostile",       scn_blk_hostile,       true,  "virtio-blk: a hostile driver, [<dev>:]<case>|all" },
     { "blk-resize",        scn_blk_resize,        true,  "virtio-blk: wait for a backing-file swap, new capacity" },
+    { "blk-fuzz",          scn_blk_fuzz,          true,  "virtio-blk: random register/queue/chain abuse, <seed>[:<batches>[:<ops>]]" },
 };
 
 void scn_boot(const char *arg)
