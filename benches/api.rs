@@ -1,0 +1,1168 @@
+//! API benchmark (issue 7): `cargo bench --bench api`, as root, on a host with /dev/kvm.
+//!
+//! Three measurements, each against a baseline run in the same invocation, interleaved:
+//!
+//! 1. **Start → accepting**: wall time from just before spawning `kiln --api-sock <tmp>`
+//!    (no config: it waits for requests) until connect() on the socket succeeds (polled in a
+//!    tight loop), and until the answer to a first `GET /` has been read; kiln's CPU time at
+//!    both points (all its threads, /proc/<pid>/task/*/schedstat) and its RSS. Baseline: spawn
+//!    → first stdout byte of `kiln --version` (the same static binary doing nothing), i.e. the
+//!    process-start floor of this host; its CPU from wait4.
+//! 2. **GET / on one keep-alive connection**, request → full response → next request, N per
+//!    run: requests/s and the CPU µs per request of kiln's threads (main, `kiln_api`) and of
+//!    the client. Against kiln before boot and with a booted idle guest (`kiln.run=idle`,
+//!    `builtin:test-guest`, config file). Baseline: the same client against a minimal HTTP
+//!    responder on a Unix socket in this process (a thread that reads a request and writes a
+//!    fixed 200 response: the bytes kiln answers before boot).
+//! 3. **Memory**: kiln with the API thread (after serving requests) and an idle guest vs
+//!    `kiln --no-api` with the same guest: VmHWM, VmRSS, the guest RAM actually touched
+//!    (the Rss of the guest memory mapping in /proc/<pid>/smaps), overhead = RSS - guest
+//!    touched, private anonymous memory outside guest RAM.
+//!
+//! Medians [min-max] over runs. Environment: `KILN_BENCH_API_START_RUNS` (default 30),
+//! `KILN_BENCH_API_RUNS` (GET runs per variant, default 7), `KILN_BENCH_API_N` (requests per
+//! GET run, default 20000), `KILN_BENCH_API_MEM_RUNS` (default 10).
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+/// Set when this binary re-executes itself as the responder process.
+const ROLE_ENV: &str = "KILN_BENCH_ROLE";
+
+const MEM_MIB: u64 = 128;
+const BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off kiln.run=idle";
+const IDLE_MARKER: &str = "info idle";
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\r\n";
+/// Longest wait for anything (a socket, a line, a response).
+const TIMEOUT: Duration = Duration::from_secs(20);
+/// Requests sent before the memory of the API variant is read.
+const MEM_REQUESTS: usize = 1000;
+
+/// Firecracker's published start-up figures (issue 7), bare metal.
+const FIRECRACKER_CPU_MS: f64 = 8.0;
+const FIRECRACKER_WALL_MS: f64 = 12.0;
+
+fn main() {
+    if std::env::var(ROLE_ENV).ok().as_deref() == Some("responder") {
+        if let Err(e) = responder_process() {
+            eprintln!("api bench (responder): {e}");
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
+    if let Err(e) = check_kvm() {
+        eprintln!("api bench: {e}");
+        std::process::exit(1);
+    }
+    if let Err(e) = bench() {
+        eprintln!("api bench: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn check_kvm() -> Result<()> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "cannot open /dev/kvm: {e}. This benchmark boots VMs: run it as root on a host \
+                 with KVM (`sudo cargo bench --bench api`)"
+            )
+            .into()
+        })
+}
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+// ---- scratch files and processes -----------------------------------------------------------
+
+/// Sockets, config file and the children's stderr.
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("kiln-bench-api-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        Ok(Scratch { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The idle test guest, from the binary's built-in image.
+    fn idle_config(&self) -> Result<PathBuf> {
+        let path = self.path("idle.json");
+        let json = format!(
+            r#"{{
+  "boot-source": {{ "kernel_image_path": "builtin:test-guest", "boot_args": "{BOOT_ARGS}" }},
+  "machine-config": {{ "vcpu_count": 1, "mem_size_mib": {MEM_MIB} }}
+}}
+"#
+        );
+        fs::write(&path, json)?;
+        Ok(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A kiln process, killed and reaped when dropped.
+struct Kiln {
+    child: Child,
+    /// Its stdout, while the guest prints (kept open so the serial console never blocks).
+    stdout: Option<BufReader<ChildStdout>>,
+    stderr: PathBuf,
+    socket: Option<PathBuf>,
+    /// Taken right before the spawn.
+    spawned_at: Instant,
+}
+
+impl Kiln {
+    /// Spawns kiln with `args`; stdout piped, stderr to `stderr`.
+    fn spawn(args: &[&str], stderr: &Path, socket: Option<&Path>) -> Result<Kiln> {
+        let mut cmd = Command::new(KILN);
+        cmd.args(args);
+        Kiln::spawn_command(cmd, stderr, socket)
+    }
+
+    /// Spawns `cmd` (kiln, or the responder process); stdout piped, stderr to `stderr`.
+    fn spawn_command(mut cmd: Command, stderr: &Path, socket: Option<&Path>) -> Result<Kiln> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(File::create(stderr)?));
+        let spawned_at = Instant::now();
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().map(BufReader::new);
+        Ok(Kiln {
+            child,
+            stdout,
+            stderr: stderr.to_path_buf(),
+            socket: socket.map(Path::to_path_buf),
+            spawned_at,
+        })
+    }
+
+    /// kiln serving the API on `socket`, booting the config file if given.
+    fn with_api(socket: &Path, config: Option<&Path>, stderr: &Path) -> Result<Kiln> {
+        let sock = socket.to_str().ok_or("non-UTF-8 path")?;
+        let mut args = vec!["--api-sock", sock];
+        if let Some(config) = config {
+            args.extend(["--config-file", config.to_str().ok_or("non-UTF-8 path")?]);
+        }
+        Kiln::spawn(&args, stderr, Some(socket))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads the guest's output until the idle marker.
+    fn wait_idle(&mut self) -> Result<()> {
+        let stdout = self.stdout.as_mut().ok_or("no stdout")?;
+        let deadline = Instant::now() + TIMEOUT;
+        let mut output = String::new();
+        loop {
+            let mut line = String::new();
+            if stdout.read_line(&mut line)? == 0 || Instant::now() > deadline {
+                return Err(self.failure(&format!("no `{IDLE_MARKER}` line in:\n{output}")));
+            }
+            output.push_str(&line);
+            if line.trim_end() == IDLE_MARKER {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Connects to its API socket, waiting until it accepts.
+    fn connect(&self) -> Result<UnixStream> {
+        let socket = self.socket.as_ref().ok_or("no API socket")?;
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => {
+                    s.set_read_timeout(Some(TIMEOUT))?;
+                    return Ok(s);
+                }
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
+                Err(e) => return Err(self.failure(&format!("connect: {e}"))),
+            }
+        }
+    }
+
+    /// An error naming the command and carrying its stderr.
+    fn failure(&self, what: &str) -> Box<dyn Error> {
+        let stderr = fs::read_to_string(&self.stderr).unwrap_or_default();
+        format!("kiln (pid {}): {what}\n--- stderr\n{stderr}", self.pid()).into()
+    }
+}
+
+impl Drop for Kiln {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(socket) = &self.socket {
+            let _ = fs::remove_file(socket);
+        }
+    }
+}
+
+// ---- CPU and memory of a process -----------------------------------------------------------
+
+/// CPU ns of each thread of `pid`, by role: `main` (tid = pid), `api` (`kiln_api`), `vcpu`
+/// (`kiln_vcpu<N>`), `other`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    main: u64,
+    api: u64,
+    vcpu: u64,
+    other: u64,
+}
+
+impl Cpu {
+    fn total(&self) -> u64 {
+        self.main + self.api + self.vcpu + self.other
+    }
+
+    fn minus(&self, before: &Cpu) -> Cpu {
+        Cpu {
+            main: self.main.saturating_sub(before.main),
+            api: self.api.saturating_sub(before.api),
+            vcpu: self.vcpu.saturating_sub(before.vcpu),
+            other: self.other.saturating_sub(before.other),
+        }
+    }
+}
+
+/// Sums /proc/<pid>/task/*/schedstat (first field: ns on the CPU) by thread role.
+fn process_cpu(pid: u32) -> Result<Cpu> {
+    let mut cpu = Cpu::default();
+    let mut seen = BTreeMap::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let (Ok(comm), Ok(stat)) = (
+            fs::read_to_string(entry.path().join("comm")),
+            fs::read_to_string(entry.path().join("schedstat")),
+        ) else {
+            continue;
+        };
+        let ns: u64 = stat
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("bad schedstat {stat:?}"))?;
+        seen.insert(tid, ns);
+        let comm = comm.trim();
+        if tid == pid {
+            cpu.main += ns;
+        } else if comm == "kiln_api" {
+            cpu.api += ns;
+        } else if comm.starts_with("kiln_vcpu") {
+            cpu.vcpu += ns;
+        } else {
+            cpu.other += ns;
+        }
+    }
+    if seen.is_empty() {
+        return Err(format!("pid {pid}: no threads").into());
+    }
+    Ok(cpu)
+}
+
+/// The CPU time of this thread (CLOCK_THREAD_CPUTIME_ID), in nanoseconds.
+fn this_thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// Resident memory of a process, in KiB.
+#[derive(Clone, Copy, Debug, Default)]
+struct MemSample {
+    /// VmHWM: peak RSS.
+    hwm: u64,
+    /// VmRSS now.
+    rss: u64,
+    /// Rss of the guest RAM mapping: guest memory actually touched (0 without a VM).
+    guest: u64,
+    /// Anonymous memory outside guest RAM: heap, stacks, arenas, written data pages.
+    anon: u64,
+    /// File pages (executable text and read-only data, shared through the page cache).
+    file: u64,
+    /// Everything else (kvm-vcpu run page, vdso).
+    other: u64,
+    /// Size of another mapping the kernel merged with the guest RAM's.
+    merged: u64,
+}
+
+impl MemSample {
+    fn overhead_peak(&self) -> u64 {
+        self.hwm.saturating_sub(self.guest)
+    }
+
+    fn overhead_now(&self) -> u64 {
+        self.rss.saturating_sub(self.guest)
+    }
+}
+
+fn kib_field(line: &str, name: &str) -> Option<u64> {
+    line.strip_prefix(name)?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Resident KiB of [start, end) of `pid`'s address space, from /proc/<pid>/pagemap (bit 63:
+/// present).
+fn present_kib(pid: u32, start: u64, end: u64) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let pages = usize::try_from((end - start) / 4096)?;
+    let mut raw = vec![0u8; pages * 8];
+    File::open(format!("/proc/{pid}/pagemap"))?.read_exact_at(&mut raw, start / 4096 * 8)?;
+    let present = raw.chunks_exact(8).filter(|e| e[7] & 0x80 != 0).count();
+    Ok(present as u64 * 4)
+}
+
+/// Parses /proc/<pid>/smaps and /proc/<pid>/status. The guest RAM is the anonymous read-write
+/// private mapping of the guest size (as in benches/boot.rs); with `vm` false there must be
+/// none. The kernel may merge it with an adjacent anonymous read-write mapping (with the API
+/// thread, a malloc arena's heap lands right after it): then the mapping is larger than the
+/// guest, the guest part is at the end that has no arena reserve (`---p`) after it: its
+/// resident pages are counted from /proc/<pid>/pagemap, the rest of the mapping's Rss is the
+/// VMM's private memory.
+fn read_memory(pid: u32, vm: bool) -> Result<MemSample> {
+    let guest_kib = MEM_MIB * 1024;
+    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let mut m = MemSample::default();
+    for line in status.lines() {
+        if let Some(v) = kib_field(line, "VmHWM:") {
+            m.hwm = v;
+        } else if let Some(v) = kib_field(line, "VmRSS:") {
+            m.rss = v;
+        }
+    }
+
+    #[derive(Default)]
+    struct Mapping {
+        start: u64,
+        end: u64,
+        perms: String,
+        name: String,
+        size: u64,
+        rss: u64,
+        anon: u64,
+    }
+    let mut maps: Vec<Mapping> = Vec::new();
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or("");
+        let range = first.split_once('-').and_then(|(a, b)| {
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        });
+        if let Some((start, end)) = range {
+            let perms = fields.next().unwrap_or("").to_string();
+            let name = fields.nth(3).unwrap_or("").to_string();
+            maps.push(Mapping {
+                start,
+                end,
+                perms,
+                name,
+                ..Mapping::default()
+            });
+        } else if let Some(cur) = maps.last_mut() {
+            if let Some(v) = kib_field(line, "Size:") {
+                cur.size = v;
+            } else if let Some(v) = kib_field(line, "Rss:") {
+                cur.rss = v;
+            } else if let Some(v) = kib_field(line, "Anonymous:") {
+                cur.anon = v;
+            }
+        }
+    }
+    // Guest RAM, possibly merged with less than an arena (64 MiB) of something else.
+    let is_guest = |m: &Mapping| {
+        m.name.is_empty()
+            && m.perms == "rw-p"
+            && m.size >= guest_kib
+            && m.size < guest_kib + (64 << 10)
+    };
+    let guests: Vec<usize> = (0..maps.len()).filter(|&i| is_guest(&maps[i])).collect();
+    if guests.len() != usize::from(vm) {
+        return Err(format!(
+            "pid {pid}: expected {} anonymous rw-p mapping of {guest_kib} kB (the guest RAM), \
+             found {}",
+            usize::from(vm),
+            guests.len()
+        )
+        .into());
+    }
+    for (i, map) in maps.iter().enumerate() {
+        if guests.contains(&i) {
+            let extra_bytes = (map.size - guest_kib) * 1024;
+            if extra_bytes == 0 {
+                m.guest = map.rss;
+            } else {
+                let reserve_after = maps
+                    .get(i + 1)
+                    .is_some_and(|n| n.start == map.end && n.perms == "---p");
+                let (start, end) = if reserve_after {
+                    (map.start, map.end - extra_bytes)
+                } else {
+                    (map.start + extra_bytes, map.end)
+                };
+                m.guest = present_kib(pid, start, end)?;
+                m.anon += map.rss.saturating_sub(m.guest);
+            }
+            m.merged += map.size - guest_kib;
+        } else {
+            m.anon += map.anon;
+            let rest = map.rss.saturating_sub(map.anon);
+            if map.name.starts_with('/') {
+                m.file += rest;
+            } else {
+                m.other += rest;
+            }
+        }
+    }
+    Ok(m)
+}
+
+// ---- HTTP client and baseline responder ----------------------------------------------------
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The length of the complete 200 response at the start of `buf`, if it is all there.
+fn complete_response(buf: &[u8]) -> Result<Option<usize>> {
+    let Some(end) = find(buf, b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&buf[..end])?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap_or("");
+    if !status.starts_with("HTTP/1.1 200 ") {
+        return Err(format!("unexpected response {head:?}").into());
+    }
+    let mut length = 0usize;
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse()?;
+            } else if name.eq_ignore_ascii_case("connection")
+                && value.trim().eq_ignore_ascii_case("close")
+            {
+                return Err("the server closes the connection".into());
+            }
+        }
+    }
+    let total = end + 4 + length;
+    Ok((buf.len() >= total).then_some(total))
+}
+
+/// A keep-alive client: one request, then its whole response, then the next.
+struct Client {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+impl Client {
+    fn new(stream: UnixStream) -> Client {
+        Client {
+            stream,
+            buf: vec![0; 16384],
+            filled: 0,
+        }
+    }
+
+    /// GET /; returns the response bytes.
+    fn get(&mut self) -> Result<usize> {
+        self.stream.write_all(REQUEST)?;
+        loop {
+            if let Some(len) = complete_response(&self.buf[..self.filled])? {
+                self.buf.copy_within(len..self.filled, 0);
+                self.filled -= len;
+                return Ok(len);
+            }
+            if self.filled == self.buf.len() {
+                return Err("response too large".into());
+            }
+            let n = self.stream.read(&mut self.buf[self.filled..])?;
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+            self.filled += n;
+        }
+    }
+
+    /// The body of one GET / (to build the baseline's response).
+    fn get_raw(&mut self) -> Result<Vec<u8>> {
+        self.stream.write_all(REQUEST)?;
+        loop {
+            if let Some(len) = complete_response(&self.buf[..self.filled])? {
+                let bytes = self.buf[..len].to_vec();
+                self.buf.copy_within(len..self.filled, 0);
+                self.filled -= len;
+                return Ok(bytes);
+            }
+            let n = self.stream.read(&mut self.buf[self.filled..])?;
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+            self.filled += n;
+        }
+    }
+}
+
+/// The baseline server: accepts one connection, answers every request (header block
+/// ending in an empty line) with `response`, until the client closes. Returns the requests
+/// answered and this thread's CPU ns from the accept on.
+fn responder(listener: &UnixListener, response: &[u8]) -> Result<(u64, u64)> {
+    let (mut stream, _) = listener.accept()?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let t0 = this_thread_cpu_ns();
+    let mut buf = vec![0u8; 16384];
+    let mut filled = 0usize;
+    let mut count = 0u64;
+    loop {
+        let n = stream.read(&mut buf[filled..])?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+        let mut start = 0;
+        while let Some(end) = find(&buf[start..filled], b"\r\n\r\n") {
+            stream.write_all(response)?;
+            count += 1;
+            start += end + 4;
+        }
+        buf.copy_within(start..filled, 0);
+        filled -= start;
+        if filled == buf.len() {
+            return Err("request too large".into());
+        }
+    }
+    Ok((count, this_thread_cpu_ns() - t0))
+}
+
+/// The responder as a process of its own (this binary re-executed with `KILN_BENCH_ROLE`
+/// set): binds argv[1], answers with the bytes of the file argv[2], one connection after
+/// another, until killed.
+fn responder_process() -> Result<()> {
+    let path = std::env::args().nth(1).ok_or("no socket path")?;
+    let response = fs::read(std::env::args().nth(2).ok_or("no response file")?)?;
+    let listener = UnixListener::bind(path)?;
+    loop {
+        responder(&listener, &response)?;
+    }
+}
+
+// ---- statistics ----------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stats(values: &[f64]) -> Stats {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    };
+    Stats {
+        median,
+        min: v.first().copied().unwrap_or(f64::NAN),
+        max: v.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+/// "median [min-max]" with `prec` decimals.
+fn cell(s: Stats, prec: usize) -> String {
+    format!(
+        "{:.prec$} [{:.prec$}-{:.prec$}]",
+        s.median,
+        s.min,
+        s.max,
+        prec = prec
+    )
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "n/a".to_string()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn col<T>(samples: &[T], f: impl Fn(&T) -> f64) -> Stats {
+    stats(&samples.iter().map(f).collect::<Vec<_>>())
+}
+
+// ---- 1. start -> accepting -----------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+struct StartSample {
+    /// Spawn → connect() succeeds.
+    connect: Duration,
+    /// Spawn → the first GET / answered.
+    first_response: Duration,
+    /// CPU ns of all kiln threads at those two points.
+    cpu_connect: u64,
+    cpu_response: u64,
+    /// VmRSS after the first response, KiB.
+    rss: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FloorSample {
+    /// Spawn → first stdout byte.
+    first_byte: Duration,
+    /// CPU ns of the whole process (wait4).
+    cpu: u64,
+}
+
+fn start_kiln(scratch: &Scratch, run: usize) -> Result<StartSample> {
+    let socket = scratch.path(&format!("start-{run}.sock"));
+    let sock = socket.to_str().ok_or("non-UTF-8 path")?;
+    let stderr = scratch.path("stderr");
+    let kiln = Kiln::spawn(&["--api-sock", sock], &stderr, Some(&socket))?;
+    let t0 = kiln.spawned_at;
+    let deadline = t0 + TIMEOUT;
+    let stream = loop {
+        match UnixStream::connect(&socket) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => {}
+            Err(e) => return Err(kiln.failure(&format!("connect: {e}"))),
+        }
+    };
+    let connect = t0.elapsed();
+    let cpu_connect = process_cpu(kiln.pid())?.total();
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut client = Client::new(stream);
+    client
+        .get()
+        .map_err(|e| kiln.failure(&format!("GET /: {e}")))?;
+    let first_response = t0.elapsed();
+    let cpu_response = process_cpu(kiln.pid())?.total();
+    let rss = read_memory(kiln.pid(), false)?.rss;
+    Ok(StartSample {
+        connect,
+        first_response,
+        cpu_connect,
+        cpu_response,
+        rss,
+    })
+}
+
+fn start_floor() -> Result<FloorSample> {
+    let mut cmd = Command::new(KILN);
+    cmd.arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let t0 = Instant::now();
+    let mut child = cmd.spawn()?;
+    let mut pipe = child.stdout.take().ok_or("no stdout pipe")?;
+    let mut byte = [0u8; 1];
+    let n = pipe.read(&mut byte)?;
+    let first_byte = t0.elapsed();
+    if n == 0 {
+        return Err("kiln --version printed nothing".into());
+    }
+    let mut rest = Vec::new();
+    pipe.read_to_end(&mut rest)?;
+    let pid = libc::pid_t::try_from(child.id())?;
+    let mut status = 0;
+    // SAFETY: rusage is plain integers; all zeroes is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: `status` and `usage` are valid, writable and live for the call.
+        let ret = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if ret == pid {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINTR) {
+            return Err(format!("wait4: {err}").into());
+        }
+    }
+    if status != 0 {
+        return Err(format!("kiln --version: wait status {status:#x}").into());
+    }
+    let micros = |tv: libc::timeval| {
+        u64::try_from(tv.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(tv.tv_usec).unwrap_or(0)
+    };
+    Ok(FloorSample {
+        first_byte,
+        cpu: (micros(usage.ru_utime) + micros(usage.ru_stime)) * 1000,
+    })
+}
+
+fn startup(scratch: &Scratch, runs: usize) -> Result<(Vec<StartSample>, Vec<FloorSample>)> {
+    // Warm-up: page cache, CPU frequency.
+    for i in 0..2 {
+        start_floor()?;
+        start_kiln(scratch, i)?;
+    }
+    let mut kiln = Vec::with_capacity(runs);
+    let mut floor = Vec::with_capacity(runs);
+    for i in 0..runs {
+        if i % 2 == 0 {
+            floor.push(start_floor()?);
+            kiln.push(start_kiln(scratch, i)?);
+        } else {
+            kiln.push(start_kiln(scratch, i)?);
+            floor.push(start_floor()?);
+        }
+    }
+    Ok((kiln, floor))
+}
+
+fn print_startup(kiln: &[StartSample], floor: &[FloorSample]) {
+    println!();
+    println!(
+        "== 1. start -> accepting: `kiln --api-sock <tmp>` (no config), connect() polled in a \
+         tight loop; {} runs per variant; cells: median [min-max]",
+        kiln.len()
+    );
+    println!(
+        "{:<44} {:>24} {:>24} {:>16}",
+        "variant", "wall ms", "CPU ms (all threads)", "RSS KiB"
+    );
+    let connect = col(kiln, |s| ms(s.connect));
+    let response = col(kiln, |s| ms(s.first_response));
+    let cpu_connect = col(kiln, |s| s.cpu_connect as f64 / 1e6);
+    let cpu_response = col(kiln, |s| s.cpu_response as f64 / 1e6);
+    let floor_wall = col(floor, |s| ms(s.first_byte));
+    let floor_cpu = col(floor, |s| s.cpu as f64 / 1e6);
+    println!(
+        "{:<44} {:>24} {:>24}",
+        "kiln: spawn -> connect() succeeds",
+        cell(connect, 2),
+        cell(cpu_connect, 2)
+    );
+    println!(
+        "{:<44} {:>24} {:>24} {:>16}",
+        "kiln: spawn -> first GET / answered",
+        cell(response, 2),
+        cell(cpu_response, 2),
+        cell(col(kiln, |s| s.rss as f64), 0)
+    );
+    println!(
+        "{:<44} {:>24} {:>24}",
+        "floor: `kiln --version` -> first byte",
+        cell(floor_wall, 2),
+        cell(floor_cpu, 2)
+    );
+    println!("   (floor CPU: the whole process, to exit, from wait4)");
+    // Runs i of both variants were back to back: the per-run ratio cancels drift.
+    let paired = stats(
+        &kiln
+            .iter()
+            .zip(floor)
+            .map(|(k, f)| ms(k.connect) / ms(f.first_byte).max(1e-3))
+            .collect::<Vec<_>>(),
+    );
+    println!(
+        "kiln accepting / process-start floor: wall {} (per-round {}; kiln - floor {:+.2} ms), \
+         CPU {} ({:+.2} ms)",
+        ratio(connect.median, floor_wall.median),
+        cell(paired, 2),
+        connect.median - floor_wall.median,
+        ratio(cpu_connect.median, floor_cpu.median),
+        cpu_connect.median - floor_cpu.median
+    );
+    println!(
+        "kiln first answer / process-start floor: wall {} ({:+.2} ms)",
+        ratio(response.median, floor_wall.median),
+        response.median - floor_wall.median
+    );
+    println!(
+        "kiln / Firecracker (published, bare metal: <= {FIRECRACKER_CPU_MS} CPU ms, wall 6-60 ms, \
+         typically {FIRECRACKER_WALL_MS} ms): wall {}, CPU {}",
+        ratio(connect.median, FIRECRACKER_WALL_MS),
+        ratio(cpu_connect.median, FIRECRACKER_CPU_MS)
+    );
+}
+
+// ---- 2. GET / requests per second ----------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Baseline,
+    BaselineProcess,
+    PreBoot,
+    Booted,
+}
+
+const TARGETS: [Target; 4] = [
+    Target::Baseline,
+    Target::BaselineProcess,
+    Target::PreBoot,
+    Target::Booted,
+];
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Baseline => "baseline: in-process responder",
+            Target::BaselineProcess => "baseline: responder process",
+            Target::PreBoot => "kiln, before boot",
+            Target::Booted => "kiln, idle guest booted",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct GetSample {
+    n: u64,
+    wall: Duration,
+    /// The client thread's CPU ns.
+    client: u64,
+    /// The server's CPU ns: kiln's threads, or the responder thread.
+    server: Cpu,
+}
+
+impl GetSample {
+    fn per_req_us(&self, ns: u64) -> f64 {
+        ns as f64 / self.n as f64 / 1e3
+    }
+}
+
+/// `n` GET / on one connection, request by request.
+fn get_loop(stream: UnixStream, n: u64) -> Result<(Duration, u64)> {
+    let mut client = Client::new(stream);
+    let c0 = this_thread_cpu_ns();
+    let t0 = Instant::now();
+    for _ in 0..n {
+        client.get()?;
+    }
+    Ok((t0.elapsed(), this_thread_cpu_ns() - c0))
+}
+
+fn get_kiln(kiln: &Kiln, n: u64) -> Result<GetSample> {
+    let stream = kiln.connect()?;
+    let before = process_cpu(kiln.pid())?;
+    let (wall, client) = get_loop(stream, n).map_err(|e| kiln.failure(&format!("GET /: {e}")))?;
+    let after = process_cpu(kiln.pid())?;
+    Ok(GetSample {
+        n,
+        wall,
+        client,
+        server: after.minus(&before),
+    })
+}
+
+fn get_baseline(
+    listener: &UnixListener,
+    path: &Path,
+    response: &[u8],
+    n: u64,
+) -> Result<GetSample> {
+    std::thread::scope(|s| -> Result<GetSample> {
+        let server = s.spawn(|| responder(listener, response).map_err(|e| e.to_string()));
+        let stream = UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        let (wall, client) = get_loop(stream, n)?;
+        let (count, cpu) = match server.join() {
+            Ok(r) => r?,
+            Err(_) => return Err("the responder panicked".into()),
+        };
+        if count != n {
+            return Err(format!("the responder answered {count} of {n} requests").into());
+        }
+        Ok(GetSample {
+            n,
+            wall,
+            client,
+            server: Cpu {
+                api: cpu,
+                ..Cpu::default()
+            },
+        })
+    })
+}
+
+fn get_bench(scratch: &Scratch, runs: usize, n: u64) -> Result<Vec<Vec<GetSample>>> {
+    let stderr = scratch.path("stderr-get");
+    let pre = Kiln::with_api(&scratch.path("pre.sock"), None, &scratch.path("stderr-pre"))?;
+    let config = scratch.idle_config()?;
+    let mut booted = Kiln::with_api(&scratch.path("booted.sock"), Some(&config), &stderr)?;
+    booted.wait_idle()?;
+    // The baseline answers exactly what kiln answers before boot.
+    let response = Client::new(pre.connect()?).get_raw()?;
+    let base_path = scratch.path("baseline.sock");
+    let listener = UnixListener::bind(&base_path)?;
+    let response_file = scratch.path("response");
+    fs::write(&response_file, &response)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env(ROLE_ENV, "responder")
+        .arg(scratch.path("responder.sock"))
+        .arg(&response_file);
+    let process = Kiln::spawn_command(
+        cmd,
+        &scratch.path("stderr-responder"),
+        Some(&scratch.path("responder.sock")),
+    )?;
+
+    let one = |t: Target, n: u64| -> Result<GetSample> {
+        match t {
+            Target::Baseline => get_baseline(&listener, &base_path, &response, n),
+            Target::BaselineProcess => get_kiln(&process, n),
+            Target::PreBoot => get_kiln(&pre, n),
+            Target::Booted => get_kiln(&booted, n),
+        }
+    };
+    for t in TARGETS {
+        one(t, n.min(2000))?;
+    }
+    let mut samples = vec![Vec::with_capacity(runs); TARGETS.len()];
+    for i in 0..runs {
+        for k in 0..TARGETS.len() {
+            let j = (i + k) % TARGETS.len();
+            samples[j].push(one(TARGETS[j], n)?);
+        }
+    }
+    Ok(samples)
+}
+
+fn print_get(samples: &[Vec<GetSample>], n: u64) {
+    println!();
+    println!(
+        "== 2. GET / on one keep-alive connection, request -> full response -> next; {n} requests \
+         per run, {} runs per variant; cells: median [min-max]",
+        samples.first().map_or(0, Vec::len)
+    );
+    println!(
+        "{:<32} {:>26} {:>22} {:>20} {:>20} {:>20} {:>14}",
+        "variant",
+        "requests/s",
+        "server CPU µs/req",
+        "main µs/req",
+        "API thread µs/req",
+        "vCPU+other µs/req",
+        "client µs/req"
+    );
+    let mut rates = Vec::new();
+    let mut cpus = Vec::new();
+    for (j, t) in TARGETS.iter().enumerate() {
+        let s = &samples[j];
+        let rate = col(s, |x| x.n as f64 / x.wall.as_secs_f64());
+        let cpu = col(s, |x| x.per_req_us(x.server.total()));
+        println!(
+            "{:<32} {:>26} {:>22} {:>20} {:>20} {:>20} {:>14.2}",
+            t.name(),
+            cell(rate, 0),
+            cell(cpu, 2),
+            cell(col(s, |x| x.per_req_us(x.server.main)), 2),
+            cell(col(s, |x| x.per_req_us(x.server.api)), 2),
+            cell(col(s, |x| x.per_req_us(x.server.vcpu + x.server.other)), 2),
+            col(s, |x| x.per_req_us(x.client)).median,
+        );
+        rates.push(rate.median);
+        cpus.push(cpu.median);
+    }
+    println!(
+        "   (in-process responder: its thread's CPU is in the API-thread column; the responder \
+         process is this bench re-executed, one thread: main column)"
+    );
+    for t in [Target::PreBoot, Target::Booted] {
+        for base in [Target::Baseline, Target::BaselineProcess] {
+            let (j, b) = (t as usize, base as usize);
+            // Run i of every variant came from the same round.
+            let paired = stats(
+                &samples[j]
+                    .iter()
+                    .zip(&samples[b])
+                    .map(|(k, o)| {
+                        (k.n as f64 / k.wall.as_secs_f64()) / (o.n as f64 / o.wall.as_secs_f64())
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            println!(
+                "{} / {}: requests/s {} (per-round {}), server CPU per request {} ({:+.2} µs)",
+                t.name(),
+                base.name(),
+                ratio(rates[j], rates[b]),
+                cell(paired, 2),
+                ratio(cpus[j], cpus[b]),
+                cpus[j] - cpus[b]
+            );
+        }
+    }
+}
+
+// ---- 3. memory -----------------------------------------------------------------------------
+
+const MEM_VARIANTS: [&str; 2] = ["kiln + API thread, idle guest", "kiln --no-api, idle guest"];
+
+fn mem_run(scratch: &Scratch, config: &Path, api: bool) -> Result<MemSample> {
+    let stderr = scratch.path("stderr-mem");
+    let cfg = config.to_str().ok_or("non-UTF-8 path")?;
+    let mut kiln = if api {
+        Kiln::with_api(&scratch.path("mem.sock"), Some(config), &stderr)?
+    } else {
+        Kiln::spawn(&["--no-api", "--config-file", cfg], &stderr, None)?
+    };
+    kiln.wait_idle()?;
+    if api {
+        let mut client = Client::new(kiln.connect()?);
+        for _ in 0..MEM_REQUESTS {
+            client.get()?;
+        }
+    }
+    read_memory(kiln.pid(), true).map_err(|e| kiln.failure(&e.to_string()))
+}
+
+fn memory(scratch: &Scratch, runs: usize) -> Result<[Vec<MemSample>; 2]> {
+    let config = scratch.idle_config()?;
+    let mut samples = [Vec::with_capacity(runs), Vec::with_capacity(runs)];
+    for i in 0..runs {
+        for k in 0..2 {
+            let j = (i + k) % 2;
+            samples[j].push(mem_run(scratch, &config, j == 0)?);
+        }
+    }
+    Ok(samples)
+}
+
+fn print_memory(samples: &[Vec<MemSample>; 2]) {
+    println!();
+    println!(
+        "== 3. memory: idle guest ({MEM_MIB} MiB, kiln.run=idle), the API variant after \
+         {MEM_REQUESTS} GET /; {} runs per variant; KiB, cells: median [min-max]",
+        samples[0].len()
+    );
+    println!(
+        "{:<32} {:>20} {:>18} {:>20} {:>18} {:>14} | {:>18} {:>8} {:>6}",
+        "variant",
+        "overhead: peak-guest",
+        "overhead: rss-guest",
+        "peak RSS (VmHWM)",
+        "VmRSS",
+        "guest touched",
+        "private anon",
+        "file",
+        "other"
+    );
+    let mut medians = Vec::new();
+    for (name, s) in MEM_VARIANTS.iter().zip(samples) {
+        let peak = col(s, |m| m.overhead_peak() as f64);
+        let now = col(s, |m| m.overhead_now() as f64);
+        let anon = col(s, |m| m.anon as f64);
+        println!(
+            "{:<32} {:>20} {:>18} {:>20} {:>18} {:>14} | {:>18} {:>8.0} {:>6.0}",
+            name,
+            cell(peak, 0),
+            cell(now, 0),
+            cell(col(s, |m| m.hwm as f64), 0),
+            cell(col(s, |m| m.rss as f64), 0),
+            cell(col(s, |m| m.guest as f64), 0),
+            cell(anon, 0),
+            col(s, |m| m.file as f64).median,
+            col(s, |m| m.other as f64).median,
+        );
+        medians.push((peak.median, now.median, anon.median));
+    }
+    for (name, s) in MEM_VARIANTS.iter().zip(samples) {
+        let merged = col(s, |m| m.merged as f64);
+        if merged.max > 0.0 {
+            println!(
+                "   ({name}: the guest RAM mapping was merged with {} KiB of adjacent anonymous \
+                 memory in some runs; the guest part is counted from pagemap, the rest as private anon)",
+                cell(merged, 0)
+            );
+        }
+    }
+    let (a, b) = (medians[0], medians[1]);
+    println!(
+        "API / --no-api: overhead (peak) {} ({:+.0} KiB), overhead (now) {} ({:+.0} KiB), \
+         private anon {} ({:+.0} KiB)",
+        ratio(a.0, b.0),
+        a.0 - b.0,
+        ratio(a.1, b.1),
+        a.1 - b.1,
+        ratio(a.2, b.2),
+        a.2 - b.2
+    );
+}
+
+// ---- the benchmark -------------------------------------------------------------------------
+
+fn bench() -> Result<()> {
+    let start_runs = env_usize("KILN_BENCH_API_START_RUNS", 30);
+    let get_runs = env_usize("KILN_BENCH_API_RUNS", 7);
+    let n = env_usize("KILN_BENCH_API_N", 20_000) as u64;
+    let mem_runs = env_usize("KILN_BENCH_API_MEM_RUNS", 10);
+    let started = Instant::now();
+    let scratch = Scratch::new()?;
+    println!("kiln API benchmark (issue 7)");
+    println!("   kiln: {KILN}");
+    println!(
+        "   request: {:?}",
+        String::from_utf8_lossy(REQUEST).trim_end()
+    );
+
+    let (kiln, floor) = startup(&scratch, start_runs)?;
+    print_startup(&kiln, &floor);
+    let get = get_bench(&scratch, get_runs, n)?;
+    print_get(&get, n);
+    let mem = memory(&scratch, mem_runs)?;
+    print_memory(&mem);
+    println!();
+    println!("total {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
