@@ -195,18 +195,17 @@ impl ApiBridge {
         &self.eventfd
     }
 
-    /// The waiting action, if any, without blocking; clears the eventfd.
+    /// The waiting action, if any, without blocking. The eventfd is left alone: whoever
+    /// watches it (the event loop) clears it before looking, so an action sent after the
+    /// look writes it again and is not missed.
     pub fn try_recv(&self) -> Option<VmmAction> {
-        // Clear first, then look: an action sent after the look writes the eventfd again.
-        let _ = self.eventfd.read();
         self.actions.try_recv().ok()
     }
 
-    /// Waits for the next action; `None` once the API thread is gone.
+    /// Waits for the next action; `None` once the API thread is gone. (Before boot nothing
+    /// watches the eventfd; its count is cleared by the first wake-up after boot.)
     pub fn recv(&self) -> Option<VmmAction> {
-        let action = self.actions.recv().ok();
-        let _ = self.eventfd.read();
-        action
+        self.actions.recv().ok()
     }
 
     /// Answers the action last received.
@@ -712,6 +711,8 @@ mod tests {
                         return Some(action);
                     }
                     epoll.wait(1000, &mut events).unwrap();
+                    // As the VMM's event loop does: clear, then look again.
+                    let _ = bridge.eventfd().read();
                 }
             };
             while let Some(action) = next(&bridge) {
