@@ -328,3 +328,34 @@ fn unknown_scenario_is_reported_by_the_guest() {
         "{out}"
     );
 }
+
+#[test]
+fn boot_timer_logs_the_guest_boot_time() {
+    require_kvm();
+    let out = run_kiln(&[
+        "--no-api",
+        "--boot-timer",
+        "--level",
+        "Info",
+        "--cmdline",
+        "kiln.run=boot-timer",
+    ]);
+    assert_eq!(out.status, 0, "{out}");
+    assert!(out.stdout.contains("info boot-timer signalled"), "{out}");
+    let line = out
+        .stderr
+        .lines()
+        .find(|l| l.contains("Guest-boot-time ="))
+        .unwrap_or_else(|| panic!("no boot time logged:\n{out}"));
+    assert!(line.contains(" us ") && line.contains(" CPU ms"), "{line}");
+    // Without the flag the write lands on no device and nothing is logged.
+    let out = run_kiln(&[
+        "--no-api",
+        "--level",
+        "Info",
+        "--cmdline",
+        "kiln.run=boot-timer",
+    ]);
+    assert_eq!(out.status, 0, "{out}");
+    assert!(!out.stderr.contains("Guest-boot-time"), "{out}");
+}

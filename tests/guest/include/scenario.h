@@ -33,6 +33,7 @@ void scn_smp(const char *arg);
 void scn_hello(const char *arg);
 void scn_serial_echo(const char *arg);
 void scn_ctrl_alt_del(const char *arg);
+void scn_boot_timer(const char *arg);
 void scn_pio_bench(const char *arg);
 void scn_triple_fault(const char *arg);
 void scn_emulation_failure(const char *arg);

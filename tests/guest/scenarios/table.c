@@ -22,6 +22,7 @@ static const struct scenario scenarios[] = {
     { "hello",             scn_hello,             false, "one line, then reset" },
     { "serial-echo",       scn_serial_echo,       false, "read a line by UART interrupt" },
     { "ctrl-alt-del",      scn_ctrl_alt_del,      false, "wait for Ctrl+Alt+Del on the keyboard" },
+    { "boot-timer",        scn_boot_timer,        false, "write 123 to MMIO 0xc0000000 (boot timer)" },
     { "pio-bench",         scn_pio_bench,         true,  "N outs to port 0x80, timed" },
     { "triple-fault",      scn_triple_fault,      false, "shut down by triple fault" },
     { "emulation-failure", scn_emulation_failure, false, "execute an SSE instruction" },
