@@ -36,9 +36,11 @@ pub struct HostBuffer {
 }
 
 /// Resolves walked guest buffers to host buffers (each lies inside one region, which
-/// `walk_chain` checked).
+/// `walk_chain` checked). Empty buffers carry nothing and are left out (their address is
+/// not checked by the walk).
 pub fn host_buffers(mem: &GuestMemory, bufs: &[Buffer]) -> Option<Vec<HostBuffer>> {
     bufs.iter()
+        .filter(|b| b.len > 0)
         .map(|b| {
             mem.get_host_address(b.addr).ok().map(|ptr| HostBuffer {
                 ptr,

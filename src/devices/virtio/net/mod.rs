@@ -59,7 +59,8 @@ pub struct NetMetrics {
     pub rx_bounced: Counter,
     /// Frames dropped: larger than the guest's buffers, or malformed.
     pub rx_dropped: Counter,
-    /// Receive chains refused (unwalkable, or not device-writable).
+    /// Receive chains returned unused: unwalkable, not device-writable, or taken together
+    /// with one that was.
     pub rx_bad_chains: Counter,
     /// TAP read errors.
     pub rx_errors: Counter,

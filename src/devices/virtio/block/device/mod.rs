@@ -156,10 +156,9 @@ impl Block {
                 match pop_head(&mut active.queue, &active.mem) {
                     Ok(Some(head)) => {
                         let len = self.handle_chain(&active, head);
-                        if !return_chain(&mut active.queue, &active.mem, head, len) {
-                            // Head out of range or used ring unwritable: nothing to give back.
-                            self.metrics.dropped_chains.inc();
-                        }
+                        // A head outside the queue was counted by handle_chain (it cannot be
+                        // walked); it has no used-ring slot to give back.
+                        return_chain(&mut active.queue, &active.mem, head, len);
                         used_any = true;
                     }
                     Ok(None) => break,

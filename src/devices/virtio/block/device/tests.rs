@@ -355,3 +355,17 @@ fn backing_file_errors_are_ioerr() {
     assert_eq!(r.dev.metrics().io_errors.get(), 1);
     assert_eq!(r.read(0, 512).0, status::OK);
 }
+
+#[test]
+fn head_outside_the_queue_is_counted_once() {
+    let mut r = rig();
+    // Avail entry naming descriptor 40 of a 16-entry table: nothing to walk, no used slot.
+    let head_at = r.q.avail + 4;
+    r.mem.write_obj(40u16, GuestAddress(head_at)).unwrap();
+    r.q.set_avail_idx(&r.mem, 1);
+    r.dev.process_queue();
+    assert_eq!(r.dev.metrics().dropped_chains.get(), 1);
+    // The ring moved on past it and still serves requests.
+    assert_eq!(r.read(0, 512).0, status::OK);
+    assert_eq!(r.dev.metrics().dropped_chains.get(), 1);
+}

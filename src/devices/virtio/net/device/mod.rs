@@ -68,6 +68,8 @@ pub struct Net {
     tx_blocked: bool,
     /// Whether the RX path wants to hear that the TAP is readable.
     rx_wants_frames: bool,
+    /// The receive ring's available index when chains were last gathered.
+    rx_seen_avail: u16,
     /// Scratch space for chains.
     chain: Vec<Buffer>,
 }
@@ -118,6 +120,7 @@ impl Net {
             bounce: Vec::new(),
             tx_blocked: false,
             rx_wants_frames: false,
+            rx_seen_avail: 0,
             chain: Vec::with_capacity(64),
         })
     }

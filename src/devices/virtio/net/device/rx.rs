@@ -7,11 +7,12 @@
 //! re-enabling notifications and looking at the ring once more.
 
 use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::super::features::VIRTIO_NET_F_MRG_RXBUF;
 use super::super::{MAX_FRAME_LEN, VNET_HDR_LEN};
 use super::{Active, Net};
-use crate::devices::virtio::features::VIRTIO_RING_F_INDIRECT_DESC;
+use crate::devices::virtio::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::devices::virtio::queue::{
     Buffer, host_buffers, pop_head, return_chain, total_len, walk_chain, write_stream,
 };
@@ -57,7 +58,9 @@ impl Net {
                     Outcome::Delivered | Outcome::Dropped => self.pending_rx = None,
                     Outcome::Pending => {}
                     Outcome::NoRoom => {
-                        if self.wait_for_buffers(&mut active) {
+                        // The ring has buffers, but not enough for this frame: go on only
+                        // once the driver adds more (a livelock otherwise).
+                        if self.wait_for_more_buffers(&mut active) {
                             continue;
                         }
                         break;
@@ -121,10 +124,55 @@ impl Net {
         }
     }
 
+    /// The ring holds buffers, but fewer than the frame needs: stop reading the TAP until the
+    /// driver publishes past what was seen (with EVENT_IDX, `avail_event` asks for exactly
+    /// that kick). Returns true if it already has.
+    fn wait_for_more_buffers(&mut self, active: &mut Active) -> bool {
+        let seen = self.rx_seen_avail;
+        if active.has(VIRTIO_RING_F_EVENT_IDX) {
+            let at = active.rx_queue.used_ring() + 4 + 8 * u64::from(active.rx_queue.size());
+            if active
+                .mem
+                .write_obj(seen.to_le(), GuestAddress(at))
+                .is_err()
+            {
+                self.queue_corrupted("used ring unwritable", &active.interrupt);
+                return false;
+            }
+        } else if active.rx_queue.enable_notification(&active.mem).is_err() {
+            // Only clears VRING_USED_F_NO_NOTIFY; its answer compares against the rolled-back
+            // index, which is not the question here.
+            self.queue_corrupted("used ring unwritable", &active.interrupt);
+            return false;
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        match active
+            .rx_queue
+            .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+        {
+            Ok(idx) if idx.0 != seen => true,
+            Ok(_) => {
+                self.rx_wants_frames = false;
+                false
+            }
+            Err(_) => {
+                self.queue_corrupted("receive ring unreadable", &active.interrupt);
+                false
+            }
+        }
+    }
+
     /// Takes chains from the ring until they hold `target` bytes (one chain only without
-    /// MRG_RXBUF). Unusable chains are returned to the guest with length 0 when they come
-    /// first, or left in the ring for the next round otherwise.
+    /// MRG_RXBUF). An unusable chain is returned to the guest with length 0; if usable chains
+    /// came before it they are returned unused too (with length 0), so the ring always moves
+    /// on and the chains kept are contiguous (the ones not needed can be put back).
     fn gather(&mut self, active: &mut Active, target: usize) -> Result<Vec<RxChain>, ()> {
+        if let Ok(idx) = active
+            .rx_queue
+            .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+        {
+            self.rx_seen_avail = idx.0;
+        }
         let mrg = active.has(VIRTIO_NET_F_MRG_RXBUF);
         let indirect = active.has(VIRTIO_RING_F_INDIRECT_DESC);
         let mut chains: Vec<RxChain> = Vec::new();
@@ -146,13 +194,14 @@ impl Net {
                 && (!chains.is_empty() || total_len(&bufs) >= VNET_HDR_LEN as u64);
             if !ok {
                 self.chain = bufs;
-                self.metrics.rx_bad_chains.inc();
-                if chains.is_empty() {
-                    return_chain(&mut active.rx_queue, &active.mem, head, 0);
-                    continue;
+                for chain in chains.drain(..) {
+                    self.metrics.rx_bad_chains.inc();
+                    return_chain(&mut active.rx_queue, &active.mem, chain.head, 0);
                 }
-                self.rollback(active, 1);
-                break;
+                capacity = 0;
+                self.metrics.rx_bad_chains.inc();
+                return_chain(&mut active.rx_queue, &active.mem, head, 0);
+                continue;
             }
             let cap = total_len(&bufs) as usize;
             capacity += cap;
