@@ -44,6 +44,12 @@ void scn_blk_read(const char *arg);
 void scn_blk_write(const char *arg);
 void scn_blk_bench(const char *arg);
 void scn_blk_hostile(const char *arg);
+void scn_net(const char *arg);
+void scn_net_rx_big(const char *arg);
+void scn_net_rx_stall(const char *arg);
+void scn_net_tap_gone(const char *arg);
+void scn_net_hostile(const char *arg);
+void scn_net_bench(const char *arg);
 void scn_blk_resize(const char *arg);
 void scn_blk_fuzz(const char *arg);
 

@@ -33,6 +33,12 @@ static const struct scenario scenarios[] = {
     { "blk-write",         scn_blk_write,         true,  "virtio-blk: write the pattern at <dev>:<sector>:<count>" },
     { "blk-bench",         scn_blk_bench,         true,  "virtio-blk: <n> sequential reads of <size> bytes" },
     { "blk-hostile",       scn_blk_hostile,       true,  "virtio-blk: a hostile driver, [<dev>:]<case>|all" },
+    { "net",               scn_net,               true,  "virtio-net: ARP, ping the peer, answer its pings" },
+    { "net-rx-big",        scn_net_rx_big,        true,  "virtio-net: frames larger than the receive buffers" },
+    { "net-rx-stall",      scn_net_rx_stall,      true,  "virtio-net: receive queue and TAP full, then drained" },
+    { "net-tap-gone",      scn_net_tap_gone,      true,  "virtio-net: TAP deleted during TX and block I/O" },
+    { "net-hostile",       scn_net_hostile,       true,  "virtio-net: malformed transmit chains, <case>|all" },
+    { "net-bench",         scn_net_bench,         true,  "virtio-net: <tx|rx>:<n>:<size>:<batch> frames, timed" },
     { "blk-resize",        scn_blk_resize,        true,  "virtio-blk: wait for a backing-file swap, new capacity" },
     { "blk-fuzz",          scn_blk_fuzz,          true,  "virtio-blk: random register/queue/chain abuse, <seed>[:<batches>[:<ops>]]" },
 };

@@ -1,0 +1,1166 @@
+//! Network benchmark (issue 4): `cargo bench --bench net`, as root, on a host with /dev/kvm.
+//!
+//! The benchmark makes a network namespace with a TAP (`tap0`, 10.0.0.1/24, a fixed MAC, a
+//! permanent neighbour entry for the guest, IPv6 off), joins it (so do the kiln processes it
+//! starts and every socket it opens), and measures, per shape, frames per second, MB/s and
+//! **the CPU time of kiln's main thread** (the event loop where the virtio-net device runs)
+//! per frame, from /proc/<pid>/task/*/schedstat sampled when the guest prints its `begin`,
+//! `end` and `ok` lines (kiln.run=net-bench, tests/guest/scenarios/net_bench.c):
+//!
+//! - `tx <size> x<batch>`: the guest sends UDP frames of `size` bytes (Ethernet header
+//!   included, virtio-net header not) to 10.0.0.1:9000 (a bound socket nobody reads), posting
+//!   `batch` chains per notification and asking for one interrupt per batch. `x256` is the
+//!   issue's "256 frames per notification" shape, `x1` its "notification cycle" (kick,
+//!   process one frame, interrupt);
+//! - `rx <size> x<batch>`: this process sends UDP frames of `size` bytes to 10.0.0.2:9001 in
+//!   bursts of `batch`, and waits for the guest's 4-byte acknowledgement (one per burst:
+//!   the guest consumes the burst after one interrupt, posts the buffers again with one kick
+//!   and sends the ack, so kiln also transmits one frame per burst). With MRG_RXBUF and 256
+//!   buffers of 2 KiB (Linux's usual set-up) unless marked `no-mrg`.
+//!
+//! Frames/s and MB/s come from the guest's TSC (first to last frame), converted with
+//! KVM_GET_TSC_KHZ: they are bounded by the emulated guest here (~1.5 M instructions/s), not
+//! by kiln. kiln's CPU per frame does not depend on that: it is what the issue compares with
+//! Firecracker (about 2.2 µs per 64-byte frame at 256 frames per notification, 18-20 µs per
+//! notification cycle).
+//!
+//! Baselines in the same invocation, interleaved with the kiln runs, on the same TAP:
+//! - `floor: device loop`: a device thread as small as one can be, with kiln's syscalls and
+//!   wake-ups: blocked in epoll_wait on the TAP and on a "queue" eventfd that a driver thread
+//!   writes (as KVM's ioeventfd does for the vCPU); TX: eventfd read, one writev (virtio-net
+//!   header + frame) per frame, one write to a real KVM irqfd per batch; RX: readv until
+//!   EAGAIN, one irqfd write per pass, and per burst the ack frame on a driver kick (eventfd
+//!   read, writev, irqfd). Its CPU per frame;
+//! - `floor: syscalls`: the raw cost of the same TAP writes (TX) or reads (RX) from one
+//!   thread, nothing else.
+//!
+//! Reported as medians [min-max] over runs, with kiln / floor ratios, kiln's interrupts per
+//! frame (its metrics), and its vCPU thread's CPU per frame (on this machine mostly the host
+//! kernel emulating the guest: not the device path).
+//!
+//! Environment: `KILN_BENCH_NET_RUNS` (runs per shape, default 5), `KILN_BENCH_NET_N_BATCH`
+//! (frames per run for x256 shapes, default 8192), `KILN_BENCH_NET_N_SINGLE` (frames per run
+//! for x1 shapes, default 1000), `KILN_BENCH_NET_ONLY` (`tx` or `rx`: one direction only).
+
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::Kvm;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+type Result<T> = std::result::Result<T, Box<dyn Error>>;
+
+const KILN: &str = env!("CARGO_BIN_EXE_kiln");
+const GUEST_DIR: &str = env!("KILN_TEST_GUEST_DIR");
+
+const MEM_MIB: u64 = 128;
+const BASE_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
+const TAP: &str = "tap0";
+const HOST_MAC: [u8; 6] = [0x02, 0x6b, 0x6c, 0x6e, 0x00, 0x01];
+const GUEST_MAC: [u8; 6] = [0xaa, 0xfc, 0x00, 0x00, 0x00, 0x01];
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
+/// Ports of tests/guest/scenarios/net_bench.c.
+const PORT_TX: u16 = 9000;
+const PORT_RX: u16 = 9001;
+const PORT_ACK: u16 = 9002;
+const VNET_HDR_LEN: usize = 12;
+/// Longest wait for the guest's next line, or for an acknowledgement.
+const LINE_TIMEOUT: Duration = Duration::from_secs(30);
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+/// The GSI of the floor's irqfd (kiln's first virtio device uses GSI 5).
+const FLOOR_GSI: u32 = 5;
+
+/// Firecracker's device thread (issue 4): CPU µs per 64-byte UDP frame with 256 frames per
+/// notification, and per notification cycle.
+const FIRECRACKER_PER_FRAME_US: f64 = 2.2;
+const FIRECRACKER_PER_CYCLE_US: (f64, f64) = (18.0, 20.0);
+
+fn main() {
+    if let Err(e) = check_root() {
+        eprintln!("net bench: {e}");
+        std::process::exit(1);
+    }
+    if let Err(e) = bench() {
+        eprintln!("net bench: error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn check_root() -> Result<()> {
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "cannot open /dev/kvm: {e}. This benchmark boots VMs and makes a network \
+                 namespace: run it as root on a host with KVM (`sudo cargo bench --bench net`)"
+            )
+        })?;
+    Ok(())
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    if !out.status.success() {
+        return Err(format!("{args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
+    }
+    Ok(())
+}
+
+fn mac_str(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+// ---- the shapes ----------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dir {
+    Tx,
+    Rx,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    dir: Dir,
+    size: usize,
+    batch: u64,
+    mrg: bool,
+    n: u64,
+}
+
+impl Shape {
+    fn name(&self) -> String {
+        format!(
+            "{} {}B x{}{}",
+            if self.dir == Dir::Tx { "tx" } else { "rx" },
+            self.size,
+            self.batch,
+            if self.dir == Dir::Rx && !self.mrg {
+                " no-mrg"
+            } else {
+                ""
+            }
+        )
+    }
+
+    fn scenario(&self) -> String {
+        format!(
+            "net-bench:{}:{}:{}:{}{}",
+            if self.dir == Dir::Tx { "tx" } else { "rx" },
+            self.n,
+            self.size,
+            self.batch,
+            if self.mrg { ":mrg" } else { "" }
+        )
+    }
+}
+
+// ---- the namespace -------------------------------------------------------------------------
+
+/// The benchmark's network namespace, removed on drop. Joined by the main thread at once.
+struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    fn new() -> Result<NetNs> {
+        let name = format!("kiln-bench-net-{}", std::process::id());
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = NetNs { name };
+        let exec = |args: &[&str]| {
+            let mut all = vec!["ip", "netns", "exec", &ns.name];
+            all.extend_from_slice(args);
+            sh(&all)
+        };
+        exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])?;
+        exec(&["ip", "tuntap", "add", TAP, "mode", "tap"])?;
+        exec(&["ip", "link", "set", TAP, "address", &mac_str(&HOST_MAC)])?;
+        exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", TAP])?;
+        exec(&["ip", "link", "set", TAP, "up"])?;
+        exec(&[
+            "ip",
+            "neigh",
+            "replace",
+            "10.0.0.2",
+            "lladdr",
+            &mac_str(&GUEST_MAC),
+            "dev",
+            TAP,
+            "nud",
+            "permanent",
+        ])?;
+        let file = File::open(format!("/var/run/netns/{}", ns.name))?;
+        // SAFETY: setns with an open netns fd changes this (still single) thread's network
+        // namespace; threads and processes started later inherit it.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()).into());
+        }
+        Ok(ns)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+// ---- scratch files -------------------------------------------------------------------------
+
+struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Result<Scratch> {
+        let dir = std::env::temp_dir().join(format!("kiln-bench-net-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        Ok(Scratch { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn config(&self, shape: &Shape) -> Result<PathBuf> {
+        let path = self.path("vm.json");
+        let json = format!(
+            r#"{{
+  "boot-source": {{
+    "kernel_image_path": "{}",
+    "boot_args": "{BASE_ARGS} kiln.net=ip:{GUEST_IP},peer:{HOST_IP} kiln.run={},idle"
+  }},
+  "machine-config": {{ "vcpu_count": 1, "mem_size_mib": {MEM_MIB} }},
+  "network-interfaces": [{{ "iface_id": "eth0", "host_dev_name": "{TAP}", "guest_mac": "{}" }}]
+}}
+"#,
+            guest_elf().display(),
+            shape.scenario(),
+            mac_str(&GUEST_MAC)
+        );
+        fs::write(&path, json)?;
+        Ok(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn guest_elf() -> PathBuf {
+    Path::new(GUEST_DIR).join("kiln-guest.elf")
+}
+
+// ---- per-thread CPU time -------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Main,
+    Vcpu,
+    Other,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sched {
+    kind: Kind,
+    ns: u64,
+    slices: u64,
+}
+
+type ThreadCpu = BTreeMap<u32, Sched>;
+
+/// /proc/<pid>/task/*/schedstat: the main thread's tid is the pid, vCPU threads are named
+/// `kiln_vcpu<N>`.
+fn thread_cpu(pid: u32) -> Result<ThreadCpu> {
+    let mut out = ThreadCpu::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let (Ok(comm), Ok(stat)) = (
+            fs::read_to_string(entry.path().join("comm")),
+            fs::read_to_string(entry.path().join("schedstat")),
+        ) else {
+            continue;
+        };
+        let fields: Vec<u64> = stat
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        let [ns, _, slices] = fields[..] else {
+            return Err(format!("bad schedstat {stat:?}").into());
+        };
+        let kind = if tid == pid {
+            Kind::Main
+        } else if comm.trim().starts_with("kiln_vcpu") {
+            Kind::Vcpu
+        } else {
+            Kind::Other
+        };
+        out.insert(tid, Sched { kind, ns, slices });
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuDelta {
+    main: u64,
+    vcpu: u64,
+    other: u64,
+    main_slices: u64,
+}
+
+impl CpuDelta {
+    fn between(before: &ThreadCpu, after: &ThreadCpu) -> CpuDelta {
+        let mut d = CpuDelta::default();
+        for (tid, now) in after {
+            let then = before.get(tid);
+            let spent = now.ns.saturating_sub(then.map_or(0, |b| b.ns));
+            match now.kind {
+                Kind::Main => {
+                    d.main += spent;
+                    d.main_slices += now.slices.saturating_sub(then.map_or(0, |b| b.slices));
+                }
+                Kind::Vcpu => d.vcpu += spent,
+                Kind::Other => d.other += spent,
+            }
+        }
+        d
+    }
+}
+
+fn this_thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+// ---- host-side traffic ---------------------------------------------------------------------
+
+/// The host's sockets: a sink for the guest's TX frames (never read: no ICMP errors), and
+/// the RX sender that also receives the guest's acknowledgements.
+struct Sockets {
+    _sink: UdpSocket,
+    rx: UdpSocket,
+}
+
+impl Sockets {
+    fn new() -> Result<Sockets> {
+        let sink = UdpSocket::bind(SocketAddrV4::new(HOST_IP, PORT_TX))?;
+        let rx = UdpSocket::bind(SocketAddrV4::new(HOST_IP, PORT_ACK))?;
+        rx.set_read_timeout(Some(ACK_TIMEOUT))?;
+        Ok(Sockets { _sink: sink, rx })
+    }
+
+    /// Drops acknowledgements left from an earlier run.
+    fn drain(&self) -> Result<()> {
+        self.rx.set_nonblocking(true)?;
+        let mut buf = [0u8; 64];
+        while self.rx.recv(&mut buf).is_ok() {}
+        self.rx.set_nonblocking(false)?;
+        Ok(())
+    }
+}
+
+/// Sends `n` datagrams of `size`-byte frames to the guest in bursts of `batch`, each
+/// followed by a wait for the acknowledgement of everything sent. Returns the frames the
+/// guest acknowledged.
+fn drive_rx(sock: &UdpSocket, n: u64, size: usize, batch: u64) -> Result<u64> {
+    let payload = vec![0x5au8; size - 42];
+    let to = SocketAddrV4::new(GUEST_IP, PORT_RX);
+    let (mut sent, mut acked) = (0u64, 0u64);
+    let mut buf = [0u8; 64];
+    while sent < n {
+        let k = batch.min(n - sent);
+        for _ in 0..k {
+            sock.send_to(&payload, to)?;
+        }
+        sent += k;
+        while acked < sent {
+            match sock.recv(&mut buf) {
+                Ok(4) => {
+                    acked = acked.max(u64::from(u32::from_be_bytes([
+                        buf[0], buf[1], buf[2], buf[3],
+                    ])))
+                }
+                Ok(_) => {}
+                // Lost frames: the guest acknowledges what it got after its idle timeout.
+                Err(_) => return Ok(acked),
+            }
+        }
+    }
+    Ok(acked)
+}
+
+// ---- one kiln run --------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+struct RunSample {
+    n: u64,
+    bytes: u64,
+    tsc: u64,
+    window: CpuDelta,
+    idle: CpuDelta,
+    interrupts: u64,
+}
+
+struct Line {
+    text: String,
+    cpu: Option<ThreadCpu>,
+}
+
+fn is_marker(line: &str) -> bool {
+    line.starts_with("info net-bench begin")
+        || line.starts_with("bench net-bench end")
+        || line.starts_with("ok net-bench")
+}
+
+fn spawn_reader(child: &mut Child) -> Result<mpsc::Receiver<std::result::Result<Line, String>>> {
+    let pid = child.id();
+    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let msg = line.map_err(|e| e.to_string()).and_then(|text| {
+                let cpu = if is_marker(&text) {
+                    Some(thread_cpu(pid).map_err(|e| e.to_string())?)
+                } else {
+                    None
+                };
+                Ok(Line { text, cpu })
+            });
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn field(line: &str, name: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|f| f.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Stops `child` (SIGTERM, then SIGKILL after 5 s) and reaps it.
+fn stop(child: &mut Child) -> Result<()> {
+    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
+        // SAFETY: kill(2) on our own child, not yet reaped, so the pid is still ours.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            child.kill()?;
+            child.wait()?;
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn kiln_run(scratch: &Scratch, shape: &Shape, socks: &Sockets) -> Result<RunSample> {
+    socks.drain()?;
+    let config = scratch.config(shape)?;
+    let metrics = scratch.path("metrics.json");
+    let _ = fs::remove_file(&metrics);
+    let stderr = scratch.path("stderr");
+    let mut cmd = Command::new(KILN);
+    cmd.arg("--no-api")
+        .arg("--config-file")
+        .arg(&config)
+        .arg("--metrics-path")
+        .arg(&metrics)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(File::create(&stderr)?));
+    let mut child = cmd.spawn()?;
+    let result = spawn_reader(&mut child).and_then(|rx| follow_run(&rx, shape, socks));
+    stop(&mut child)?;
+    let mut sample = result.map_err(|e| {
+        let err = fs::read_to_string(&stderr).unwrap_or_default();
+        let m = fs::read_to_string(&metrics).unwrap_or_default();
+        format!("{}: {e}\n--- stderr\n{err}--- metrics\n{m}", shape.name())
+    })?;
+    let text = fs::read_to_string(&metrics)?;
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().ok_or("no metrics")?)?;
+    sample.interrupts = last["net_eth0"]["interrupts"].as_u64().unwrap_or(0);
+    let tx_frames = last["net_eth0"]["tx_frames"].as_u64().unwrap_or(0);
+    let rx_frames = last["net_eth0"]["rx_frames"].as_u64().unwrap_or(0);
+    let moved = if shape.dir == Dir::Tx {
+        tx_frames
+    } else {
+        rx_frames
+    };
+    if moved < shape.n {
+        return Err(format!("{}: kiln moved only {moved} frames: {last}", shape.name()).into());
+    }
+    Ok(sample)
+}
+
+fn follow_run(
+    rx: &mpsc::Receiver<std::result::Result<Line, String>>,
+    shape: &Shape,
+    socks: &Sockets,
+) -> Result<RunSample> {
+    let mut output = String::new();
+    let mut begin = None;
+    let mut end: Option<(ThreadCpu, u64, u64, u64)> = None;
+    let mut ok = None;
+    loop {
+        let line = match rx.recv_timeout(LINE_TIMEOUT) {
+            Ok(line) => line?,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                return Err(format!("no output for {LINE_TIMEOUT:?}:\n{output}").into());
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(format!("kiln ended early:\n{output}").into());
+            }
+        };
+        output.push_str(&line.text);
+        output.push('\n');
+        let text = line.text.as_str();
+        if text.starts_with("fail ") {
+            return Err(format!("the guest failed:\n{output}").into());
+        }
+        match (line.cpu, text) {
+            (Some(cpu), t) if t.starts_with("info net-bench begin") => {
+                begin = Some(cpu);
+                if shape.dir == Dir::Rx {
+                    let acked = drive_rx(&socks.rx, shape.n, shape.size, shape.batch)?;
+                    if acked < shape.n {
+                        std::thread::sleep(Duration::from_millis(500));
+                        while let Ok(Ok(l)) = rx.try_recv() {
+                            output.push_str(&l.text);
+                            output.push('\n');
+                        }
+                        return Err(format!(
+                            "the guest acknowledged {acked}/{}:\n{output}",
+                            shape.n
+                        )
+                        .into());
+                    }
+                }
+            }
+            (Some(cpu), t) if t.starts_with("bench net-bench end") => {
+                let (Some(n), Some(bytes), Some(tsc)) =
+                    (field(t, "n"), field(t, "bytes"), field(t, "tsc"))
+                else {
+                    return Err(format!("bad line {t:?}").into());
+                };
+                end = Some((cpu, n, bytes, tsc));
+            }
+            (Some(cpu), _) => ok = Some(cpu),
+            (None, "info idle") => break,
+            _ => {}
+        }
+    }
+    let (Some(c0), Some((c1, n, bytes, tsc)), Some(c2)) = (begin, end, ok) else {
+        return Err(format!("missing net-bench lines in:\n{output}").into());
+    };
+    if n != shape.n {
+        return Err(format!("unexpected result:\n{output}").into());
+    }
+    Ok(RunSample {
+        n,
+        bytes,
+        tsc,
+        window: CpuDelta::between(&c0, &c1),
+        idle: CpuDelta::between(&c1, &c2),
+        interrupts: 0,
+    })
+}
+
+// ---- the floors ----------------------------------------------------------------------------
+
+/// This process's own end of the TAP (only while no kiln runs): IFF_TAP | IFF_NO_PI |
+/// IFF_VNET_HDR, a 12-byte header, non-blocking, as kiln opens it.
+struct Tap {
+    fd: OwnedFd,
+}
+
+impl Tap {
+    fn open() -> Result<Tap> {
+        let path = c"/dev/net/tun";
+        // SAFETY: open(2) on a NUL-terminated path; the fd is owned right away.
+        let raw = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if raw < 0 {
+            return Err(format!("/dev/net/tun: {}", std::io::Error::last_os_error()).into());
+        }
+        // SAFETY: `raw` is a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut ifreq = [0u8; 40];
+        ifreq[..TAP.len()].copy_from_slice(TAP.as_bytes());
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq (40 bytes here).
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, ifreq.as_mut_ptr()) } < 0 {
+            return Err(format!("TUNSETIFF: {}", std::io::Error::last_os_error()).into());
+        }
+        let hdr = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr) } < 0 {
+            return Err(format!("TUNSETVNETHDRSZ: {}", std::io::Error::last_os_error()).into());
+        }
+        // The host transmits through the TAP only once the link watcher has seen the
+        // carrier come up (until then its qdisc drops): wait for operstate UP.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let out = Command::new("ip")
+                .args(["-o", "link", "show", TAP])
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).contains("state UP") {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{TAP} did not come up").into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Tap { fd })
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// One frame, header and frame in one buffer (as the guest's one descriptor).
+    fn write(&self, buf: &[u8]) -> std::io::Result<()> {
+        let iov = libc::iovec {
+            iov_base: buf.as_ptr() as *mut libc::c_void,
+            iov_len: buf.len(),
+        };
+        // SAFETY: the iovec describes `buf`, readable for the call.
+        if unsafe { libc::writev(self.raw(), &iov, 1) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// One frame into `buf`; None when the TAP is empty.
+    fn read(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        let iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: the iovec describes `buf`, writable for the call.
+        let n = unsafe { libc::readv(self.raw(), &iov, 1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::WouldBlock {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(n as usize))
+    }
+}
+
+fn ip_checksum(h: &[u8]) -> u16 {
+    let mut sum: u32 = h
+        .chunks(2)
+        .map(|c| u32::from(c[0]) << 8 | u32::from(c[1]))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A virtio-net header (zero) + a UDP/IPv4 frame of `size` bytes from the guest to the host.
+fn guest_frame(size: usize, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN + size];
+    let e = &mut f[VNET_HDR_LEN..];
+    e[..6].copy_from_slice(&HOST_MAC);
+    e[6..12].copy_from_slice(&GUEST_MAC);
+    e[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = (size - 14) as u16;
+    e[14] = 0x45;
+    e[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    e[20..22].copy_from_slice(&0x4000u16.to_be_bytes());
+    e[22] = 64;
+    e[23] = 17;
+    e[26..30].copy_from_slice(&GUEST_IP.octets());
+    e[30..34].copy_from_slice(&HOST_IP.octets());
+    let csum = ip_checksum(&e[14..34]);
+    e[24..26].copy_from_slice(&csum.to_be_bytes());
+    e[34..36].copy_from_slice(&sport.to_be_bytes());
+    e[36..38].copy_from_slice(&dport.to_be_bytes());
+    e[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
+    e[42..42 + payload.len()].copy_from_slice(payload);
+    f
+}
+
+/// A VM with the in-kernel irqchip and one vCPU (never run), and an eventfd registered as
+/// its irqfd: what kiln writes to interrupt the guest.
+struct FloorVm {
+    _vm: kvm_ioctls::VmFd,
+    _vcpu: kvm_ioctls::VcpuFd,
+    irqfd: EventFd,
+    tsc_khz: u32,
+}
+
+impl FloorVm {
+    fn new() -> Result<FloorVm> {
+        let kvm = Kvm::new()?;
+        let vm = kvm.create_vm()?;
+        vm.create_irq_chip()?;
+        let vcpu = vm.create_vcpu(0)?;
+        let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
+        let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
+        vm.register_irqfd(&irqfd, FLOOR_GSI)?;
+        Ok(FloorVm {
+            _vm: vm,
+            _vcpu: vcpu,
+            irqfd,
+            tsc_khz,
+        })
+    }
+}
+
+/// Waits (spinning, yielding) until `cond` holds or 5 s pass.
+fn spin_until(cond: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::yield_now();
+    }
+    true
+}
+
+/// The floor device loop for `shape`: the device thread's CPU ns per frame.
+fn floor_device_loop(tap: &Tap, vm: &FloorVm, shape: &Shape, socks: &Sockets) -> Result<f64> {
+    socks.drain()?;
+    let kick = EventFd::new(libc::EFD_NONBLOCK)?;
+    // TX: frames the driver asks for; RX: the ack value to send (0: none).
+    let pending = AtomicU64::new(0);
+    // TX: frames written; RX: bench frames read.
+    let done = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let frame = guest_frame(shape.size, PORT_TX, PORT_TX, &[]);
+    let n = shape.n;
+    std::thread::scope(|s| -> Result<f64> {
+        let device = s.spawn(|| -> std::result::Result<f64, String> {
+            let run = || -> Result<f64> {
+                let epoll = Epoll::new()?;
+                epoll.ctl(
+                    ControlOperation::Add,
+                    kick.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, 0),
+                )?;
+                if shape.dir == Dir::Rx {
+                    epoll.ctl(
+                        ControlOperation::Add,
+                        tap.raw(),
+                        EpollEvent::new(EventSet::IN, 1),
+                    )?;
+                }
+                let mut events = [EpollEvent::default(); 4];
+                let mut buf = vec![0u8; 65600];
+                let t0 = this_thread_cpu_ns();
+                while !stop.load(Ordering::Acquire) {
+                    let got = epoll.wait(100, &mut events)?;
+                    for ev in &events[..got] {
+                        if ev.data() == 0 {
+                            let _ = kick.read();
+                            let k = pending.swap(0, Ordering::AcqRel);
+                            if shape.dir == Dir::Tx {
+                                for _ in 0..k {
+                                    tap.write(&frame)?;
+                                }
+                                vm.irqfd.write(1)?;
+                                done.fetch_add(k, Ordering::AcqRel);
+                            } else if k > 0 {
+                                let ack =
+                                    guest_frame(46, PORT_RX, PORT_ACK, &(k as u32).to_be_bytes());
+                                tap.write(&ack)?;
+                                vm.irqfd.write(1)?;
+                            }
+                        } else {
+                            let mut count = 0;
+                            while let Some(len) = tap.read(&mut buf)? {
+                                if len == VNET_HDR_LEN + shape.size {
+                                    count += 1;
+                                }
+                            }
+                            vm.irqfd.write(1)?;
+                            done.fetch_add(count, Ordering::AcqRel);
+                        }
+                    }
+                }
+                Ok((this_thread_cpu_ns() - t0) as f64 / n as f64)
+            };
+            let result = run().map_err(|e| e.to_string());
+            done.store(u64::MAX / 2, Ordering::Release);
+            result
+        });
+        let driven = s.spawn(|| -> bool {
+            // The "guest": kicks per batch and waits for the device.
+            let mut moved = 0u64;
+            while moved < n {
+                let k = shape.batch.min(n - moved);
+                if shape.dir == Dir::Tx {
+                    pending.store(k, Ordering::Release);
+                    let _ = kick.write(1);
+                    if !spin_until(|| done.load(Ordering::Acquire) >= moved + k) {
+                        return false;
+                    }
+                } else {
+                    if !spin_until(|| done.load(Ordering::Acquire) >= moved + k) {
+                        return false;
+                    }
+                    pending.store(moved + k, Ordering::Release);
+                    let _ = kick.write(1);
+                }
+                moved += k;
+            }
+            true
+        });
+        let mut ok = true;
+        if shape.dir == Dir::Rx {
+            ok = drive_rx(&socks.rx, n, shape.size, shape.batch)? == n;
+        }
+        ok &= driven.join().unwrap_or(false);
+        // Let the last completion land before stopping.
+        std::thread::sleep(Duration::from_millis(20));
+        stop.store(true, Ordering::Release);
+        let per_frame = match device.join() {
+            Ok(r) => r.map_err(|e| -> Box<dyn Error> { e.into() })?,
+            Err(_) => return Err("the floor's device thread panicked".into()),
+        };
+        if !ok {
+            return Err(format!(
+                "floor device loop {}: frames lost (device counted {})",
+                shape.name(),
+                done.load(Ordering::Acquire)
+            )
+            .into());
+        }
+        Ok(per_frame)
+    })
+}
+
+/// The raw TAP syscalls for `shape`, on this thread: CPU ns per frame of the writes, or of
+/// the reads (the host's sends, in bursts of at most 256, are not counted).
+fn floor_syscalls(tap: &Tap, shape: &Shape, socks: &Sockets) -> Result<f64> {
+    if shape.dir == Dir::Tx {
+        let frame = guest_frame(shape.size, PORT_TX, PORT_TX, &[]);
+        let t0 = this_thread_cpu_ns();
+        for _ in 0..shape.n {
+            tap.write(&frame)?;
+        }
+        return Ok((this_thread_cpu_ns() - t0) as f64 / shape.n as f64);
+    }
+    let payload = vec![0x5au8; shape.size - 42];
+    let to = SocketAddrV4::new(GUEST_IP, PORT_RX);
+    let mut buf = vec![0u8; 65600];
+    let (mut read, mut spent) = (0u64, 0u64);
+    while read < shape.n {
+        let k = 256.min(shape.n - read);
+        for _ in 0..k {
+            socks.rx.send_to(&payload, to)?;
+        }
+        let t0 = this_thread_cpu_ns();
+        let mut got = 0;
+        while got < k {
+            match tap.read(&mut buf)? {
+                Some(len) if len == VNET_HDR_LEN + shape.size => got += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+        spent += this_thread_cpu_ns() - t0;
+        if got < k {
+            return Err(format!("floor syscalls: {got}/{k} frames came through the TAP").into());
+        }
+        read += k;
+    }
+    Ok(spent as f64 / shape.n as f64)
+}
+
+// ---- statistics ----------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stats(values: &[f64]) -> Stats {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    };
+    Stats {
+        median,
+        min: v.first().copied().unwrap_or(f64::NAN),
+        max: v.last().copied().unwrap_or(f64::NAN),
+    }
+}
+
+fn cell(s: Stats, prec: usize) -> String {
+    format!(
+        "{:.prec$} [{:.prec$}-{:.prec$}]",
+        s.median,
+        s.min,
+        s.max,
+        prec = prec
+    )
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 {
+        format!("{:.2}x", a / b)
+    } else {
+        "n/a".to_string()
+    }
+}
+
+// ---- the benchmark -------------------------------------------------------------------------
+
+#[derive(Default)]
+struct ShapeResults {
+    runs: Vec<RunSample>,
+    floor_loop: Vec<f64>,
+    floor_syscalls: Vec<f64>,
+}
+
+fn bench() -> Result<()> {
+    let runs = env_u64("KILN_BENCH_NET_RUNS", 5) as usize;
+    let n_batch = env_u64("KILN_BENCH_NET_N_BATCH", 8192);
+    let n_single = env_u64("KILN_BENCH_NET_N_SINGLE", 1000);
+    let started = Instant::now();
+    let _ns = NetNs::new()?;
+    let scratch = Scratch::new()?;
+    let socks = Sockets::new()?;
+    let vm = FloorVm::new()?;
+    let tsc_khz = match vm.tsc_khz {
+        0 => return Err("KVM_GET_TSC_KHZ failed".into()),
+        k => f64::from(k),
+    };
+    let mut shapes = Vec::new();
+    for dir in [Dir::Tx, Dir::Rx] {
+        for size in [64, 1500] {
+            for batch in [256, 1] {
+                let n = if batch == 1 { n_single } else { n_batch };
+                shapes.push(Shape {
+                    dir,
+                    size,
+                    batch,
+                    mrg: dir == Dir::Rx,
+                    n,
+                });
+            }
+        }
+    }
+    shapes.push(Shape {
+        dir: Dir::Rx,
+        size: 64,
+        batch: 256,
+        mrg: false,
+        n: n_batch,
+    });
+
+    println!("kiln network benchmark (issue 4)");
+    println!("   kiln:  {KILN}");
+    println!(
+        "   guest: {} kiln.run=net-bench:<tx|rx>:<n>:<size>:<batch>[:mrg], 1 vCPU, {MEM_MIB} MiB, \
+         EVENT_IDX; guest TSC {tsc_khz:.0} kHz",
+        guest_elf().display()
+    );
+    println!(
+        "   host:  {TAP} in network namespace {} (10.0.0.1/24); UDP 10.0.0.2 <-> 10.0.0.1",
+        _ns.name
+    );
+
+    let only = std::env::var("KILN_BENCH_NET_ONLY").unwrap_or_default();
+    let dirs: Vec<Dir> = [Dir::Tx, Dir::Rx]
+        .into_iter()
+        .filter(|d| only.is_empty() || (only == "tx") == (*d == Dir::Tx))
+        .collect();
+    shapes.retain(|s| dirs.contains(&s.dir));
+    // Warm-up: one short run of each direction, one floor of each kind.
+    for &dir in &dirs {
+        let warm = Shape {
+            dir,
+            size: 64,
+            batch: 256,
+            mrg: dir == Dir::Rx,
+            n: 512,
+        };
+        kiln_run(&scratch, &warm, &socks)?;
+        let tap = Tap::open()?;
+        floor_device_loop(&tap, &vm, &warm, &socks)?;
+        floor_syscalls(&tap, &warm, &socks)?;
+    }
+
+    let mut results: Vec<ShapeResults> = shapes.iter().map(|_| ShapeResults::default()).collect();
+    let steps = shapes.len() * 3;
+    for round in 0..runs {
+        for k in 0..steps {
+            let step = (round + k) % steps;
+            let (si, what) = (step / 3, step % 3);
+            let shape = &shapes[si];
+            let r = &mut results[si];
+            match what {
+                0 => r.runs.push(kiln_run(&scratch, shape, &socks)?),
+                1 => {
+                    let tap = Tap::open()?;
+                    r.floor_loop
+                        .push(floor_device_loop(&tap, &vm, shape, &socks)?);
+                }
+                _ => {
+                    let tap = Tap::open()?;
+                    r.floor_syscalls.push(floor_syscalls(&tap, shape, &socks)?);
+                }
+            }
+        }
+        eprint!("\rround {}/{runs} done", round + 1);
+    }
+    eprintln!();
+
+    println!();
+    println!(
+        "{runs} runs per shape, interleaved; cells: median [min-max]; µs = CPU microseconds per \
+         frame; kiln main = the event-loop thread (the device), vCPU = its vCPU thread"
+    );
+    println!(
+        "{:<18} {:>20} {:>16} {:>20} {:>20} {:>20} {:>9} {:>9} {:>10} {:>16}",
+        "shape",
+        "frames/s",
+        "MB/s",
+        "kiln main µs",
+        "floor loop µs",
+        "floor syscalls µs",
+        "/loop",
+        "/syscalls",
+        "irqs/frame",
+        "vCPU µs"
+    );
+    let mut medians = Vec::new();
+    for (shape, r) in shapes.iter().zip(&results) {
+        let col = |f: &dyn Fn(&RunSample) -> f64| stats(&r.runs.iter().map(f).collect::<Vec<_>>());
+        let secs = |x: &RunSample| x.tsc as f64 / (tsc_khz * 1e3);
+        let main = col(&|x| x.window.main as f64 / x.n as f64 / 1e3);
+        let fl = stats(&r.floor_loop.iter().map(|ns| ns / 1e3).collect::<Vec<_>>());
+        let fs = stats(
+            &r.floor_syscalls
+                .iter()
+                .map(|ns| ns / 1e3)
+                .collect::<Vec<_>>(),
+        );
+        println!(
+            "{:<18} {:>20} {:>16} {:>20} {:>20} {:>20} {:>9} {:>9} {:>10.3} {:>16}",
+            shape.name(),
+            cell(col(&|x| x.n as f64 / secs(x)), 0),
+            cell(col(&|x| x.bytes as f64 / secs(x) / 1e6), 2),
+            cell(main, 2),
+            cell(fl, 2),
+            cell(fs, 2),
+            ratio(main.median, fl.median),
+            ratio(main.median, fs.median),
+            col(&|x| x.interrupts as f64 / x.n as f64).median,
+            cell(col(&|x| x.window.vcpu as f64 / x.n as f64 / 1e3), 1),
+        );
+        medians.push(main.median);
+        let idle = col(&|x| x.idle.main as f64 / 1e3).median;
+        let slices = col(&|x| x.window.main_slices as f64 / x.n as f64).median;
+        println!(
+            "{:<18} main thread switched in {slices:.3} times per frame; its CPU in the 100 ms idle \
+             after the end line: {idle:.0} µs",
+            ""
+        );
+    }
+    println!();
+    let find = |dir: Dir, size: usize, batch: u64| {
+        shapes
+            .iter()
+            .position(|s| {
+                s.dir == dir && s.size == size && s.batch == batch && s.mrg == (dir == Dir::Rx)
+            })
+            .map(|i| medians[i])
+            .unwrap_or(f64::NAN)
+    };
+    let per_frame = find(Dir::Tx, 64, 256);
+    let per_cycle = find(Dir::Tx, 64, 1);
+    println!(
+        "Firecracker reference (issue 4): {FIRECRACKER_PER_FRAME_US} µs per 64-byte UDP frame at \
+         256 frames per notification: kiln tx 64B x256 {per_frame:.2} µs ({}); rx 64B x256 {:.2} µs",
+        ratio(per_frame, FIRECRACKER_PER_FRAME_US),
+        find(Dir::Rx, 64, 256)
+    );
+    println!(
+        "Firecracker reference (issue 4): {}-{} µs per notification cycle: kiln tx 64B x1 \
+         {per_cycle:.2} µs ({}-{}); rx 64B x1 (frame + ack) {:.2} µs",
+        FIRECRACKER_PER_CYCLE_US.0,
+        FIRECRACKER_PER_CYCLE_US.1,
+        ratio(per_cycle, FIRECRACKER_PER_CYCLE_US.1),
+        ratio(per_cycle, FIRECRACKER_PER_CYCLE_US.0),
+        find(Dir::Rx, 64, 1)
+    );
+    println!(
+        "kiln, 1 frame per notification / 256 per notification (tx 64B): {}",
+        ratio(per_cycle, per_frame)
+    );
+    println!();
+    println!("total {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
