@@ -2,14 +2,9 @@
 //! there, with Firecracker's jailer flags. See README.md for the steps and
 //! the exit codes.
 
-mod args;
-mod cgroup;
-mod chroot;
-mod env;
-mod resource_limits;
-mod sys;
-
 use std::process::ExitCode;
+
+use jailer::env;
 
 fn main() -> ExitCode {
     // First of all, for --start-time-us.
