@@ -1,0 +1,510 @@
+//! virtio-blk: requests, well formed or hostile, written into guest memory and processed by
+//! [`Block::process_queue`] over a memfd image.
+//!
+//! Invariants checked after every round of processing:
+//! - guest memory changed only inside the device-writable buffers of the chains taken and
+//!   in the used ring;
+//! - a read-only image is never written; a writable one changes only with a counted write;
+//! - the used index moved by exactly the number of heads taken (minus heads outside the
+//!   queue, which have no used slot), each used element names the head taken in that order
+//!   (no request answered twice or skipped), and its length is at most the chain's
+//!   device-writable bytes (0 for an invalid chain);
+//! - every head taken is counted in exactly one outcome counter;
+//! - an available index more than a queue ahead puts the device in NEEDS_RESET, takes
+//!   nothing, and raises a configuration interrupt;
+//! - the used-buffer interrupt is raised when EVENT_IDX (or its absence) says it must be.
+
+use std::sync::Arc;
+
+use kiln::config::CacheType;
+use kiln::devices::IrqLine;
+use kiln::devices::virtio::block::{Block, BlockConfig, DiskFile};
+use kiln::devices::virtio::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use kiln::devices::virtio::queue::configured_queue;
+use kiln::devices::virtio::{Activation, VirtioDevice, VirtioInterrupt};
+use kiln::vstate::memory::GuestMemory;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::guest::{self, Ranges};
+use crate::virtq::{self, Addr, Buf, ChainSpec, Driver, QueueLayout, RawDesc};
+use crate::wire::{self, Enc, U, Wire};
+
+/// Whether a head outside the queue may be counted twice (finding 1 of the fuzzing
+/// report: `Block::process_queue` counts it in `dropped_chains` again when
+/// `return_chain` refuses it). Set to false once fixed.
+const TOLERATE_DOUBLE_DROP: bool = true;
+/// Most operations per input.
+const MAX_OPS: usize = 64;
+/// Most processing rounds per input (each snapshots guest memory).
+const MAX_ROUNDS: usize = 16;
+
+/// Where the request builder puts the header and data of a structured request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Req {
+    /// `type` (0 in, 1 out, 4 flush, 8 get id, anything else).
+    pub kind: u32,
+    /// `sector`.
+    pub sector: u64,
+    /// Where the 16-byte header is split in two buffers (0 or >= 16: not split).
+    pub header_split: u8,
+    /// Data segments: a length code (high bit set: that many bytes, else that many
+    /// sectors) and the direction (a correct request uses writable for in/get id).
+    pub data: Vec<(u16, bool)>,
+    /// Status buffer length (0: none) and whether it is device-writable.
+    pub status: (u8, bool),
+    /// Through an indirect table (in slot `Some(n)`).
+    pub indirect: Option<u8>,
+}
+
+impl Wire for Req {
+    fn decode(u: &mut U<'_>) -> Self {
+        Req {
+            kind: wire::u32(u),
+            sector: wire::u64(u),
+            header_split: wire::u8(u),
+            data: {
+                let n = usize::from(wire::u8(u)) % 9;
+                (0..n).map(|_| (wire::u16(u), wire::bool(u))).collect()
+            },
+            status: (wire::u8(u), wire::bool(u)),
+            indirect: wire::bool(u).then(|| wire::u8(u)),
+        }
+    }
+    fn encode(&self, e: &mut Enc) {
+        e.u32(self.kind).u64(self.sector).u8(self.header_split);
+        e.u8(self.data.len() as u8);
+        for (len, w) in &self.data {
+            e.u16(*len).bool(*w);
+        }
+        e.u8(self.status.0).bool(self.status.1);
+        match self.indirect {
+            None => e.bool(false),
+            Some(s) => e.bool(true).u8(s),
+        };
+    }
+}
+
+impl Req {
+    /// A well-formed request: `kind` at `sector`, `segments` data buffers of `sectors`
+    /// sectors each.
+    pub fn valid(kind: u32, sector: u64, segments: usize, sectors: u16) -> Req {
+        let writable = kind != 1;
+        Req {
+            kind,
+            sector,
+            header_split: 0,
+            data: vec![(sectors, writable); segments],
+            status: (1, true),
+            indirect: None,
+        }
+    }
+}
+
+/// One step of the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Builds a request (header written) and publishes it.
+    Request(Req),
+    /// Writes a chain of arbitrary buffers and publishes it.
+    Chain(ChainSpec),
+    /// Writes one descriptor anywhere in a table.
+    Raw(RawDesc),
+    /// Publishes a head.
+    Publish(u16),
+    /// Sets `avail.idx`.
+    SetAvailIdx(u16),
+    /// Sets `used_event`.
+    SetUsedEvent(u16),
+    /// Writes bytes into guest memory.
+    Poke(Addr, Vec<u8>),
+    /// Runs the device.
+    Process,
+    /// Resets the device and activates it again (the driver starts over).
+    Reset,
+    /// The image shrinks to this many sectors under the device.
+    Truncate(u8),
+}
+
+impl Wire for Op {
+    fn decode(u: &mut U<'_>) -> Self {
+        match wire::u8(u) % 10 {
+            0 => Op::Request(Req::decode(u)),
+            1 => Op::Chain(ChainSpec::decode(u)),
+            2 => Op::Raw(RawDesc::decode(u)),
+            3 => Op::Publish(wire::u16(u)),
+            4 => Op::SetAvailIdx(wire::u16(u)),
+            5 => Op::SetUsedEvent(wire::u16(u)),
+            6 => Op::Poke(Addr::decode(u), wire::bytes(u, 64)),
+            7 => Op::Process,
+            8 => Op::Reset,
+            _ => Op::Truncate(wire::u8(u)),
+        }
+    }
+    fn encode(&self, e: &mut Enc) {
+        match self {
+            Op::Request(r) => {
+                e.u8(0);
+                r.encode(e);
+            }
+            Op::Chain(c) => {
+                e.u8(1);
+                c.encode(e);
+            }
+            Op::Raw(d) => {
+                e.u8(2);
+                d.encode(e);
+            }
+            Op::Publish(h) => {
+                e.u8(3).u16(*h);
+            }
+            Op::SetAvailIdx(i) => {
+                e.u8(4).u16(*i);
+            }
+            Op::SetUsedEvent(i) => {
+                e.u8(5).u16(*i);
+            }
+            Op::Poke(a, b) => {
+                e.u8(6);
+                a.encode(e);
+                e.bytes(b);
+            }
+            Op::Process => {
+                e.u8(7);
+            }
+            Op::Reset => {
+                e.u8(8);
+            }
+            Op::Truncate(n) => {
+                e.u8(9).u8(*n);
+            }
+        }
+    }
+}
+
+/// A fuzz input: the drive, the negotiated features and the driver's steps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Input {
+    /// Read-only drive.
+    pub read_only: bool,
+    /// `cache_type` Writeback (FLUSH offered).
+    pub writeback: bool,
+    /// Features the driver acks (masked with the offered ones).
+    pub features: u64,
+    /// Queue size: 1 << (this % 9).
+    pub size_log: u8,
+    /// Image size in sectors (modulo 129).
+    pub sectors: u8,
+    /// Drive id length (modulo 33).
+    pub id_len: u8,
+    /// The steps.
+    pub ops: Vec<Op>,
+}
+
+impl Wire for Input {
+    fn decode(u: &mut U<'_>) -> Self {
+        Input {
+            read_only: wire::bool(u),
+            writeback: wire::bool(u),
+            features: wire::u64(u),
+            size_log: wire::u8(u),
+            sectors: wire::u8(u),
+            id_len: wire::u8(u),
+            ops: wire::many(u, MAX_OPS),
+        }
+    }
+    fn encode(&self, e: &mut Enc) {
+        e.bool(self.read_only)
+            .bool(self.writeback)
+            .u64(self.features)
+            .u8(self.size_log)
+            .u8(self.sectors)
+            .u8(self.id_len)
+            .many(&self.ops);
+    }
+}
+
+crate::arbitrary_via_wire!(Input);
+
+const QUEUE: QueueLayout = QueueLayout {
+    desc: 0x1000,
+    avail: 0x2000,
+    used: 0x3000,
+    size: 0,
+};
+
+struct Rig {
+    mem: GuestMemory,
+    dev: Block,
+    drv: Driver,
+    irq: EventFd,
+    file: std::fs::File,
+    features: u64,
+    read_only: bool,
+    /// Heads the device has taken so far (its `next_avail`).
+    taken: u16,
+    broken: bool,
+    rounds: usize,
+    /// Bump allocator in the arena for structured requests.
+    cursor: u64,
+}
+
+impl Rig {
+    fn activate(&mut self) {
+        let q = self.drv.q;
+        let mut queue = configured_queue(256, q.size, q.desc, q.avail, q.used)
+            .expect("a valid queue layout");
+        queue.set_event_idx(self.features & VIRTIO_RING_F_EVENT_IDX != 0);
+        let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(
+            self.irq.try_clone().expect("dup an eventfd"),
+        )));
+        self.dev
+            .activate(Activation {
+                mem: self.mem.clone(),
+                queues: vec![queue],
+                acked_features: self.features,
+                interrupt,
+            })
+            .expect("one queue activates");
+        self.taken = 0;
+        self.broken = false;
+    }
+
+    fn alloc(&mut self, len: u64) -> u64 {
+        if self.cursor + len > virtq::ARENA_LEN {
+            self.cursor = 0;
+        }
+        let at = virtq::ARENA + self.cursor;
+        self.cursor = (self.cursor + len + 15) & !15;
+        at
+    }
+
+    fn request(&mut self, r: &Req) {
+        let mut bufs = Vec::new();
+        let hdr = self.alloc(16);
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&r.kind.to_le_bytes());
+        h[8..16].copy_from_slice(&r.sector.to_le_bytes());
+        let _ = self.mem.write_slice(&h, GuestAddress(hdr));
+        let split = u32::from(r.header_split);
+        let header_off = (hdr - virtq::ARENA) as u32;
+        if split == 0 || split >= 16 {
+            bufs.push(Buf { addr: Addr::Arena(header_off), len: 16, writable: false });
+        } else {
+            bufs.push(Buf { addr: Addr::Arena(header_off), len: split, writable: false });
+            bufs.push(Buf { addr: Addr::Arena(header_off + split), len: 16 - split, writable: false });
+        }
+        for &(code, writable) in &r.data {
+            let len = if code & 0x8000 != 0 {
+                u32::from(code & 0x7fff)
+            } else {
+                u32::from(code % 129) * 512
+            };
+            let at = self.alloc(u64::from(len));
+            bufs.push(Buf { addr: Addr::Arena((at - virtq::ARENA) as u32), len, writable });
+        }
+        let (slen, swritable) = r.status;
+        let slen = u32::from(slen % 4);
+        if slen > 0 {
+            let at = self.alloc(u64::from(slen));
+            let _ = self.mem.write_slice(&[0xaa; 4][..slen as usize], GuestAddress(at));
+            bufs.push(Buf { addr: Addr::Arena((at - virtq::ARENA) as u32), len: slen, writable: swritable });
+        }
+        let spec = match r.indirect {
+            Some(slot) => ChainSpec::Indirect { slot, bufs },
+            None => ChainSpec::Direct(bufs),
+        };
+        let head = self.drv.add(&self.mem, &spec);
+        self.drv.publish(&self.mem, head);
+    }
+
+    fn process(&mut self) {
+        if self.rounds == MAX_ROUNDS {
+            return;
+        }
+        self.rounds += 1;
+        let mem = &self.mem;
+        let q = self.drv.q;
+        let indirect_ok = self.features & VIRTIO_RING_F_INDIRECT_DESC != 0;
+        let event_idx = self.features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let avail = self.drv.avail_idx_in_memory(mem);
+        let pending = avail.wrapping_sub(self.taken);
+        let jump = pending > q.size;
+
+        // What the device may write, and what it should answer.
+        let mut bufs = Ranges::default();
+        let mut expected: Vec<(u16, Option<u64>)> = Vec::new();
+        if !self.broken && !jump {
+            for i in 0..pending {
+                let head = self.drv.avail_head(mem, self.taken.wrapping_add(i));
+                let chain = virtq::walk(mem, &q, head, indirect_ok);
+                if let Some(c) = &chain {
+                    for b in c.iter().filter(|b| b.writable) {
+                        bufs.add(b.addr, u64::from(b.len));
+                    }
+                }
+                expected.push((head, chain.map(|c| virtq::writable_len(&c))));
+            }
+        }
+        // A device-writable buffer over a descriptor table or ring makes the walk above
+        // stale once the device writes there: then only the counting checks stay exact.
+        let exact = !virtq::control_area_touched(&bufs);
+        let mut allowed = bufs;
+        allowed.add(q.used, q.used_len());
+
+        let m = self.dev.metrics();
+        let outcomes = |m: &kiln::devices::virtio::block::BlockMetrics| {
+            m.read_count.get()
+                + m.write_count.get()
+                + m.flush_count.get()
+                + m.get_id_count.get()
+                + m.invalid_requests.get()
+                + m.io_errors.get()
+                + m.unsupported.get()
+                + m.dropped_chains.get()
+        };
+        let before_outcomes = outcomes(&m);
+        let before_writes = m.write_count.get();
+        let before_interrupts = m.interrupts.get();
+        let before_queue_errors = m.queue_errors.get();
+        let used_before = self.drv.used_idx(mem);
+        let used_event = self.drv.used_event(mem);
+        let disk_before = guest::file_bytes(&self.file);
+        let _ = self.irq.read();
+        guest::snapshot(mem);
+
+        self.dev.process_queue();
+
+        if exact {
+            guest::assert_writes_within(mem, &allowed, "virtio-blk");
+        }
+        let disk_after = guest::file_bytes(&self.file);
+        if self.read_only {
+            assert!(disk_after == disk_before, "a read-only image was written");
+        }
+        if m.write_count.get() == before_writes {
+            assert!(disk_after == disk_before, "the image changed without a counted write");
+        }
+        let used_after = self.drv.used_idx(mem);
+        let used = used_after.wrapping_sub(used_before);
+        let irqs = self.irq.read().unwrap_or(0);
+        let interrupts = m.interrupts.get() - before_interrupts;
+        let queue_errors = m.queue_errors.get() - before_queue_errors;
+        assert_eq!(irqs, interrupts + queue_errors, "interrupts raised vs counted");
+        assert!(interrupts <= 1, "more than one used-buffer interrupt per round");
+
+        if self.broken {
+            assert_eq!(used, 0, "a device needing reset answered requests");
+            return;
+        }
+        if jump {
+            assert_eq!(used, 0, "requests answered from a corrupt available ring");
+            assert_eq!(queue_errors, 1, "a corrupt available ring was not counted");
+            assert!(self.dev.needs_reset(), "a corrupt available ring left the device running");
+            self.broken = true;
+            return;
+        }
+        assert!(!self.dev.needs_reset(), "NEEDS_RESET without a corrupt ring");
+        let returned: Vec<&(u16, Option<u64>)> =
+            expected.iter().filter(|(h, _)| *h < q.size).collect();
+        assert_eq!(
+            usize::from(used),
+            returned.len(),
+            "used index moved by {used} for {} heads taken ({} inside the queue)",
+            expected.len(),
+            returned.len()
+        );
+        for (i, (head, bound)) in returned.iter().enumerate() {
+            let (id, len) = self.drv.used_elem(mem, used_before.wrapping_add(i as u16));
+            assert_eq!(id, u32::from(*head), "used element {i} names the wrong head");
+            if exact {
+                match bound {
+                    Some(max) => assert!(
+                        u64::from(len) <= *max,
+                        "used length {len} > {max} writable bytes (head {head})"
+                    ),
+                    None => assert_eq!(len, 0, "an invalid chain (head {head}) was answered"),
+                }
+            }
+        }
+        // KNOWN: kiln counts a head outside the queue twice in `dropped_chains` (once as
+        // an unwalkable chain, once as unreturnable); tolerated until fixed (see README).
+        let outside = (expected.len() - returned.len()) as u64;
+        let tolerated = if TOLERATE_DOUBLE_DROP { outside } else { 0 };
+        assert_eq!(
+            outcomes(&m) - before_outcomes - tolerated,
+            expected.len() as u64,
+            "outcome counters moved by {} for {} heads taken",
+            outcomes(&m) - before_outcomes,
+            expected.len()
+        );
+        if used > 0 && (!event_idx || virtq::need_event(used_event, used_after, used_before)) {
+            assert_eq!(interrupts, 1, "a required used-buffer interrupt was not raised");
+        }
+        self.taken = avail;
+    }
+}
+
+/// Runs one input.
+pub fn run(input: &Input) {
+    let mem = guest::memory();
+    let sectors = u64::from(input.sectors % 129);
+    let image: Vec<u8> = (0..sectors * 512).map(|i| (i / 512) as u8 ^ (i as u8)).collect();
+    let file = guest::memfd(&image);
+    let disk = DiskFile::from_file(file.try_clone().expect("dup a memfd"), input.read_only)
+        .expect("a memfd is a disk");
+    let id: String = "drive-id-0123456789abcdefghijklmn"
+        .chars()
+        .take(usize::from(input.id_len % 33))
+        .collect();
+    let config = BlockConfig {
+        drive_id: id,
+        read_only: input.read_only,
+        cache_type: if input.writeback { CacheType::Writeback } else { CacheType::Unsafe },
+    };
+    let dev = Block::new(config, disk).expect("a block device");
+    let features = input.features & dev.avail_features();
+    let size = 1u16 << (input.size_log % 9);
+    let drv = Driver::new(&mem, QueueLayout { size, ..QUEUE });
+    let mut rig = Rig {
+        irq: EventFd::new(libc::EFD_NONBLOCK).expect("an eventfd"),
+        mem,
+        dev,
+        drv,
+        file,
+        features,
+        read_only: input.read_only,
+        taken: 0,
+        broken: false,
+        rounds: 0,
+        cursor: 0,
+    };
+    rig.activate();
+    for op in &input.ops {
+        match op {
+            Op::Request(r) => rig.request(r),
+            Op::Chain(c) => {
+                let head = rig.drv.add(&rig.mem, c);
+                rig.drv.publish(&rig.mem, head);
+            }
+            Op::Raw(d) => rig.drv.raw(&rig.mem, d),
+            Op::Publish(h) => rig.drv.publish(&rig.mem, *h),
+            Op::SetAvailIdx(i) => rig.drv.set_avail_idx(&rig.mem, *i),
+            Op::SetUsedEvent(i) => rig.drv.set_used_event(&rig.mem, *i),
+            Op::Poke(a, b) => {
+                let _ = rig.mem.write_slice(b, GuestAddress(a.resolve()));
+            }
+            Op::Process => rig.process(),
+            Op::Reset => {
+                rig.dev.reset();
+                rig.drv.reset(&rig.mem);
+                rig.activate();
+            }
+            Op::Truncate(n) => {
+                let _ = rig.file.set_len(u64::from(*n) * 512);
+            }
+        }
+    }
+    rig.process();
+}
