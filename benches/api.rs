@@ -23,7 +23,8 @@
 //! `KILN_BENCH_API_RUNS` (GET runs per variant, default 7), `KILN_BENCH_API_N` (requests per
 //! GET run, default 20000), `KILN_BENCH_API_MEM_RUNS` (default 10).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::error::Error;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,9 +33,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-type Result<T> = std::result::Result<T, Box<dyn Error>>;
+use common::{
+    KILN, Kind, Mapping, MemSample, Result, Scratch, cell, col, env_usize, ms, parse_smaps, ratio,
+    stats, this_thread_cpu_ns, thread_cpu, timeval, wait4,
+};
 
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
 /// Set when this binary re-executes itself as the responder process.
 const ROLE_ENV: &str = "KILN_BENCH_ROLE";
 
@@ -59,57 +62,13 @@ fn main() {
         }
         std::process::exit(0);
     }
-    if let Err(e) = check_kvm() {
-        eprintln!("api bench: {e}");
-        std::process::exit(1);
-    }
-    if let Err(e) = bench() {
-        eprintln!("api bench: error: {e}");
-        std::process::exit(1);
-    }
-}
-
-fn check_kvm() -> Result<()> {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(drop)
-        .map_err(|e| {
-            format!(
-                "cannot open /dev/kvm: {e}. This benchmark boots VMs: run it as root on a host \
-                 with KVM (`sudo cargo bench --bench api`)"
-            )
-            .into()
-        })
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
+    common::run("api", "boots VMs", bench);
 }
 
 // ---- scratch files and processes -----------------------------------------------------------
 
-/// Sockets, config file and the children's stderr.
-struct Scratch {
-    dir: PathBuf,
-}
-
+/// The idle guest's config file (the directory also holds sockets and the children's stderr).
 impl Scratch {
-    fn new() -> Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("kiln-bench-api-{}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        Ok(Scratch { dir })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
     /// The idle test guest, from the binary's built-in image.
     fn idle_config(&self) -> Result<PathBuf> {
         let path = self.path("idle.json");
@@ -122,12 +81,6 @@ impl Scratch {
         );
         fs::write(&path, json)?;
         Ok(path)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -258,95 +211,22 @@ impl Cpu {
     }
 }
 
-/// Sums /proc/<pid>/task/*/schedstat (first field: ns on the CPU) by thread role.
+/// Sums the CPU ns of `pid`'s threads (/proc/<pid>/task/*/schedstat) by role.
 fn process_cpu(pid: u32) -> Result<Cpu> {
-    let mut cpu = Cpu::default();
-    let mut seen = BTreeMap::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
-        let entry = entry?;
-        let Some(tid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let (Ok(comm), Ok(stat)) = (
-            fs::read_to_string(entry.path().join("comm")),
-            fs::read_to_string(entry.path().join("schedstat")),
-        ) else {
-            continue;
-        };
-        let ns: u64 = stat
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("bad schedstat {stat:?}"))?;
-        seen.insert(tid, ns);
-        let comm = comm.trim();
-        if tid == pid {
-            cpu.main += ns;
-        } else if comm == "kiln_api" {
-            cpu.api += ns;
-        } else if comm.starts_with("kiln_vcpu") {
-            cpu.vcpu += ns;
-        } else {
-            cpu.other += ns;
-        }
-    }
-    if seen.is_empty() {
+    let threads = thread_cpu(pid)?;
+    if threads.is_empty() {
         return Err(format!("pid {pid}: no threads").into());
     }
+    let mut cpu = Cpu::default();
+    for t in threads.values() {
+        match t.kind {
+            Kind::Main => cpu.main += t.ns,
+            Kind::Api => cpu.api += t.ns,
+            Kind::Vcpu => cpu.vcpu += t.ns,
+            Kind::Other => cpu.other += t.ns,
+        }
+    }
     Ok(cpu)
-}
-
-/// The CPU time of this thread (CLOCK_THREAD_CPUTIME_ID), in nanoseconds.
-fn this_thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// Resident memory of a process, in KiB.
-#[derive(Clone, Copy, Debug, Default)]
-struct MemSample {
-    /// VmHWM: peak RSS.
-    hwm: u64,
-    /// VmRSS now.
-    rss: u64,
-    /// Rss of the guest RAM mapping: guest memory actually touched (0 without a VM).
-    guest: u64,
-    /// Anonymous memory outside guest RAM: heap, stacks, arenas, written data pages.
-    anon: u64,
-    /// File pages (executable text and read-only data, shared through the page cache).
-    file: u64,
-    /// Everything else (kvm-vcpu run page, vdso).
-    other: u64,
-    /// Size of another mapping the kernel merged with the guest RAM's.
-    merged: u64,
-}
-
-impl MemSample {
-    fn overhead_peak(&self) -> u64 {
-        self.hwm.saturating_sub(self.guest)
-    }
-
-    fn overhead_now(&self) -> u64 {
-        self.rss.saturating_sub(self.guest)
-    }
-}
-
-fn kib_field(line: &str, name: &str) -> Option<u64> {
-    line.strip_prefix(name)?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// Resident KiB of [start, end) of `pid`'s address space, from /proc/<pid>/pagemap (bit 63:
@@ -371,55 +251,8 @@ fn read_memory(pid: u32, vm: bool) -> Result<MemSample> {
     let guest_kib = MEM_MIB * 1024;
     let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let mut m = MemSample::default();
-    for line in status.lines() {
-        if let Some(v) = kib_field(line, "VmHWM:") {
-            m.hwm = v;
-        } else if let Some(v) = kib_field(line, "VmRSS:") {
-            m.rss = v;
-        }
-    }
-
-    #[derive(Default)]
-    struct Mapping {
-        start: u64,
-        end: u64,
-        perms: String,
-        name: String,
-        size: u64,
-        rss: u64,
-        anon: u64,
-    }
-    let mut maps: Vec<Mapping> = Vec::new();
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let first = fields.next().unwrap_or("");
-        let range = first.split_once('-').and_then(|(a, b)| {
-            Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-            ))
-        });
-        if let Some((start, end)) = range {
-            let perms = fields.next().unwrap_or("").to_string();
-            let name = fields.nth(3).unwrap_or("").to_string();
-            maps.push(Mapping {
-                start,
-                end,
-                perms,
-                name,
-                ..Mapping::default()
-            });
-        } else if let Some(cur) = maps.last_mut() {
-            if let Some(v) = kib_field(line, "Size:") {
-                cur.size = v;
-            } else if let Some(v) = kib_field(line, "Rss:") {
-                cur.rss = v;
-            } else if let Some(v) = kib_field(line, "Anonymous:") {
-                cur.anon = v;
-            }
-        }
-    }
+    let mut m = MemSample::from_status(&status);
+    let maps = parse_smaps(&smaps);
     // Guest RAM, possibly merged with less than an arena (64 MiB) of something else.
     let is_guest = |m: &Mapping| {
         m.name.is_empty()
@@ -456,13 +289,7 @@ fn read_memory(pid: u32, vm: bool) -> Result<MemSample> {
             }
             m.merged += map.size - guest_kib;
         } else {
-            m.anon += map.anon;
-            let rest = map.rss.saturating_sub(map.anon);
-            if map.name.starts_with('/') {
-                m.file += rest;
-            } else {
-                m.other += rest;
-            }
+            m.add_outside_guest(map);
         }
     }
     Ok(m)
@@ -599,58 +426,6 @@ fn responder_process() -> Result<()> {
     }
 }
 
-// ---- statistics ----------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug)]
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stats(values: &[f64]) -> Stats {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    };
-    Stats {
-        median,
-        min: v.first().copied().unwrap_or(f64::NAN),
-        max: v.last().copied().unwrap_or(f64::NAN),
-    }
-}
-
-/// "median [min-max]" with `prec` decimals.
-fn cell(s: Stats, prec: usize) -> String {
-    format!(
-        "{:.prec$} [{:.prec$}-{:.prec$}]",
-        s.median,
-        s.min,
-        s.max,
-        prec = prec
-    )
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}x", a / b)
-    } else {
-        "n/a".to_string()
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn col<T>(samples: &[T], f: impl Fn(&T) -> f64) -> Stats {
-    stats(&samples.iter().map(f).collect::<Vec<_>>())
-}
-
 // ---- 1. start -> accepting -----------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug)]
@@ -724,30 +499,14 @@ fn start_floor() -> Result<FloorSample> {
     }
     let mut rest = Vec::new();
     pipe.read_to_end(&mut rest)?;
-    let pid = libc::pid_t::try_from(child.id())?;
-    let mut status = 0;
-    // SAFETY: rusage is plain integers; all zeroes is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: `status` and `usage` are valid, writable and live for the call.
-        let ret = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        if ret == pid {
-            break;
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINTR) {
-            return Err(format!("wait4: {err}").into());
-        }
-    }
+    let (status, usage) = wait4(child.id())?;
     if status != 0 {
         return Err(format!("kiln --version: wait status {status:#x}").into());
     }
-    let micros = |tv: libc::timeval| {
-        u64::try_from(tv.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(tv.tv_usec).unwrap_or(0)
-    };
+    let cpu = timeval(usage.ru_utime) + timeval(usage.ru_stime);
     Ok(FloorSample {
         first_byte,
-        cpu: (micros(usage.ru_utime) + micros(usage.ru_stime)) * 1000,
+        cpu: u64::try_from(cpu.as_nanos())?,
     })
 }
 
@@ -1148,7 +907,7 @@ fn bench() -> Result<()> {
     let n = env_usize("KILN_BENCH_API_N", 20_000) as u64;
     let mem_runs = env_usize("KILN_BENCH_API_MEM_RUNS", 10);
     let started = Instant::now();
-    let scratch = Scratch::new()?;
+    let scratch = Scratch::new("api")?;
     println!("kiln API benchmark (issue 7)");
     println!("   kiln: {KILN}");
     println!(

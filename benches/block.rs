@@ -31,26 +31,24 @@
 //! `KILN_BENCH_BLK_N` (reads per run, default 500), `KILN_BENCH_BLK_FLOOR_ITERS` (iterations
 //! per floor measurement, default 2000).
 
-use std::collections::BTreeMap;
-use std::error::Error;
+mod common;
+
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::Kvm;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-type Result<T> = std::result::Result<T, Box<dyn Error>>;
-
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-const GUEST_DIR: &str = env!("KILN_TEST_GUEST_DIR");
+use common::{
+    CpuDelta, FloorVm, KILN, Lines, Result, Scratch, Stats, ThreadCpu, cell, env_usize, field,
+    guest_elf, host_tsc_khz, next_line, ratio, spawn_reader, stats, stop, this_thread_cpu_ns,
+};
 
 const MEM_MIB: u64 = 128;
 const DISK_BYTES: u64 = 64 << 20;
@@ -63,63 +61,17 @@ const LINE_TIMEOUT: Duration = Duration::from_secs(20);
 const FIRECRACKER_US: (f64, f64) = (20.0, 22.0);
 /// kiln's goal for its device path, CPU µs per read.
 const GOAL_US: f64 = 8.0;
-/// The GSI of the floor's irqfd (kiln's first virtio device uses GSI 5).
-const FLOOR_GSI: u32 = 5;
 /// The GSI the floor raises with KVM_IRQ_LINE.
 const FLOOR_IRQ_LINE_GSI: u32 = 6;
 
 fn main() {
-    if let Err(e) = check_kvm() {
-        eprintln!("block bench: {e}");
-        std::process::exit(1);
-    }
-    if let Err(e) = bench() {
-        eprintln!("block bench: error: {e}");
-        std::process::exit(1);
-    }
-}
-
-fn check_kvm() -> Result<()> {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(drop)
-        .map_err(|e| {
-            format!(
-                "cannot open /dev/kvm: {e}. This benchmark boots VMs: run it as root on a host \
-                 with KVM (`sudo cargo bench --bench block`)"
-            )
-            .into()
-        })
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
+    common::run("block", "boots VMs", bench);
 }
 
 // ---- scratch files -------------------------------------------------------------------------
 
 /// The drive image and kiln's config files.
-struct Scratch {
-    dir: PathBuf,
-}
-
 impl Scratch {
-    fn new() -> Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("kiln-bench-block-{}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        Ok(Scratch { dir })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
     fn disk(&self) -> PathBuf {
         self.path("disk.img")
     }
@@ -168,119 +120,6 @@ impl Scratch {
     }
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn guest_elf() -> PathBuf {
-    Path::new(GUEST_DIR).join("kiln-guest.elf")
-}
-
-// ---- per-thread CPU time -------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Main,
-    Vcpu,
-    Other,
-}
-
-/// One thread's schedstat: CPU nanoseconds and the number of times it was switched in.
-#[derive(Clone, Copy, Debug)]
-struct Sched {
-    kind: Kind,
-    ns: u64,
-    slices: u64,
-}
-
-/// The schedstat of each thread of a process, by tid.
-type ThreadCpu = BTreeMap<u32, Sched>;
-
-/// Reads /proc/<pid>/task/*/schedstat (ns on the CPU, ns waiting, times switched in). The
-/// main thread is the one whose tid is the pid; vCPU threads are named `kiln_vcpu<N>`.
-fn thread_cpu(pid: u32) -> Result<ThreadCpu> {
-    let mut out = ThreadCpu::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
-        let entry = entry?;
-        let Some(tid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A thread may end between the listing and the reads.
-        let (Ok(comm), Ok(stat)) = (
-            fs::read_to_string(entry.path().join("comm")),
-            fs::read_to_string(entry.path().join("schedstat")),
-        ) else {
-            continue;
-        };
-        let fields: Vec<u64> = stat
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        let [ns, _, slices] = fields[..] else {
-            return Err(format!("bad schedstat {stat:?}").into());
-        };
-        let kind = if tid == pid {
-            Kind::Main
-        } else if comm.trim().starts_with("kiln_vcpu") {
-            Kind::Vcpu
-        } else {
-            Kind::Other
-        };
-        out.insert(tid, Sched { kind, ns, slices });
-    }
-    Ok(out)
-}
-
-/// CPU nanoseconds spent between two samples, by kind of thread.
-#[derive(Clone, Copy, Debug, Default)]
-struct CpuDelta {
-    main: u64,
-    vcpu: u64,
-    other: u64,
-    /// Times the main thread was switched in.
-    main_slices: u64,
-}
-
-impl CpuDelta {
-    fn between(before: &ThreadCpu, after: &ThreadCpu) -> CpuDelta {
-        let mut d = CpuDelta::default();
-        for (tid, now) in after {
-            let then = before.get(tid);
-            let spent = now.ns.saturating_sub(then.map_or(0, |b| b.ns));
-            match now.kind {
-                Kind::Main => {
-                    d.main += spent;
-                    d.main_slices += now.slices.saturating_sub(then.map_or(0, |b| b.slices));
-                }
-                Kind::Vcpu => d.vcpu += spent,
-                Kind::Other => d.other += spent,
-            }
-        }
-        d
-    }
-
-    fn total(&self) -> u64 {
-        self.main + self.vcpu + self.other
-    }
-}
-
-/// The CPU time of this thread (CLOCK_THREAD_CPUTIME_ID), in nanoseconds.
-fn this_thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
 // ---- one kiln run --------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -316,85 +155,6 @@ struct RunSample {
     idle: CpuDelta,
 }
 
-fn signal(child: &Child, sig: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) on our own child, not yet reaped, so the pid is still ours.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-/// Stops `child` (SIGTERM, then SIGKILL after 5 s) and reaps it.
-fn stop(child: &mut Child) -> Result<std::process::ExitStatus> {
-    signal(child, libc::SIGTERM);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        if Instant::now() > deadline {
-            child.kill()?;
-            return Ok(child.wait()?);
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// What the reader thread sends: a guest line, the time it came and, for the marker lines,
-/// the CPU sample taken right then.
-struct Line {
-    text: String,
-    at: Instant,
-    cpu: Option<ThreadCpu>,
-}
-
-fn is_marker(line: &str) -> bool {
-    line.starts_with("info blk-bench begin")
-        || line.starts_with("bench blk-bench end")
-        || line.starts_with("ok blk-bench")
-}
-
-/// Reads the child's stdout line by line on a thread; samples the CPU of `pid`'s threads as
-/// soon as a marker line arrives (the guest idles 100 ms after each).
-fn spawn_reader(child: &mut Child) -> Result<mpsc::Receiver<std::result::Result<Line, String>>> {
-    let pid = child.id();
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let at = Instant::now();
-            let msg = line.map_err(|e| e.to_string()).and_then(|text| {
-                let cpu = if is_marker(&text) {
-                    Some(thread_cpu(pid).map_err(|e| e.to_string())?)
-                } else {
-                    None
-                };
-                Ok(Line { text, at, cpu })
-            });
-            if tx.send(msg).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
-}
-
-/// `bench blk-bench end n=N bytes=B tsc=T` → (N, B, T).
-fn parse_end(line: &str) -> Option<(u64, u64, u64)> {
-    let mut n = None;
-    let mut bytes = None;
-    let mut tsc = None;
-    for field in line.split_whitespace() {
-        if let Some(v) = field.strip_prefix("n=") {
-            n = v.parse().ok();
-        } else if let Some(v) = field.strip_prefix("bytes=") {
-            bytes = v.parse().ok();
-        } else if let Some(v) = field.strip_prefix("tsc=") {
-            tsc = v.parse().ok();
-        }
-    }
-    Some((n?, bytes?, tsc?))
-}
-
 fn kiln_run(
     variant: Variant,
     config: &Path,
@@ -411,7 +171,7 @@ fn kiln_run(
         .stdout(Stdio::piped())
         .stderr(Stdio::from(File::create(stderr)?));
     let mut child = cmd.spawn()?;
-    let result = spawn_reader(&mut child).and_then(|rx| collect_run(&rx, n, size));
+    let result = spawn_reader(&mut child, "blk-bench").and_then(|rx| collect_run(&rx, n, size));
     let status = stop(&mut child)?;
     result.map_err(|e| {
         let err = fs::read_to_string(stderr).unwrap_or_default();
@@ -420,36 +180,22 @@ fn kiln_run(
 }
 
 /// Follows the guest's output until `info idle`, and turns the three samples into a run.
-fn collect_run(
-    rx: &mpsc::Receiver<std::result::Result<Line, String>>,
-    n: u64,
-    size: u64,
-) -> Result<RunSample> {
+fn collect_run(rx: &Lines, n: u64, size: u64) -> Result<RunSample> {
     let mut output = String::new();
     let mut begin: Option<(Instant, ThreadCpu)> = None;
     let mut end: Option<(Instant, ThreadCpu, (u64, u64, u64))> = None;
     let mut ok: Option<ThreadCpu> = None;
     loop {
-        let line = match rx.recv_timeout(LINE_TIMEOUT) {
-            Ok(line) => line?,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(format!("no output for {LINE_TIMEOUT:?}:\n{output}").into());
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(format!("kiln ended early:\n{output}").into());
-            }
-        };
-        output.push_str(&line.text);
-        output.push('\n');
-        let text = line.text.as_str();
-        if text.starts_with("fail ") {
-            return Err(format!("the guest failed:\n{output}").into());
-        }
-        match (line.cpu, text) {
+        let line = next_line(rx, LINE_TIMEOUT, &mut output)?;
+        match (line.cpu, line.text.as_str()) {
             (Some(cpu), t) if t.starts_with("info blk-bench begin") => begin = Some((line.at, cpu)),
             (Some(cpu), t) if t.starts_with("bench blk-bench end") => {
-                let fields = parse_end(t).ok_or_else(|| format!("bad line {t:?}"))?;
-                end = Some((line.at, cpu, fields));
+                let (Some(n), Some(bytes), Some(tsc)) =
+                    (field(t, "n"), field(t, "bytes"), field(t, "tsc"))
+                else {
+                    return Err(format!("bad line {t:?}").into());
+                };
+                end = Some((line.at, cpu, (n, bytes, tsc)));
             }
             (Some(cpu), _) => ok = Some(cpu),
             (None, "info idle") => break,
@@ -520,34 +266,6 @@ fn floor_syscalls(disk: &File, size: u64, iters: usize) -> Result<FloorSample> {
     })?;
     evt.read()?;
     Ok(sample)
-}
-
-/// A VM with the in-kernel irqchip and one vCPU (never run), and an eventfd registered as
-/// its irqfd on an IOAPIC pin: what kiln's block device writes when a request completes.
-struct FloorVm {
-    vm: kvm_ioctls::VmFd,
-    // Kept alive: the interrupts go to its local APIC.
-    _vcpu: kvm_ioctls::VcpuFd,
-    irqfd: EventFd,
-    tsc_khz: u32,
-}
-
-impl FloorVm {
-    fn new() -> Result<FloorVm> {
-        let kvm = Kvm::new()?;
-        let vm = kvm.create_vm()?;
-        vm.create_irq_chip()?;
-        let vcpu = vm.create_vcpu(0)?;
-        let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
-        vm.register_irqfd(&irqfd, FLOOR_GSI)?;
-        Ok(FloorVm {
-            vm,
-            _vcpu: vcpu,
-            irqfd,
-            tsc_khz,
-        })
-    }
 }
 
 /// How the device thread of [`floor_device_loop`] interrupts, and how the stand-in for the
@@ -640,50 +358,6 @@ fn floor_device_loop(
     })
 }
 
-// ---- statistics ----------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug)]
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stats(values: &[f64]) -> Stats {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    };
-    Stats {
-        median,
-        min: v.first().copied().unwrap_or(f64::NAN),
-        max: v.last().copied().unwrap_or(f64::NAN),
-    }
-}
-
-/// "median [min-max]" with `prec` decimals.
-fn cell(s: Stats, prec: usize) -> String {
-    format!(
-        "{:.prec$} [{:.prec$}-{:.prec$}]",
-        s.median,
-        s.min,
-        s.max,
-        prec = prec
-    )
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}x", a / b)
-    } else {
-        "n/a".to_string()
-    }
-}
-
 // ---- the benchmark -------------------------------------------------------------------------
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -731,7 +405,7 @@ fn bench() -> Result<()> {
     let n = env_usize("KILN_BENCH_BLK_N", 500) as u64;
     let floor_iters = env_usize("KILN_BENCH_BLK_FLOOR_ITERS", 2000);
     let started = Instant::now();
-    let scratch = Scratch::new()?;
+    let scratch = Scratch::new("block")?;
     scratch.make_disk()?;
     let disk = File::open(scratch.disk())?;
     let stderr = scratch.path("stderr");
@@ -930,15 +604,4 @@ fn print_size(size: u64, n: u64, runs: usize, floor_iters: usize, tsc_khz: f64, 
         if kiln < GOAL_US { "met" } else { "NOT met" },
         kiln
     );
-}
-
-/// The host TSC frequency measured against CLOCK_MONOTONIC over 100 ms, in kHz.
-fn host_tsc_khz() -> f64 {
-    let t0 = Instant::now();
-    // SAFETY: rdtsc reads a counter; it has no memory effects.
-    let c0 = unsafe { core::arch::x86_64::_rdtsc() };
-    std::thread::sleep(Duration::from_millis(100));
-    // SAFETY: as above.
-    let c1 = unsafe { core::arch::x86_64::_rdtsc() };
-    (c1.wrapping_sub(c0)) as f64 / t0.elapsed().as_secs_f64() / 1e3
 }

@@ -30,7 +30,8 @@
 //! default 30), `KILN_BENCH_MEM_RUNS` (default 10), `KILN_BENCH_PIO_RUNS` (default 15),
 //! `KILN_BENCH_PIO_N` (exits per PIO run, default 30000).
 
-use std::error::Error;
+mod common;
+
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -55,10 +56,11 @@ use kiln::vstate::memory::create_guest_memory;
 use kiln::vstate::vcpu::Vcpu;
 use kiln::vstate::vm::{Vm, open_kvm};
 
-type Result<T> = std::result::Result<T, Box<dyn Error>>;
+use common::{
+    KILN, Mapping, MemSample, Result, Scratch, cell, env_usize, field, guest_elf, host_tsc_khz, ms,
+    parse_smaps, ratio, signal, stats, timeval, wait4,
+};
 
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-const GUEST_DIR: &str = env!("KILN_TEST_GUEST_DIR");
 /// Selects a baseline role when this binary re-executes itself.
 const ROLE_ENV: &str = "KILN_BENCH_ROLE";
 
@@ -101,37 +103,7 @@ fn main() {
             std::process::exit(0);
         }
     }
-    if let Err(e) = check_kvm() {
-        eprintln!("boot bench: {e}");
-        std::process::exit(1);
-    }
-    if let Err(e) = bench() {
-        eprintln!("boot bench: error: {e}");
-        std::process::exit(1);
-    }
-}
-
-fn check_kvm() -> Result<()> {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(drop)
-        .map_err(|e| {
-            format!(
-                "cannot open /dev/kvm: {e}. This benchmark boots VMs: run it as root on a host \
-                 with KVM (`sudo cargo bench --bench boot`)"
-            )
-            .into()
-        })
-}
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
+    common::run("boot", "boots VMs", bench);
 }
 
 // ---- the variants --------------------------------------------------------------------------
@@ -177,22 +149,8 @@ impl Variant {
     }
 }
 
-/// Files the benchmark writes (kiln's config files, children's stderr).
-struct Scratch {
-    dir: PathBuf,
-}
-
+/// kiln's config files (the directory also holds the children's stderr).
 impl Scratch {
-    fn new() -> Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("kiln-bench-boot-{}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        Ok(Scratch { dir })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
     /// A kiln config file booting the test guest ELF with `scenario`.
     fn kiln_config(&self, scenario: &str) -> Result<PathBuf> {
         let path = self.path(&format!("{scenario}.json"));
@@ -211,16 +169,6 @@ impl Scratch {
         fs::write(&path, json)?;
         Ok(path)
     }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn guest_elf() -> PathBuf {
-    Path::new(GUEST_DIR).join("kiln-guest.elf")
 }
 
 /// The command that runs `variant` with the scenario `scenario` ("hello" or "idle").
@@ -270,31 +218,6 @@ impl Sample {
     }
 }
 
-fn timeval(tv: libc::timeval) -> Duration {
-    let secs = u64::try_from(tv.tv_sec).unwrap_or(0);
-    let micros = u32::try_from(tv.tv_usec).unwrap_or(0);
-    Duration::from_secs(secs) + Duration::from_micros(u64::from(micros))
-}
-
-/// Waits for `pid` and returns its wait status and resource usage.
-fn wait4(pid: u32) -> Result<(i32, libc::rusage)> {
-    let pid = libc::pid_t::try_from(pid)?;
-    let mut status = 0;
-    // SAFETY: rusage is plain integers; all zeroes is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: `status` and `usage` are valid, writable and live for the call.
-        let ret = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        if ret == pid {
-            return Ok((status, usage));
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINTR) {
-            return Err(format!("wait4({pid}): {err}").into());
-        }
-    }
-}
-
 fn describe_status(status: i32) -> String {
     if libc::WIFEXITED(status) {
         format!("exit status {}", libc::WEXITSTATUS(status))
@@ -341,54 +264,6 @@ fn measure(mut cmd: Command, stderr_path: &Path, expected: &str) -> Result<Sampl
         sys: timeval(usage.ru_stime),
         maxrss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
     })
-}
-
-// ---- statistics and printing ---------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug)]
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stats(values: &[f64]) -> Stats {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    };
-    Stats {
-        median,
-        min: v.first().copied().unwrap_or(f64::NAN),
-        max: v.last().copied().unwrap_or(f64::NAN),
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-/// "median [min-max]" with `prec` decimals.
-fn cell(s: Stats, prec: usize) -> String {
-    format!(
-        "{:.prec$} [{:.prec$}-{:.prec$}]",
-        s.median,
-        s.min,
-        s.max,
-        prec = prec
-    )
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}x", a / b)
-    } else {
-        "n/a".to_string()
-    }
 }
 
 // ---- 1. start-up ---------------------------------------------------------------------------
@@ -488,116 +363,31 @@ fn print_startup(samples: &[Vec<Sample>], runs: usize) {
 
 // ---- 2. memory overhead --------------------------------------------------------------------
 
-/// Resident memory of an idling VMM, in KiB.
-#[derive(Clone, Copy, Debug, Default)]
-struct MemSample {
-    /// VmHWM: peak RSS.
-    hwm: u64,
-    /// VmRSS now.
-    rss: u64,
-    /// Rss of the guest RAM mapping: guest memory actually touched.
-    guest: u64,
-    /// Anonymous (private, per-process) memory outside the guest RAM: heap, stacks,
-    /// thread arenas, written data pages of the executable.
-    anon: u64,
-    /// File pages (the executable's text and read-only data): shared with the page cache,
-    /// so every VM process on the host shares them.
-    file: u64,
-    /// Everything else: the kvm-vcpu run page, vdso.
-    other: u64,
-}
-
-impl MemSample {
-    fn overhead_peak(&self) -> u64 {
-        self.hwm.saturating_sub(self.guest)
-    }
-
-    fn overhead_now(&self) -> u64 {
-        self.rss.saturating_sub(self.guest)
-    }
-}
-
-fn kib_field(line: &str, name: &str) -> Option<u64> {
-    line.strip_prefix(name)?
-        .trim()
-        .strip_suffix("kB")?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// Parses /proc/<pid>/smaps and /proc/<pid>/status. The guest RAM is the anonymous
 /// read-write private mapping of exactly the guest size.
 fn read_memory(pid: u32) -> Result<MemSample> {
     let guest_kib = MEM_MIB * 1024;
     let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
     let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let mut m = MemSample::default();
-    for line in status.lines() {
-        if let Some(v) = kib_field(line, "VmHWM:") {
-            m.hwm = v;
-        } else if let Some(v) = kib_field(line, "VmRSS:") {
-            m.rss = v;
-        }
-    }
-
-    #[derive(Default)]
-    struct Mapping {
-        perms: String,
-        name: String,
-        size: u64,
-        rss: u64,
-        anon: u64,
-    }
-    let mut maps: Vec<Mapping> = Vec::new();
-    for line in smaps.lines() {
-        let mut fields = line.split_whitespace();
-        let first = fields.next().unwrap_or("");
-        let is_header =
-            first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
-        if is_header {
-            let perms = fields.next().unwrap_or("").to_string();
-            let name = fields.nth(3).unwrap_or("").to_string();
-            maps.push(Mapping {
-                perms,
-                name,
-                ..Mapping::default()
-            });
-        } else if let Some(cur) = maps.last_mut() {
-            if let Some(v) = kib_field(line, "Size:") {
-                cur.size = v;
-            } else if let Some(v) = kib_field(line, "Rss:") {
-                cur.rss = v;
-            } else if let Some(v) = kib_field(line, "Anonymous:") {
-                cur.anon = v;
-            }
-        }
-    }
-    let guest: Vec<&Mapping> = maps
-        .iter()
-        .filter(|m| m.name.is_empty() && m.perms == "rw-p" && m.size == guest_kib)
-        .collect();
-    if guest.len() != 1 {
+    let mut m = MemSample::from_status(&status);
+    let maps = parse_smaps(&smaps);
+    let is_guest =
+        |map: &Mapping| map.name.is_empty() && map.perms == "rw-p" && map.size == guest_kib;
+    let guests = maps.iter().filter(|map| is_guest(map)).count();
+    if guests != 1 {
         return Err(format!(
             "pid {pid}: expected one anonymous rw-p mapping of {guest_kib} kB (the guest RAM), \
-             found {}",
-            guest.len()
+             found {guests}"
         )
         .into());
     }
     let mut guest_seen = false;
     for map in &maps {
-        if !guest_seen && map.name.is_empty() && map.perms == "rw-p" && map.size == guest_kib {
+        if !guest_seen && is_guest(map) {
             guest_seen = true;
             m.guest = map.rss;
         } else {
-            m.anon += map.anon;
-            let rest = map.rss.saturating_sub(map.anon);
-            if map.name.starts_with('/') {
-                m.file += rest;
-            } else {
-                m.other += rest;
-            }
+            m.add_outside_guest(map);
         }
     }
     Ok(m)
@@ -628,8 +418,7 @@ fn measure_idle(mut cmd: Command, stderr_path: &Path) -> Result<MemSample> {
     } else {
         Err("the child ended before idling".into())
     };
-    // SAFETY: kill(2) on our own child, not yet reaped, so the pid is still ours.
-    unsafe { libc::kill(libc::pid_t::try_from(child.id())?, libc::SIGTERM) };
+    signal(&child, libc::SIGTERM);
     let _ = pipe.read_to_end(&mut output);
     let (status, _) = wait4(child.id())?;
     mem.map_err(|e| {
@@ -722,16 +511,7 @@ fn parse_pio(output: &str, n: u64) -> Result<u64> {
         .lines()
         .find(|l| l.starts_with("bench pio "))
         .ok_or_else(|| format!("no `bench pio` line in:\n{output}"))?;
-    let mut count = None;
-    let mut tsc = None;
-    for field in line.split_whitespace() {
-        if let Some(v) = field.strip_prefix("n=") {
-            count = v.parse::<u64>().ok();
-        } else if let Some(v) = field.strip_prefix("tsc=") {
-            tsc = v.parse::<u64>().ok();
-        }
-    }
-    match (count, tsc) {
+    match (field(line, "n"), field(line, "tsc")) {
         (Some(c), Some(t)) if c == n => Ok(t),
         _ => Err(format!("bad bench line {line:?} (wanted n={n})").into()),
     }
@@ -779,18 +559,6 @@ fn vcpu_tsc_khz() -> Result<u32> {
     let vm = kvm.create_vm()?;
     let vcpu = vm.create_vcpu(0)?;
     Ok(vcpu.get_tsc_khz()?)
-}
-
-/// The host TSC frequency measured against CLOCK_MONOTONIC over 100 ms, in kHz.
-fn host_tsc_khz() -> f64 {
-    let t0 = Instant::now();
-    // SAFETY: rdtsc reads a counter; it has no memory effects.
-    let c0 = unsafe { core::arch::x86_64::_rdtsc() };
-    std::thread::sleep(Duration::from_millis(100));
-    // SAFETY: as above.
-    let c1 = unsafe { core::arch::x86_64::_rdtsc() };
-    let secs = t0.elapsed().as_secs_f64();
-    (c1.wrapping_sub(c0)) as f64 / secs / 1e3
 }
 
 struct PioResult {
@@ -890,7 +658,7 @@ fn bench() -> Result<()> {
     let mem_runs = env_usize("KILN_BENCH_MEM_RUNS", 10);
     let pio_runs = env_usize("KILN_BENCH_PIO_RUNS", 15);
     let pio_n = env_usize("KILN_BENCH_PIO_N", 30_000) as u64;
-    let scratch = Scratch::new()?;
+    let scratch = Scratch::new("boot")?;
     let started = Instant::now();
     println!("kiln boot benchmark (issue 2)");
     println!("   kiln:  {KILN}");

@@ -42,26 +42,24 @@
 //! (frames per run for x256 shapes, default 8192), `KILN_BENCH_NET_N_SINGLE` (frames per run
 //! for x1 shapes, default 1000), `KILN_BENCH_NET_ONLY` (`tx` or `rx`: one direction only).
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::error::Error;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::Kvm;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-type Result<T> = std::result::Result<T, Box<dyn Error>>;
-
-const KILN: &str = env!("CARGO_BIN_EXE_kiln");
-const GUEST_DIR: &str = env!("KILN_TEST_GUEST_DIR");
+use common::{
+    CpuDelta, FloorVm, KILN, Lines, Result, Scratch, ThreadCpu, cell, env_usize, field, guest_elf,
+    next_line, ratio, spawn_reader, stats, stop, this_thread_cpu_ns,
+};
 
 const MEM_MIB: u64 = 128;
 const BASE_ARGS: &str = "console=ttyS0 reboot=k panic=1 pci=off";
@@ -78,8 +76,6 @@ const VNET_HDR_LEN: usize = 12;
 /// Longest wait for the guest's next line, or for an acknowledgement.
 const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
-/// The GSI of the floor's irqfd (kiln's first virtio device uses GSI 5).
-const FLOOR_GSI: u32 = 5;
 
 /// Firecracker's device thread (issue 4): CPU µs per 64-byte UDP frame with 256 frames per
 /// notification, and per notification cycle.
@@ -87,37 +83,7 @@ const FIRECRACKER_PER_FRAME_US: f64 = 2.2;
 const FIRECRACKER_PER_CYCLE_US: (f64, f64) = (18.0, 20.0);
 
 fn main() {
-    if let Err(e) = check_root() {
-        eprintln!("net bench: {e}");
-        std::process::exit(1);
-    }
-    if let Err(e) = bench() {
-        eprintln!("net bench: error: {e}");
-        std::process::exit(1);
-    }
-}
-
-fn check_root() -> Result<()> {
-    fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(drop)
-        .map_err(|e| {
-            format!(
-                "cannot open /dev/kvm: {e}. This benchmark boots VMs and makes a network \
-                 namespace: run it as root on a host with KVM (`sudo cargo bench --bench net`)"
-            )
-        })?;
-    Ok(())
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|n| *n > 0)
-        .unwrap_or(default)
+    common::run("net", "boots VMs and makes a network namespace", bench);
 }
 
 fn sh(args: &[&str]) -> Result<()> {
@@ -238,21 +204,8 @@ impl Drop for NetNs {
 
 // ---- scratch files -------------------------------------------------------------------------
 
-struct Scratch {
-    dir: PathBuf,
-}
-
+/// kiln's config file.
 impl Scratch {
-    fn new() -> Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("kiln-bench-net-{}", std::process::id()));
-        fs::create_dir_all(&dir)?;
-        Ok(Scratch { dir })
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
     fn config(&self, shape: &Shape) -> Result<PathBuf> {
         let path = self.path("vm.json");
         let json = format!(
@@ -272,109 +225,6 @@ impl Scratch {
         fs::write(&path, json)?;
         Ok(path)
     }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn guest_elf() -> PathBuf {
-    Path::new(GUEST_DIR).join("kiln-guest.elf")
-}
-
-// ---- per-thread CPU time -------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Main,
-    Vcpu,
-    Other,
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Sched {
-    kind: Kind,
-    ns: u64,
-    slices: u64,
-}
-
-type ThreadCpu = BTreeMap<u32, Sched>;
-
-/// /proc/<pid>/task/*/schedstat: the main thread's tid is the pid, vCPU threads are named
-/// `kiln_vcpu<N>`.
-fn thread_cpu(pid: u32) -> Result<ThreadCpu> {
-    let mut out = ThreadCpu::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
-        let entry = entry?;
-        let Some(tid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let (Ok(comm), Ok(stat)) = (
-            fs::read_to_string(entry.path().join("comm")),
-            fs::read_to_string(entry.path().join("schedstat")),
-        ) else {
-            continue;
-        };
-        let fields: Vec<u64> = stat
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        let [ns, _, slices] = fields[..] else {
-            return Err(format!("bad schedstat {stat:?}").into());
-        };
-        let kind = if tid == pid {
-            Kind::Main
-        } else if comm.trim().starts_with("kiln_vcpu") {
-            Kind::Vcpu
-        } else {
-            Kind::Other
-        };
-        out.insert(tid, Sched { kind, ns, slices });
-    }
-    Ok(out)
-}
-
-#[derive(Clone, Copy, Debug, Default)]
-struct CpuDelta {
-    main: u64,
-    vcpu: u64,
-    other: u64,
-    main_slices: u64,
-}
-
-impl CpuDelta {
-    fn between(before: &ThreadCpu, after: &ThreadCpu) -> CpuDelta {
-        let mut d = CpuDelta::default();
-        for (tid, now) in after {
-            let then = before.get(tid);
-            let spent = now.ns.saturating_sub(then.map_or(0, |b| b.ns));
-            match now.kind {
-                Kind::Main => {
-                    d.main += spent;
-                    d.main_slices += now.slices.saturating_sub(then.map_or(0, |b| b.slices));
-                }
-                Kind::Vcpu => d.vcpu += spent,
-                Kind::Other => d.other += spent,
-            }
-        }
-        d
-    }
-}
-
-fn this_thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the call.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 // ---- host-side traffic ---------------------------------------------------------------------
@@ -446,64 +296,6 @@ struct RunSample {
     interrupts: u64,
 }
 
-struct Line {
-    text: String,
-    cpu: Option<ThreadCpu>,
-}
-
-fn is_marker(line: &str) -> bool {
-    line.starts_with("info net-bench begin")
-        || line.starts_with("bench net-bench end")
-        || line.starts_with("ok net-bench")
-}
-
-fn spawn_reader(child: &mut Child) -> Result<mpsc::Receiver<std::result::Result<Line, String>>> {
-    let pid = child.id();
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let msg = line.map_err(|e| e.to_string()).and_then(|text| {
-                let cpu = if is_marker(&text) {
-                    Some(thread_cpu(pid).map_err(|e| e.to_string())?)
-                } else {
-                    None
-                };
-                Ok(Line { text, cpu })
-            });
-            if tx.send(msg).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(rx)
-}
-
-fn field(line: &str, name: &str) -> Option<u64> {
-    line.split_whitespace()
-        .find_map(|f| f.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
-}
-
-/// Stops `child` (SIGTERM, then SIGKILL after 5 s) and reaps it.
-fn stop(child: &mut Child) -> Result<()> {
-    if let Ok(pid) = libc::pid_t::try_from(child.id()) {
-        // SAFETY: kill(2) on our own child, not yet reaped, so the pid is still ours.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            child.kill()?;
-            child.wait()?;
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 fn kiln_run(scratch: &Scratch, shape: &Shape, socks: &Sockets) -> Result<RunSample> {
     socks.drain()?;
     let config = scratch.config(shape)?;
@@ -520,7 +312,7 @@ fn kiln_run(scratch: &Scratch, shape: &Shape, socks: &Sockets) -> Result<RunSamp
         .stdout(Stdio::piped())
         .stderr(Stdio::from(File::create(&stderr)?));
     let mut child = cmd.spawn()?;
-    let result = spawn_reader(&mut child).and_then(|rx| follow_run(&rx, shape, socks));
+    let result = spawn_reader(&mut child, "net-bench").and_then(|rx| follow_run(&rx, shape, socks));
     stop(&mut child)?;
     let mut sample = result.map_err(|e| {
         let err = fs::read_to_string(&stderr).unwrap_or_default();
@@ -543,32 +335,14 @@ fn kiln_run(scratch: &Scratch, shape: &Shape, socks: &Sockets) -> Result<RunSamp
     Ok(sample)
 }
 
-fn follow_run(
-    rx: &mpsc::Receiver<std::result::Result<Line, String>>,
-    shape: &Shape,
-    socks: &Sockets,
-) -> Result<RunSample> {
+fn follow_run(rx: &Lines, shape: &Shape, socks: &Sockets) -> Result<RunSample> {
     let mut output = String::new();
     let mut begin = None;
     let mut end: Option<(ThreadCpu, u64, u64, u64)> = None;
     let mut ok = None;
     loop {
-        let line = match rx.recv_timeout(LINE_TIMEOUT) {
-            Ok(line) => line?,
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                return Err(format!("no output for {LINE_TIMEOUT:?}:\n{output}").into());
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(format!("kiln ended early:\n{output}").into());
-            }
-        };
-        output.push_str(&line.text);
-        output.push('\n');
-        let text = line.text.as_str();
-        if text.starts_with("fail ") {
-            return Err(format!("the guest failed:\n{output}").into());
-        }
-        match (line.cpu, text) {
+        let line = next_line(rx, LINE_TIMEOUT, &mut output)?;
+        match (line.cpu, line.text.as_str()) {
             (Some(cpu), t) if t.starts_with("info net-bench begin") => {
                 begin = Some(cpu);
                 if shape.dir == Dir::Rx {
@@ -742,33 +516,6 @@ fn guest_frame(size: usize, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// A VM with the in-kernel irqchip and one vCPU (never run), and an eventfd registered as
-/// its irqfd: what kiln writes to interrupt the guest.
-struct FloorVm {
-    _vm: kvm_ioctls::VmFd,
-    _vcpu: kvm_ioctls::VcpuFd,
-    irqfd: EventFd,
-    tsc_khz: u32,
-}
-
-impl FloorVm {
-    fn new() -> Result<FloorVm> {
-        let kvm = Kvm::new()?;
-        let vm = kvm.create_vm()?;
-        vm.create_irq_chip()?;
-        let vcpu = vm.create_vcpu(0)?;
-        let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
-        let irqfd = EventFd::new(libc::EFD_NONBLOCK)?;
-        vm.register_irqfd(&irqfd, FLOOR_GSI)?;
-        Ok(FloorVm {
-            _vm: vm,
-            _vcpu: vcpu,
-            irqfd,
-            tsc_khz,
-        })
-    }
-}
-
 /// Waits (spinning, yielding) until `cond` holds or 5 s pass.
 fn spin_until(cond: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -931,49 +678,6 @@ fn floor_syscalls(tap: &Tap, shape: &Shape, socks: &Sockets) -> Result<f64> {
     Ok(spent as f64 / shape.n as f64)
 }
 
-// ---- statistics ----------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug)]
-struct Stats {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stats(values: &[f64]) -> Stats {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    let median = match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    };
-    Stats {
-        median,
-        min: v.first().copied().unwrap_or(f64::NAN),
-        max: v.last().copied().unwrap_or(f64::NAN),
-    }
-}
-
-fn cell(s: Stats, prec: usize) -> String {
-    format!(
-        "{:.prec$} [{:.prec$}-{:.prec$}]",
-        s.median,
-        s.min,
-        s.max,
-        prec = prec
-    )
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}x", a / b)
-    } else {
-        "n/a".to_string()
-    }
-}
-
 // ---- the benchmark -------------------------------------------------------------------------
 
 #[derive(Default)]
@@ -984,12 +688,12 @@ struct ShapeResults {
 }
 
 fn bench() -> Result<()> {
-    let runs = env_u64("KILN_BENCH_NET_RUNS", 5) as usize;
-    let n_batch = env_u64("KILN_BENCH_NET_N_BATCH", 8192);
-    let n_single = env_u64("KILN_BENCH_NET_N_SINGLE", 1000);
+    let runs = env_usize("KILN_BENCH_NET_RUNS", 5);
+    let n_batch = env_usize("KILN_BENCH_NET_N_BATCH", 8192) as u64;
+    let n_single = env_usize("KILN_BENCH_NET_N_SINGLE", 1000) as u64;
     let started = Instant::now();
     let _ns = NetNs::new()?;
-    let scratch = Scratch::new()?;
+    let scratch = Scratch::new("net")?;
     let socks = Sockets::new()?;
     let vm = FloorVm::new()?;
     let tsc_khz = match vm.tsc_khz {

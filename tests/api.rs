@@ -11,7 +11,8 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::api::{ApiKiln, parse_response, request};
-use common::{NetNs, TempDir, guest, kiln, require_kvm, run_kiln};
+use common::net::NetNs;
+use common::{TempDir, counter, guest, kiln, require_kvm, run_kiln, sigterm};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -23,12 +24,6 @@ fn api_kiln(dir: &TempDir, netns: Option<&NetNs>, extra: &[&str]) -> ApiKiln {
     };
     cmd.args(["--api-sock", sock.to_str().unwrap()]).args(extra);
     ApiKiln::spawn(cmd, &sock)
-}
-
-fn counter(metrics: &serde_json::Value, section: &str, name: &str) -> u64 {
-    metrics[section][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {section}.{name} in {metrics}"))
 }
 
 #[test]
@@ -285,10 +280,7 @@ fn hostile_clients_get_errors_and_the_vmm_keeps_serving() {
     drop(stalled);
 
     // The guest never noticed.
-    Command::new("kill")
-        .args(["-TERM", &k.pid().to_string()])
-        .status()
-        .unwrap();
+    sigterm(k.pid());
     let out = k.finish(LONG);
     assert_eq!(out.status, 128 + 15, "{out}");
 }

@@ -16,7 +16,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::{
-    Output, TempDir, fnv1a, guest, kiln, require_kvm, run_kiln, run_kiln_with, wait_with_deadline,
+    Output, TempDir, blk_pattern, fnv1a, guest, kiln, require_kvm, run_kiln, run_kiln_with,
+    wait_with_deadline,
 };
 
 const SECTOR: usize = 512;
@@ -122,19 +123,6 @@ fn filler(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// The guest's write pattern (include/virtio_blk.h, blk_pattern_byte).
-fn pattern(sector: u64, count: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(count as usize * SECTOR);
-    for s in sector..sector + count {
-        let base = (s as u32).wrapping_mul(2_654_435_761);
-        for off in 0..SECTOR as u32 {
-            let h = base.wrapping_add(off.wrapping_mul(40503));
-            v.push((h ^ (h >> 16)) as u8);
-        }
-    }
-    v
-}
-
 fn sector_fnv(image: &[u8], sector: u64) -> u32 {
     let at = sector as usize * SECTOR;
     fnv1a(&image[at..at + SECTOR])
@@ -144,7 +132,7 @@ fn sector_fnv(image: &[u8], sector: u64) -> u32 {
 fn with_pattern(image: &[u8], sector: u64, count: u64) -> Vec<u8> {
     let mut v = image.to_vec();
     let at = sector as usize * SECTOR;
-    v[at..at + count as usize * SECTOR].copy_from_slice(&pattern(sector, count));
+    v[at..at + count as usize * SECTOR].copy_from_slice(&blk_pattern(sector, count));
     v
 }
 
@@ -595,7 +583,7 @@ fn full_filesystem_gives_the_guest_ioerr() {
     );
     let out = run_in_mount_namespace(&script);
     assert_eq!(out.status, 0, "{out}");
-    let written = pattern(0, 8);
+    let written = blk_pattern(0, 8);
     let want = vec![
         "kiln-guest: start variant=elf".to_string(),
         "ok blk-write dev=0 sector=16 count=8 status=ioerr".to_string(),

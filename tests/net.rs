@@ -21,15 +21,18 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Child, Stdio};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{Output, TempDir, guest, kiln, require_kvm};
+use common::net::NetNs;
+use common::{
+    Output, TempDir, assert_guest_passed, blk_pattern, counter, exit_code, guest, kiln,
+    require_kvm, wait_until,
+};
 use serde_json::Value;
 
 const GUEST_MAC: &str = "aa:fc:00:00:00:01";
@@ -51,23 +54,6 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 // ---- the network namespace -----------------------------------------------------------------
 
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A network namespace holding one TAP (`tap0`, 10.0.0.1/24, up, IPv6 off so the host sends
-/// no unsolicited frames), deleted on drop.
-struct NetNs {
-    name: String,
-}
-
 #[derive(Clone, Copy)]
 struct TapOpts {
     mtu: u32,
@@ -88,99 +74,61 @@ impl Default for TapOpts {
 
 const TAP: &str = "tap0";
 
-impl NetNs {
-    fn new(opts: TapOpts) -> NetNs {
-        static N: AtomicU32 = AtomicU32::new(0);
-        require_kvm();
-        let name = format!(
-            "kiln-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        sh(&["ip", "netns", "add", &name]);
-        // From here on the guard removes it, whatever fails next.
-        let ns = NetNs { name };
-        ns.exec(&[
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ]);
-        ns.exec(&["ip", "tuntap", "add", TAP, "mode", "tap"]);
-        ns.exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", TAP]);
-        ns.exec(&[
-            "ip",
-            "link",
-            "set",
-            TAP,
+/// A network namespace holding one TAP (`tap0`, 10.0.0.1/24, up, IPv6 off so the host sends
+/// no unsolicited frames), deleted on drop.
+fn net_ns(opts: TapOpts) -> NetNs {
+    require_kvm();
+    let ns = NetNs::new("net");
+    ns.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ]);
+    ns.add_tap_with(
+        TAP,
+        "10.0.0.1/24",
+        &[
             "mtu",
             &opts.mtu.to_string(),
             "txqueuelen",
             &opts.txqueuelen.to_string(),
-            "up",
+        ],
+    );
+    if opts.static_neigh {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            "10.0.0.2",
+            "lladdr",
+            GUEST_MAC,
+            "dev",
+            TAP,
+            "nud",
+            "permanent",
         ]);
-        if opts.static_neigh {
-            ns.exec(&[
-                "ip",
-                "neigh",
-                "replace",
-                "10.0.0.2",
-                "lladdr",
-                GUEST_MAC,
-                "dev",
-                TAP,
-                "nud",
-                "permanent",
-            ]);
-        }
-        ns
     }
-
-    fn exec(&self, args: &[&str]) -> String {
-        let mut all = vec!["ip", "netns", "exec", &self.name];
-        all.extend_from_slice(args);
-        sh(&all)
-    }
-
-    fn tap_mac(&self) -> String {
-        self.exec(&["cat", &format!("/sys/class/net/{TAP}/address")])
-            .trim()
-            .to_string()
-    }
-
-    fn tap_stat(&self, name: &str) -> u64 {
-        self.exec(&["cat", &format!("/sys/class/net/{TAP}/statistics/{name}")])
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    /// Runs `f` on a thread that joined the namespace: sockets it creates live there.
-    fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let file = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns with an open netns fd only changes this thread's namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-
-    /// A UDP socket bound to 10.0.0.1 in the namespace.
-    fn udp_socket(&self) -> UdpSocket {
-        self.run_in(|| UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).unwrap())
-    }
+    ns
 }
 
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// The TAP's MAC address.
+fn tap_mac(ns: &NetNs) -> String {
+    ns.exec(&["cat", &format!("/sys/class/net/{TAP}/address")])
+        .trim()
+        .to_string()
+}
+
+/// One of the TAP's statistics (/sys/class/net/tap0/statistics).
+fn tap_stat(ns: &NetNs, name: &str) -> u64 {
+    ns.exec(&["cat", &format!("/sys/class/net/{TAP}/statistics/{name}")])
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A UDP socket bound to 10.0.0.1 in the namespace.
+fn udp_socket(ns: &NetNs) -> UdpSocket {
+    ns.run_in(|| UdpSocket::bind(SocketAddrV4::new(HOST_IP, 0)).unwrap())
 }
 
 // ---- kiln in the namespace -----------------------------------------------------------------
@@ -224,15 +172,9 @@ impl Vm {
     fn start(ns: &NetNs, dir: &TempDir, run: &str, drive: Option<Drive>) -> Vm {
         let cfg = vm_config(dir, run, drive);
         let metrics = dir.path().join("metrics.json");
-        let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns.name,
-                kiln(),
-                "--no-api",
-                "--config-file",
-            ])
+        let mut child = ns
+            .command(kiln())
+            .args(["--no-api", "--config-file"])
             .arg(&cfg)
             .arg("--metrics-path")
             .arg(&metrics)
@@ -300,28 +242,17 @@ impl Vm {
     /// Waits for kiln to exit; its whole output and status.
     fn finish(mut self) -> (Output, Value) {
         let mut child = self.child.take().unwrap();
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            if self.start.elapsed() > RUN_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "kiln did not exit within {RUN_TIMEOUT:?}; guest output:\n{}",
-                    self.seen.join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let Some(status) = wait_until(&mut child, self.start + RUN_TIMEOUT) else {
+            panic!(
+                "kiln did not exit within {RUN_TIMEOUT:?}; guest output:\n{}",
+                self.seen.join("\n")
+            );
         };
         self.stdout.take().unwrap().join().unwrap();
         self.seen.extend(self.lines.try_iter());
         let stderr = self.stderr.take().unwrap().join().unwrap();
-        use std::os::unix::process::ExitStatusExt;
         let out = Output {
-            status: status
-                .code()
-                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            status: exit_code(status),
             stdout: self.seen.iter().map(|l| format!("{l}\n")).collect(),
             stderr,
             wall: self.start.elapsed(),
@@ -351,12 +282,6 @@ fn last_metrics(path: &Path, out: &Output) -> Value {
     serde_json::from_str(line).unwrap()
 }
 
-fn counter(m: &Value, section: &str, name: &str) -> u64 {
-    m[section][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {section}.{name} in {m}"))
-}
-
 /// CPU time (ns) kiln's main thread (the event loop, where the devices run) has used.
 fn main_thread_cpu_ns(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat")).unwrap();
@@ -367,13 +292,6 @@ fn main_thread_cpu_ns(pid: u32) -> u64 {
 fn assert_lines(out: &Output, prefix: &str, want: &[String]) {
     let got: Vec<&str> = out.lines_with(prefix);
     assert_eq!(got, want, "\n{out}");
-}
-
-fn assert_clean_exit(out: &Output) {
-    assert!(out.lines_with("fail").is_empty(), "guest failures:\n{out}");
-    let done = out.line("kiln-guest: done");
-    assert!(done.ends_with(" fail=0"), "{done}\n{out}");
-    assert_eq!(out.status, 0, "{out}");
 }
 
 // ---- host-side traffic ---------------------------------------------------------------------
@@ -459,15 +377,15 @@ const COUNTERS_OK: &str = "counters rx-bad=0 rx-no-irq=0 tx-bad-used=0 tx-no-irq
 /// straight into guest memory), then answers the host's pings.
 #[test]
 fn guest_and_host_ping_each_other() {
-    let ns = NetNs::new(TapOpts::default());
-    let host_mac = ns.tap_mac();
+    let ns = net_ns(TapOpts::default());
+    let host_mac = tap_mac(&ns);
     let dir = TempDir::new("net-ping");
     let mut vm = Vm::start(&ns, &dir, "net,net:mrg:evidx:bufsize=512:listen=3", None);
     vm.wait_line("info net listen echo=3");
     let answered = ping_guest(&ns, 3, 56);
     let (out, m) = vm.finish();
     assert_eq!(answered, 3, "the guest answered {answered}/3 pings\n{out}");
-    assert_clean_exit(&out);
+    assert_guest_passed(&out);
 
     let pings = |mrg: bool| -> Vec<String> {
         let mut v = vec![
@@ -528,11 +446,11 @@ fn guest_and_host_ping_each_other() {
 /// interrupt), kiln counts it, and a normal ping works after each one.
 #[test]
 fn hostile_transmit_chains() {
-    let ns = NetNs::new(TapOpts::default());
+    let ns = net_ns(TapOpts::default());
     let dir = TempDir::new("net-hostile");
     let vm = Vm::start(&ns, &dir, "net-hostile:all", None);
     let (out, m) = vm.finish();
-    assert_clean_exit(&out);
+    assert_guest_passed(&out);
     let cases = [
         ("tx-too-long", ""),
         ("tx-max", ""),
@@ -588,12 +506,12 @@ fn send_big_burst(sock: &UdpSocket, n: u32, size: usize) {
 /// TAP: kiln must wait for buffers without burning CPU.
 #[test]
 fn frames_larger_than_the_receive_buffers() {
-    let ns = NetNs::new(TapOpts {
+    let ns = net_ns(TapOpts {
         mtu: 9000,
         static_neigh: true,
         ..TapOpts::default()
     });
-    let sock = ns.udp_socket();
+    let sock = udp_socket(&ns);
     let dir = TempDir::new("net-rx-big");
     let mut vm = Vm::start(
         &ns,
@@ -637,7 +555,7 @@ fn frames_larger_than_the_receive_buffers() {
     want.extend(mrg.clone());
     want.extend(mrg);
     assert_lines(&out, "ok net-rx-big", &want);
-    assert_clean_exit(&out);
+    assert_guest_passed(&out);
     let net = "net_eth0";
     // Without MRG_RXBUF each big frame was dropped and counted, nothing else.
     assert_eq!(counter(&m, net, "rx_dropped"), 32, "{m}");
@@ -651,8 +569,8 @@ fn frames_larger_than_the_receive_buffers() {
 /// the TAP's failure and the lost frames are counted.
 #[test]
 fn tap_deleted_while_the_guest_runs() {
-    let ns = NetNs::new(TapOpts::default());
-    let host_mac = ns.tap_mac();
+    let ns = net_ns(TapOpts::default());
+    let host_mac = tap_mac(&ns);
     let dir = TempDir::new("net-tap-gone");
     let image = dir.file("disk.img", &vec![0u8; 1 << 20]);
     let mut vm = Vm::start(
@@ -662,14 +580,14 @@ fn tap_deleted_while_the_guest_runs() {
         Some(Drive { path: &image }),
     );
     vm.wait_line("info net-tap-gone progress i=10");
-    ns.exec(&["ip", "link", "del", TAP]);
+    ns.ip(&["link", "del", TAP]);
     vm.wait_line("info net-tap-gone idle ms=1000");
     let pid = vm.pid();
     let (cpu0, t0) = (main_thread_cpu_ns(pid), Instant::now());
     vm.wait_line("info net-tap-gone awake");
     let (idle_cpu, idle_wall) = (main_thread_cpu_ns(pid) - cpu0, t0.elapsed());
     let (out, m) = vm.finish();
-    assert_clean_exit(&out);
+    assert_guest_passed(&out);
     assert_lines(
         &out,
         "ok net-tap-gone",
@@ -696,16 +614,9 @@ fn tap_deleted_while_the_guest_runs() {
     assert_eq!(counter(&m, "block_root", "read_count"), 40, "{m}");
     // The sectors hold what the guest wrote last (the test guest's pattern).
     let img = std::fs::read(&image).unwrap();
-    for s in 8..16u32 {
+    for s in 8..16u64 {
         let at = s as usize * 512;
-        let base = s.wrapping_mul(2_654_435_761);
-        let want: Vec<u8> = (0..512u32)
-            .map(|o| {
-                let h = base.wrapping_add(o.wrapping_mul(40503));
-                (h ^ (h >> 16)) as u8
-            })
-            .collect();
-        assert_eq!(&img[at..at + 512], &want[..], "sector {s}");
+        assert_eq!(&img[at..at + 512], &blk_pattern(s, 1)[..], "sector {s}");
     }
 }
 
@@ -716,12 +627,12 @@ fn tap_deleted_while_the_guest_runs() {
 /// without EVENT_IDX.
 #[test]
 fn receive_queue_and_tap_full_then_drained() {
-    let ns = NetNs::new(TapOpts {
+    let ns = net_ns(TapOpts {
         txqueuelen: 64,
         static_neigh: true,
         ..TapOpts::default()
     });
-    let sock = ns.udp_socket();
+    let sock = udp_socket(&ns);
     let dir = TempDir::new("net-rx-stall");
     let mut vm = Vm::start(
         &ns,
@@ -732,18 +643,18 @@ fn receive_queue_and_tap_full_then_drained() {
     let mut dropped = Vec::new();
     for _ in 0..2 {
         vm.wait_line("info net-rx-stall paused buffers=32 ms=1000");
-        let before = ns.tap_stat("tx_dropped");
+        let before = tap_stat(&ns, "tx_dropped");
         for k in 1..=400u32 {
             let mut p = k.to_be_bytes().to_vec();
             p.extend([0u8; 60]);
             send_udp(&sock, PORT_FLOOD, &p);
         }
-        dropped.push(ns.tap_stat("tx_dropped") - before);
+        dropped.push(tap_stat(&ns, "tx_dropped") - before);
         vm.wait_line("info net-rx-stall send-final");
         send_udp(&sock, PORT_FINAL, b"final");
     }
     let (out, m) = vm.finish();
-    assert_clean_exit(&out);
+    assert_guest_passed(&out);
     for d in &dropped {
         assert!(*d > 0, "the TAP never overflowed ({dropped:?})\n{out}");
     }

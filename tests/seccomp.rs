@@ -4,35 +4,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{TempDir, guest, kiln, require_kvm, run_kiln, wait_with_deadline};
-
-/// A TAP that is deleted again when the test ends, however it ends.
-struct TempTap(String);
-
-impl TempTap {
-    fn new(name: &str) -> TempTap {
-        let _ = Command::new("ip")
-            .args(["link", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        let ok = Command::new("ip")
-            .args(["tuntap", "add", name, "mode", "tap"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "cannot create TAP {name} (run the tests as root)");
-        TempTap(name.to_string())
-    }
-}
-
-impl Drop for TempTap {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["link", "del", &self.0]).status();
-    }
-}
+use common::net::NetNs;
+use common::{TempDir, guest, kiln, require_kvm, run_kiln, sigterm, wait_with_deadline};
 
 fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -51,13 +27,14 @@ fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
     out
 }
 
-/// Boots an idle guest with 2 vCPUs, a drive and a TAP; returns its thread modes once
-/// every vCPU thread runs, then stops it with SIGTERM.
+/// Boots an idle guest with 2 vCPUs, a drive and a TAP (in a network namespace of its own);
+/// returns its thread modes once every vCPU thread runs, then stops it with SIGTERM.
 fn thread_modes(tap: &str, extra: &[&str]) -> (Vec<(String, String)>, common::Output) {
     require_kvm();
     let dir = TempDir::new("seccomp");
     let disk = dir.file("disk.img", &vec![0u8; 1 << 20]);
-    let tap = TempTap::new(tap);
+    let ns = NetNs::new("seccomp");
+    ns.ip(&["tuntap", "add", tap, "mode", "tap"]);
     let json = format!(
         r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "kiln.run=idle"}},
             "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64}},
@@ -65,12 +42,13 @@ fn thread_modes(tap: &str, extra: &[&str]) -> (Vec<(String, String)>, common::Ou
             "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{}"}}]}}"#,
         guest("kiln-guest.elf").display(),
         disk.display(),
-        tap.0
+        tap
     );
     let cfg = dir.file("vm.json", json.as_bytes());
     let mut args = vec!["--config-file", cfg.to_str().unwrap(), "--no-api"];
     args.extend_from_slice(extra);
-    let child = Command::new(kiln())
+    let child = ns
+        .command(kiln())
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -92,12 +70,9 @@ fn thread_modes(tap: &str, extra: &[&str]) -> (Vec<(String, String)>, common::Ou
     // The main thread installs its filter right after starting the vCPUs.
     std::thread::sleep(Duration::from_millis(200));
     let modes = seccomp_modes(pid);
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    sigterm(pid);
     let out = wait_with_deadline(child, Duration::from_secs(20));
-    drop(tap);
+    drop(ns);
     (modes, out)
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{TempDir, guest, kiln, require_kvm, run_kiln_with, wait_with_deadline};
+use common::{TempDir, guest, kiln, require_kvm, run_kiln_with, sigterm, wait_with_deadline};
 
 #[test]
 fn stdin_line_reaches_the_guest() {
@@ -120,11 +120,7 @@ fn unread_input_does_not_grow_memory_and_sigterm_stops_cleanly() {
         "RSS grew from {rss_before} KiB to {rss_after} KiB"
     );
     assert!(start.elapsed() < Duration::from_secs(30));
-    // SAFETY-free: kill(2) through the command line tool keeps the test free of unsafe.
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    sigterm(pid);
     let out = wait_with_deadline(child, Duration::from_secs(20));
     writer.join().unwrap();
     assert_eq!(out.status, 128 + 15, "{out}");

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::Output;
+use super::{Output, exit_code, wait_until};
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body).
 pub fn request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
@@ -141,19 +141,11 @@ impl ApiKiln {
         let mut child = self.child.take().unwrap();
         // stdout is read by our thread: give the helper an empty pipe.
         let start = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if start.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "kiln did not exit within {timeout:?}; serial: {:?}",
-                    self.lines.lock().unwrap()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        let Some(status) = wait_until(&mut child, start + timeout) else {
+            panic!(
+                "kiln did not exit within {timeout:?}; serial: {:?}",
+                self.lines.lock().unwrap()
+            );
         };
         let _ = self.reader.take().map(std::thread::JoinHandle::join);
         let stderr = self
@@ -161,13 +153,10 @@ impl ApiKiln {
             .take()
             .map(|h| h.join().unwrap_or_default())
             .unwrap_or_default();
-        use std::os::unix::process::ExitStatusExt;
         let mut stdout = self.lines.lock().unwrap().join("\n");
         stdout.push('\n');
         Output {
-            status: status
-                .code()
-                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            status: exit_code(status),
             stdout,
             stderr,
             wall: start.elapsed(),

@@ -1,10 +1,12 @@
 //! Helpers shared by kiln's end-to-end tests: running the kiln binary with a deadline and
-//! reading the test guest's report.
+//! reading the test guest's report; `api` drives kiln's API socket, `net` makes network
+//! namespaces with TAPs.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::io::{Read, Write};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -116,36 +118,54 @@ fn reader(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
     })
 }
 
+/// Waits for `child` to exit until `deadline`; past it, kills and reaps it and returns None.
+pub fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits for `child` up to `timeout`, killing it (and failing the test) past the deadline.
 pub fn wait_with_deadline(mut child: Child, timeout: Duration) -> Output {
     let start = Instant::now();
     let out = reader(child.stdout.take().unwrap());
     let err = reader(child.stderr.take().unwrap());
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            let stdout = out.join().unwrap();
-            let stderr = err.join().unwrap();
-            panic!(
-                "kiln did not exit within {timeout:?}\n--- stdout\n{stdout}--- stderr\n{stderr}"
-            );
-        }
-        std::thread::sleep(Duration::from_millis(5));
+    let Some(status) = wait_until(&mut child, start + timeout) else {
+        let stdout = out.join().unwrap();
+        let stderr = err.join().unwrap();
+        panic!("kiln did not exit within {timeout:?}\n--- stdout\n{stdout}--- stderr\n{stderr}");
     };
     let wall = start.elapsed();
-    use std::os::unix::process::ExitStatusExt;
     Output {
-        status: status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+        status: exit_code(status),
         stdout: out.join().unwrap(),
         stderr: err.join().unwrap(),
         wall,
     }
+}
+
+/// A process's exit status as a shell reports it: the exit code, or 128 + the signal that
+/// killed it.
+pub fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+/// Sends SIGTERM to `pid` (through kill(1), which keeps the tests free of unsafe).
+pub fn sigterm(pid: u32) {
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
 }
 
 /// Runs kiln with `args`, feeding `stdin` (or /dev/null), with a deadline.
@@ -207,6 +227,27 @@ pub fn assert_guest_passed(out: &Output) {
     assert_eq!(out.status, 0, "{out}");
 }
 
+/// The counter `section.name` of a kiln metrics line.
+pub fn counter(metrics: &serde_json::Value, section: &str, name: &str) -> u64 {
+    metrics[section][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {section}.{name} in {metrics}"))
+}
+
+/// The bytes the test guest writes to `count` sectors from `sector` (tests/guest
+/// include/virtio_blk.h, blk_pattern_byte).
+pub fn blk_pattern(sector: u64, count: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(count as usize * 512);
+    for s in sector..sector + count {
+        let base = (s as u32).wrapping_mul(2_654_435_761);
+        for off in 0..512u32 {
+            let h = base.wrapping_add(off.wrapping_mul(40503));
+            v.push((h ^ (h >> 16)) as u8);
+        }
+    }
+    v
+}
+
 /// 32-bit FNV-1a, as the guest computes over the initrd.
 pub fn fnv1a(data: &[u8]) -> u32 {
     data.iter().fold(0x811c_9dc5u32, |h, b| {
@@ -215,64 +256,4 @@ pub fn fnv1a(data: &[u8]) -> u32 {
 }
 
 pub mod api;
-
-/// A network namespace made for one test, deleted (with everything in it) on drop.
-pub struct NetNs {
-    pub name: String,
-}
-
-impl NetNs {
-    /// Creates namespace `kiln-<tag>-<pid>` with loopback up.
-    pub fn new(tag: &str) -> NetNs {
-        let name = format!("kiln-{tag}-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap()
-            .success();
-        assert!(
-            ok,
-            "cannot create network namespace {name} (run the tests as root)"
-        );
-        let ns = NetNs { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `ip ARGS` inside the namespace and asserts it succeeds.
-    pub fn ip(&self, args: &[&str]) {
-        let ok = Command::new("ip")
-            .args(["netns", "exec", &self.name, "ip"])
-            .args(args)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ip {args:?} failed in {}", self.name);
-    }
-
-    /// Creates TAP `name` in the namespace with address `cidr`, up.
-    pub fn add_tap(&self, name: &str, cidr: &str) {
-        self.ip(&["tuntap", "add", name, "mode", "tap"]);
-        self.ip(&["addr", "add", cidr, "dev", name]);
-        self.ip(&["link", "set", name, "up"]);
-    }
-
-    /// A command that runs `program` inside the namespace.
-    pub fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
+pub mod net;
