@@ -375,7 +375,7 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
     // KVM, memory, VM.
     let kvm = open_kvm(vcpu_count)?;
     let memory = create_guest_memory(machine.mem_size_mib)?;
-    let vm = Vm::new(&kvm, memory, machine.track_dirty_pages)?;
+    let mut vm = Vm::new(&kvm, memory, machine.track_dirty_pages)?;
     let exit = Arc::new(ExitSignal::new().map_err(event_err("the exit event"))?);
 
     // Legacy devices on the port bus.
@@ -509,6 +509,7 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
     for vcpu in vcpus {
         handles.push(vcpu.start(opts.seccomp.clone())?);
     }
+    vm.disable_pit_reinjection(opts.seccomp.clone());
     Ok(Vmm::new(
         vm,
         handles,

@@ -1,14 +1,24 @@
 //! The KVM VM: capability checks, memory slots, the in-kernel interrupt controllers and PIT,
 //! and the TSS / identity-map pages VMX needs.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
 use kvm_bindings::{
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_reinject_control,
+    kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_io_nr;
 
 use super::memory::GuestMemory;
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
+use crate::seccomp::{SeccompFilters, ThreadCategory};
+
+ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
 
 /// The KVM API version kiln speaks.
 const KVM_API_VERSION: i32 = 12;
@@ -92,11 +102,22 @@ pub fn open_kvm(vcpus: u8) -> Result<Kvm, VmError> {
 }
 
 /// A VM with its guest memory registered. The memory outlives the slots that point into it:
-/// fields drop in declaration order, the VM fd first.
+/// fields drop in declaration order, the VM fd first (after `Drop` has joined the thread
+/// that borrows it).
 #[derive(Debug)]
 pub struct Vm {
+    /// The thread turning PIT reinjection off; true once it has.
+    pit_reinject_off: Option<JoinHandle<bool>>,
     fd: VmFd,
     memory: GuestMemory,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Some(thread) = self.pit_reinject_off.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl Vm {
@@ -138,7 +159,51 @@ impl Vm {
         };
         fd.create_pit2(pit)
             .map_err(ioctl("cannot create the in-kernel PIT"))?;
-        Ok(Vm { fd, memory })
+        Ok(Vm {
+            pit_reinject_off: None,
+            fd,
+            memory,
+        })
+    }
+
+    /// Turns the PIT's tick reinjection off, on a short-lived thread, while the guest runs.
+    ///
+    /// Reinjection replays PIT ticks the guest missed; Linux guests keep time with kvm-clock
+    /// and the TSC and do not want it (QEMU's `lost_tick_policy=discard`). It also costs
+    /// time: the kernel leaves reinjection by unregistering two notifiers, each waiting for an
+    /// SRCU grace period, and the second one, coming right after the first, gets a normal
+    /// (slow) one — about 15 ms here. With reinjection still on, tearing the VM down pays
+    /// that after the guest has reset, in the `close` of the VM fd, delaying kiln's exit by
+    /// half of a tiny guest's whole run; done now, on its own thread, it overlaps the boot
+    /// (a guest touching the PIT meanwhile waits for it at most that long) and the teardown
+    /// skips it. The thread runs under the vCPU filter, which allows this one ioctl.
+    pub fn disable_pit_reinjection(&mut self, seccomp: Arc<SeccompFilters>) {
+        let raw = self.fd.as_raw_fd();
+        let spawned = std::thread::Builder::new()
+            .name("kiln_pit".into())
+            .spawn(move || {
+                if let Err(e) = seccomp.install(ThreadCategory::Vcpu) {
+                    log::warn!("PIT reinjection left on: {e}");
+                    return false;
+                }
+                // SAFETY: `Vm` joins this thread before it closes the fd (see `Drop`).
+                let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+                let control = kvm_reinject_control::default();
+                // SAFETY: KVM_REINJECT_CONTROL reads one `kvm_reinject_control` (all zero:
+                // reinjection off), which lives across the call; `fd` is a VM fd with a PIT.
+                if unsafe { ioctl_with_ref(&fd, KVM_REINJECT_CONTROL(), &control) } < 0 {
+                    log::warn!(
+                        "PIT reinjection left on: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    return false;
+                }
+                true
+            });
+        match spawned {
+            Ok(thread) => self.pit_reinject_off = Some(thread),
+            Err(e) => log::warn!("PIT reinjection left on: cannot start its thread: {e}"),
+        }
     }
 
     /// The KVM VM fd.
@@ -149,5 +214,24 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::vstate::memory::create_guest_memory;
+
+    #[test]
+    fn pit_reinjection_is_turned_off_under_the_vcpu_filter() {
+        let kvm = open_kvm(1).expect("/dev/kvm is needed by this test");
+        let mut vm = Vm::new(&kvm, create_guest_memory(16).unwrap(), false).unwrap();
+        // The thread jails itself with the built-in vCPU filter (a kill would end the test
+        // process with SIGSYS), then asks KVM.
+        vm.disable_pit_reinjection(Arc::new(SeccompFilters::builtin()));
+        let thread = vm.pit_reinject_off.take().unwrap();
+        assert!(thread.join().unwrap(), "KVM refused KVM_REINJECT_CONTROL");
     }
 }
