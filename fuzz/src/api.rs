@@ -31,7 +31,11 @@ pub struct Input {
 
 impl Wire for Input {
     fn decode(u: &mut U<'_>) -> Self {
-        Input { chunk: wire::u8(u), limit: wire::u8(u), bytes: wire::rest(u) }
+        Input {
+            chunk: wire::u8(u),
+            limit: wire::u8(u),
+            bytes: wire::rest(u),
+        }
     }
     fn encode(&self, e: &mut Enc) {
         e.u8(self.chunk).u8(self.limit).raw(&self.bytes);
@@ -53,15 +57,29 @@ pub fn request_for(action: &VmmAction) -> (&'static str, String, String) {
         VmmAction::PutBootSource(b) => ("PUT", "/boot-source".into(), j(b)),
         VmmAction::PutDrive(d) => ("PUT", format!("/drives/{}", d.drive_id), j(d)),
         VmmAction::PatchDrive(u) => ("PATCH", format!("/drives/{}", u.drive_id), j(u)),
-        VmmAction::PutNetworkInterface(n) => ("PUT", format!("/network-interfaces/{}", n.iface_id), j(n)),
+        VmmAction::PutNetworkInterface(n) => {
+            ("PUT", format!("/network-interfaces/{}", n.iface_id), j(n))
+        }
         VmmAction::PatchNetworkInterface(u) => {
             ("PATCH", format!("/network-interfaces/{}", u.iface_id), j(u))
         }
         VmmAction::PutLogger(l) => ("PUT", "/logger".into(), j(l)),
         VmmAction::PutMetrics(m) => ("PUT", "/metrics".into(), j(m)),
-        VmmAction::InstanceStart => ("PUT", "/actions".into(), r#"{"action_type":"InstanceStart"}"#.into()),
-        VmmAction::SendCtrlAltDel => ("PUT", "/actions".into(), r#"{"action_type":"SendCtrlAltDel"}"#.into()),
-        VmmAction::FlushMetrics => ("PUT", "/actions".into(), r#"{"action_type":"FlushMetrics"}"#.into()),
+        VmmAction::InstanceStart => (
+            "PUT",
+            "/actions".into(),
+            r#"{"action_type":"InstanceStart"}"#.into(),
+        ),
+        VmmAction::SendCtrlAltDel => (
+            "PUT",
+            "/actions".into(),
+            r#"{"action_type":"SendCtrlAltDel"}"#.into(),
+        ),
+        VmmAction::FlushMetrics => (
+            "PUT",
+            "/actions".into(),
+            r#"{"action_type":"FlushMetrics"}"#.into(),
+        ),
         VmmAction::Pause => ("PATCH", "/vm".into(), r#"{"state":"Paused"}"#.into()),
         VmmAction::Resume => ("PATCH", "/vm".into(), r#"{"state":"Resumed"}"#.into()),
     }
@@ -123,7 +141,12 @@ pub fn run(input: &Input) {
             parser.buffered()
         );
     }
-    assert_eq!(whole, pieces, "parsing at once vs in pieces of {}", input.chunk as usize + 1);
+    assert_eq!(
+        whole,
+        pieces,
+        "parsing at once vs in pieces of {}",
+        input.chunk as usize + 1
+    );
     let _ = handle_bytes(&input.bytes, limit);
 
     let opts = RunOptions {
@@ -143,17 +166,28 @@ pub fn run(input: &Input) {
         let (method, path, body) = request_for(&action);
         match route(method, &path, body.as_bytes()) {
             Ok(again) => assert_eq!(again, action, "{method} {path} {body}"),
-            Err(e) => panic!("re-serialized {action:?} does not route: {e:?}\n{method} {path} {body}"),
+            Err(e) => {
+                panic!("re-serialized {action:?} does not route: {e:?}\n{method} {path} {body}")
+            }
         }
         if let VmmAction::PatchMachineConfig(u) = &action {
-            assert_ne!(*u, MachineConfigUpdate::default(), "an empty PATCH was routed");
+            assert_ne!(
+                *u,
+                MachineConfigUpdate::default(),
+                "an empty PATCH was routed"
+            );
         }
-        let Some(action) = sanitized(action) else { continue };
+        let Some(action) = sanitized(action) else {
+            continue;
+        };
         let _ = controller.handle(action);
 
         let machine = json_of(controller.handle(VmmAction::GetMachineConfig));
         let m: MachineConfig = from_json(&machine).expect("GET /machine-config parses");
-        assert!(validate_machine(&m).is_ok(), "the controller holds an invalid machine config: {machine}");
+        assert!(
+            validate_machine(&m).is_ok(),
+            "the controller holds an invalid machine config: {machine}"
+        );
         let doc = json_of(controller.handle(VmmAction::GetVmConfig));
         if doc.contains("\"boot-source\"") {
             let c: VmConfig = match from_json(&doc) {

@@ -2,13 +2,17 @@
 //! [`Block::process_queue`] over a memfd image.
 //!
 //! Invariants checked after every round of processing:
-//! - guest memory changed only inside the device-writable buffers of the chains taken and
-//!   in the used ring;
+//! - guest memory changed only inside the device-writable buffers of the chains taken and,
+//!   in the used ring, the entries added, the index (if any was added) and the
+//!   notification fields;
 //! - a read-only image is never written; a writable one changes only with a counted write;
-//! - the used index moved by exactly the number of heads taken (minus heads outside the
+//! - the device's used index (followed by the harness: the driver may scribble on
+//!   `used.idx`) moved by exactly the number of heads taken (minus heads outside the
 //!   queue, which have no used slot), each used element names the head taken in that order
 //!   (no request answered twice or skipped), and its length is at most the chain's
 //!   device-writable bytes (0 for an invalid chain);
+//! - a device-writable buffer over the rings or descriptor tables lets the device change
+//!   what it reads next: from then on (until a reset) only the image checks apply;
 //! - every head taken is counted in exactly one outcome counter;
 //! - an available index more than a queue ahead puts the device in NEEDS_RESET, takes
 //!   nothing, and raises a configuration interrupt;
@@ -31,10 +35,6 @@ use crate::guest::{self, Ranges};
 use crate::virtq::{self, Addr, Buf, ChainSpec, Driver, QueueLayout, RawDesc};
 use crate::wire::{self, Enc, U, Wire};
 
-/// Whether a head outside the queue may be counted twice (finding 1 of the fuzzing
-/// report: `Block::process_queue` counts it in `dropped_chains` again when
-/// `return_chain` refuses it). Set to false once fixed.
-const TOLERATE_DOUBLE_DROP: bool = true;
 /// Most operations per input.
 const MAX_OPS: usize = 64;
 /// Most processing rounds per input (each snapshots guest memory).
@@ -244,6 +244,12 @@ struct Rig {
     read_only: bool,
     /// Heads the device has taken so far (its `next_avail`).
     taken: u16,
+    /// The device's next used-ring slot (its `next_used`; `used.idx` in memory is the
+    /// driver's to scribble on too).
+    used: u16,
+    /// A device write may have changed the rings: only the image checks stay exact (until
+    /// a reset).
+    lost: bool,
     broken: bool,
     rounds: usize,
     /// Bump allocator in the arena for structured requests.
@@ -253,8 +259,8 @@ struct Rig {
 impl Rig {
     fn activate(&mut self) {
         let q = self.drv.q;
-        let mut queue = configured_queue(256, q.size, q.desc, q.avail, q.used)
-            .expect("a valid queue layout");
+        let mut queue =
+            configured_queue(256, q.size, q.desc, q.avail, q.used).expect("a valid queue layout");
         queue.set_event_idx(self.features & VIRTIO_RING_F_EVENT_IDX != 0);
         let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(
             self.irq.try_clone().expect("dup an eventfd"),
@@ -268,6 +274,8 @@ impl Rig {
             })
             .expect("one queue activates");
         self.taken = 0;
+        self.used = 0;
+        self.lost = false;
         self.broken = false;
     }
 
@@ -290,10 +298,22 @@ impl Rig {
         let split = u32::from(r.header_split);
         let header_off = (hdr - virtq::ARENA) as u32;
         if split == 0 || split >= 16 {
-            bufs.push(Buf { addr: Addr::Arena(header_off), len: 16, writable: false });
+            bufs.push(Buf {
+                addr: Addr::Arena(header_off),
+                len: 16,
+                writable: false,
+            });
         } else {
-            bufs.push(Buf { addr: Addr::Arena(header_off), len: split, writable: false });
-            bufs.push(Buf { addr: Addr::Arena(header_off + split), len: 16 - split, writable: false });
+            bufs.push(Buf {
+                addr: Addr::Arena(header_off),
+                len: split,
+                writable: false,
+            });
+            bufs.push(Buf {
+                addr: Addr::Arena(header_off + split),
+                len: 16 - split,
+                writable: false,
+            });
         }
         for &(code, writable) in &r.data {
             let len = if code & 0x8000 != 0 {
@@ -302,14 +322,24 @@ impl Rig {
                 u32::from(code % 129) * 512
             };
             let at = self.alloc(u64::from(len));
-            bufs.push(Buf { addr: Addr::Arena((at - virtq::ARENA) as u32), len, writable });
+            bufs.push(Buf {
+                addr: Addr::Arena((at - virtq::ARENA) as u32),
+                len,
+                writable,
+            });
         }
         let (slen, swritable) = r.status;
         let slen = u32::from(slen % 4);
         if slen > 0 {
             let at = self.alloc(u64::from(slen));
-            let _ = self.mem.write_slice(&[0xaa; 4][..slen as usize], GuestAddress(at));
-            bufs.push(Buf { addr: Addr::Arena((at - virtq::ARENA) as u32), len: slen, writable: swritable });
+            let _ = self
+                .mem
+                .write_slice(&[0xaa; 4][..slen as usize], GuestAddress(at));
+            bufs.push(Buf {
+                addr: Addr::Arena((at - virtq::ARENA) as u32),
+                len: slen,
+                writable: swritable,
+            });
         }
         let spec = match r.indirect {
             Some(slot) => ChainSpec::Indirect { slot, bufs },
@@ -348,10 +378,18 @@ impl Rig {
             }
         }
         // A device-writable buffer over a descriptor table or ring makes the walk above
-        // stale once the device writes there: then only the counting checks stay exact.
-        let exact = !virtq::control_area_touched(&bufs);
+        // stale once the device writes there: from then on only the image checks are exact.
+        if virtq::control_area_touched(&bufs) {
+            self.lost = true;
+        }
+        let exact = !self.lost;
+        let returned: Vec<(u16, Option<u64>)> = expected
+            .iter()
+            .filter(|(h, _)| *h < q.size)
+            .copied()
+            .collect();
         let mut allowed = bufs;
-        allowed.add(q.used, q.used_len());
+        q.used_writes(self.used, returned.len() as u16, &mut allowed);
 
         let m = self.dev.metrics();
         let outcomes = |m: &kiln::devices::virtio::block::BlockMetrics| {
@@ -368,7 +406,7 @@ impl Rig {
         let before_writes = m.write_count.get();
         let before_interrupts = m.interrupts.get();
         let before_queue_errors = m.queue_errors.get();
-        let used_before = self.drv.used_idx(mem);
+        let used_before = self.used;
         let used_event = self.drv.used_event(mem);
         let disk_before = guest::file_bytes(&self.file);
         let _ = self.irq.read();
@@ -384,65 +422,79 @@ impl Rig {
             assert!(disk_after == disk_before, "a read-only image was written");
         }
         if m.write_count.get() == before_writes {
-            assert!(disk_after == disk_before, "the image changed without a counted write");
+            assert!(
+                disk_after == disk_before,
+                "the image changed without a counted write"
+            );
         }
-        let used_after = self.drv.used_idx(mem);
-        let used = used_after.wrapping_sub(used_before);
         let irqs = self.irq.read().unwrap_or(0);
         let interrupts = m.interrupts.get() - before_interrupts;
         let queue_errors = m.queue_errors.get() - before_queue_errors;
-        assert_eq!(irqs, interrupts + queue_errors, "interrupts raised vs counted");
-        assert!(interrupts <= 1, "more than one used-buffer interrupt per round");
+        assert_eq!(
+            irqs,
+            interrupts + queue_errors,
+            "interrupts raised vs counted"
+        );
+        assert!(
+            interrupts <= 1,
+            "more than one used-buffer interrupt per round"
+        );
 
+        if !exact {
+            self.broken |= self.dev.needs_reset();
+            return;
+        }
+        // Nothing answered here: the write check above allowed no used entry.
         if self.broken {
-            assert_eq!(used, 0, "a device needing reset answered requests");
             return;
         }
         if jump {
-            assert_eq!(used, 0, "requests answered from a corrupt available ring");
             assert_eq!(queue_errors, 1, "a corrupt available ring was not counted");
-            assert!(self.dev.needs_reset(), "a corrupt available ring left the device running");
+            assert!(
+                self.dev.needs_reset(),
+                "a corrupt available ring left the device running"
+            );
             self.broken = true;
             return;
         }
-        assert!(!self.dev.needs_reset(), "NEEDS_RESET without a corrupt ring");
-        let returned: Vec<&(u16, Option<u64>)> =
-            expected.iter().filter(|(h, _)| *h < q.size).collect();
-        assert_eq!(
-            usize::from(used),
-            returned.len(),
-            "used index moved by {used} for {} heads taken ({} inside the queue)",
-            expected.len(),
-            returned.len()
+        assert!(
+            !self.dev.needs_reset(),
+            "NEEDS_RESET without a corrupt ring"
         );
-        for (i, (head, bound)) in returned.iter().enumerate() {
-            let (id, len) = self.drv.used_elem(mem, used_before.wrapping_add(i as u16));
-            assert_eq!(id, u32::from(*head), "used element {i} names the wrong head");
-            if exact {
-                match bound {
-                    Some(max) => assert!(
-                        u64::from(len) <= *max,
-                        "used length {len} > {max} writable bytes (head {head})"
-                    ),
-                    None => assert_eq!(len, 0, "an invalid chain (head {head}) was answered"),
-                }
+        let used = returned.len() as u16;
+        let entries = self.drv.used_entries(mem, used_before, used);
+        for (i, ((head, bound), (id, len))) in returned.iter().zip(entries).enumerate() {
+            assert_eq!(
+                id,
+                u32::from(*head),
+                "used element {i} names the wrong head"
+            );
+            match bound {
+                Some(max) => assert!(
+                    u64::from(len) <= *max,
+                    "used length {len} > {max} writable bytes (head {head})"
+                ),
+                None => assert_eq!(len, 0, "an invalid chain (head {head}) was answered"),
             }
         }
-        // KNOWN: kiln counts a head outside the queue twice in `dropped_chains` (once as
-        // an unwalkable chain, once as unreturnable); tolerated until fixed (see README).
-        let outside = (expected.len() - returned.len()) as u64;
-        let tolerated = if TOLERATE_DOUBLE_DROP { outside } else { 0 };
+        // Each head taken, inside the queue or not, is counted in exactly one outcome
+        // (a head outside the queue once, as a dropped chain: findings/blk-double-dropped.bin).
         assert_eq!(
-            outcomes(&m) - before_outcomes - tolerated,
+            outcomes(&m) - before_outcomes,
             expected.len() as u64,
             "outcome counters moved by {} for {} heads taken",
             outcomes(&m) - before_outcomes,
             expected.len()
         );
+        let used_after = used_before.wrapping_add(used);
         if used > 0 && (!event_idx || virtq::need_event(used_event, used_after, used_before)) {
-            assert_eq!(interrupts, 1, "a required used-buffer interrupt was not raised");
+            assert_eq!(
+                interrupts, 1,
+                "a required used-buffer interrupt was not raised"
+            );
         }
         self.taken = avail;
+        self.used = used_after;
     }
 }
 
@@ -450,7 +502,9 @@ impl Rig {
 pub fn run(input: &Input) {
     let mem = guest::memory();
     let sectors = u64::from(input.sectors % 129);
-    let image: Vec<u8> = (0..sectors * 512).map(|i| (i / 512) as u8 ^ (i as u8)).collect();
+    let image: Vec<u8> = (0..sectors * 512)
+        .map(|i| (i / 512) as u8 ^ (i as u8))
+        .collect();
     let file = guest::memfd(&image);
     let disk = DiskFile::from_file(file.try_clone().expect("dup a memfd"), input.read_only)
         .expect("a memfd is a disk");
@@ -461,7 +515,11 @@ pub fn run(input: &Input) {
     let config = BlockConfig {
         drive_id: id,
         read_only: input.read_only,
-        cache_type: if input.writeback { CacheType::Writeback } else { CacheType::Unsafe },
+        cache_type: if input.writeback {
+            CacheType::Writeback
+        } else {
+            CacheType::Unsafe
+        },
     };
     let dev = Block::new(config, disk).expect("a block device");
     let features = input.features & dev.avail_features();
@@ -476,6 +534,8 @@ pub fn run(input: &Input) {
         features,
         read_only: input.read_only,
         taken: 0,
+        used: 0,
+        lost: false,
         broken: false,
         rounds: 0,
         cursor: 0,

@@ -21,16 +21,28 @@ pub fn run(data: &[u8]) {
         Ok(c) => c,
         Err(e) => panic!("the serialized config does not parse: {e}\n{json}"),
     };
-    assert_eq!(again, config, "serialize + parse changed the config\n{json}");
+    assert_eq!(
+        again, config,
+        "serialize + parse changed the config\n{json}"
+    );
     let valid = config.validate().is_ok();
-    assert_eq!(again.validate().is_ok(), valid, "validity changed in the round trip");
+    assert_eq!(
+        again.validate().is_ok(),
+        valid,
+        "validity changed in the round trip"
+    );
     if valid {
-        let doc = VmResources::from_config(config.clone()).to_json().to_string();
+        let doc = VmResources::from_config(config.clone())
+            .to_json()
+            .to_string();
         let back: VmConfig = match from_json(&doc) {
             Ok(c) => c,
             Err(e) => panic!("GET /vm/config is not a config file: {e}\n{doc}"),
         };
-        assert_eq!(back, config, "GET /vm/config differs from the config\n{doc}");
+        assert_eq!(
+            back, config,
+            "GET /vm/config differs from the config\n{doc}"
+        );
         assert!(back.validate().is_ok(), "GET /vm/config is not valid");
     }
 }

@@ -41,7 +41,11 @@ impl Wire for Op {
             1 => Op::Read(wire::u8(u)),
             2 => Op::Drain,
             3 => Op::CtrlAltDel,
-            _ => Op::Odd { offset: wire::u8(u), len: wire::u8(u), write: wire::bool(u) },
+            _ => Op::Odd {
+                offset: wire::u8(u),
+                len: wire::u8(u),
+                write: wire::bool(u),
+            },
         }
     }
     fn encode(&self, e: &mut Enc) {
@@ -74,7 +78,9 @@ pub struct Input {
 
 impl Wire for Input {
     fn decode(u: &mut U<'_>) -> Self {
-        Input { ops: wire::many(u, MAX_OPS) }
+        Input {
+            ops: wire::many(u, MAX_OPS),
+        }
     }
     fn encode(&self, e: &mut Enc) {
         e.many(&self.ops);
@@ -96,7 +102,10 @@ fn drain(dev: &mut I8042Device) -> Vec<u8> {
         let mut d = [0u8];
         dev.read(0, &mut d);
         got.push(d[0]);
-        assert!(got.len() <= BUF, "more than {BUF} bytes in the output buffer");
+        assert!(
+            got.len() <= BUF,
+            "more than {BUF} bytes in the output buffer"
+        );
     }
     got
 }
@@ -133,7 +142,8 @@ pub fn run(input: &Input) {
                 let waiting = drain(&mut dev);
                 // Put back what was waiting is not possible: drain, then press.
                 let _ = waiting;
-                dev.trigger_ctrl_alt_del().expect("an empty buffer takes Ctrl+Alt+Del");
+                dev.trigger_ctrl_alt_del()
+                    .expect("an empty buffer takes Ctrl+Alt+Del");
                 assert_eq!(drain(&mut dev), CTRL_ALT_DEL, "the key sequence");
             }
             Op::Odd { offset, len, write } => {
@@ -150,8 +160,16 @@ pub fn run(input: &Input) {
                 assert_eq!(status(&mut dev), before, "an odd access changed the status");
             }
         }
-        assert_eq!(m.reset_count.get(), resets, "resets counted vs 0xFE commands written");
+        assert_eq!(
+            m.reset_count.get(),
+            resets,
+            "resets counted vs 0xFE commands written"
+        );
         let want = (resets > 0).then_some(ExitReason::GuestReset);
-        assert_eq!(exit.reason(), want, "guest reset posted vs 0xFE commands written");
+        assert_eq!(
+            exit.reason(),
+            want,
+            "guest reset posted vs 0xFE commands written"
+        );
     }
 }

@@ -12,8 +12,8 @@ use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Component;
 
-use jailer::args::{Command, JailArgs, check_static_elf, parse, validate_id};
 use jailer::CgroupVersion;
+use jailer::args::{Command, JailArgs, check_static_elf, parse, validate_id};
 
 use crate::wire::{self, Enc, U, Wire};
 
@@ -49,7 +49,11 @@ pub enum Arg {
 impl Wire for Arg {
     fn decode(u: &mut U<'_>) -> Self {
         let t = wire::u8(u);
-        if t < 0x80 { Arg::Flag(t) } else { Arg::Raw(wire::bytes(u, 128)) }
+        if t < 0x80 {
+            Arg::Flag(t)
+        } else {
+            Arg::Raw(wire::bytes(u, 128))
+        }
     }
     fn encode(&self, e: &mut Enc) {
         match self {
@@ -79,7 +83,10 @@ pub struct Input {
 
 impl Wire for Input {
     fn decode(u: &mut U<'_>) -> Self {
-        Input { args: wire::list(u, 40), exec: wire::rest(u) }
+        Input {
+            args: wire::list(u, 40),
+            exec: wire::rest(u),
+        }
     }
     fn encode(&self, e: &mut Enc) {
         e.list(&self.args).raw(&self.exec);
@@ -106,7 +113,11 @@ fn unparse(a: &JailArgs) -> Vec<OsString> {
     for c in &a.cgroups {
         push("--cgroup", format!("{}={}", c.file, c.value).into());
     }
-    let version = if a.cgroup_version == CgroupVersion::V2 { "2" } else { "1" };
+    let version = if a.cgroup_version == CgroupVersion::V2 {
+        "2"
+    } else {
+        "1"
+    };
     push("--cgroup-version", version.into());
     if let Some(p) = &a.parent_cgroup {
         push("--parent-cgroup", p.clone().into_os_string());
@@ -114,7 +125,10 @@ fn unparse(a: &JailArgs) -> Vec<OsString> {
     if let Some(f) = a.resource_limits.fsize {
         push("--resource-limit", format!("fsize={f}").into());
     }
-    push("--resource-limit", format!("no-file={}", a.resource_limits.no_file).into());
+    push(
+        "--resource-limit",
+        format!("no-file={}", a.resource_limits.no_file).into(),
+    );
     if a.daemonize {
         v.push("--daemonize".into());
     }
@@ -132,15 +146,36 @@ pub fn run(input: &Input) {
     if let Ok(Command::Jail(a)) = parse(args) {
         assert!(validate_id(&a.id).is_ok(), "id {:?}", a.id);
         for c in &a.cgroups {
-            assert!(!c.file.contains('/') && c.file != "." && c.file != "..", "cgroup file {:?}", c.file);
-            let (ctl, prop) = c.file.split_once('.').expect("a <controller>.<property> name");
-            assert!(!ctl.is_empty() && !prop.is_empty(), "cgroup file {:?}", c.file);
-            assert!(!c.value.is_empty() && !c.value.contains('\n'), "cgroup value {:?}", c.value);
+            assert!(
+                !c.file.contains('/') && c.file != "." && c.file != "..",
+                "cgroup file {:?}",
+                c.file
+            );
+            let (ctl, prop) = c
+                .file
+                .split_once('.')
+                .expect("a <controller>.<property> name");
+            assert!(
+                !ctl.is_empty() && !prop.is_empty(),
+                "cgroup file {:?}",
+                c.file
+            );
+            assert!(
+                !c.value.is_empty() && !c.value.contains('\n'),
+                "cgroup value {:?}",
+                c.value
+            );
         }
         if let Some(p) = &a.parent_cgroup {
-            assert!(p.components().all(|c| matches!(c, Component::Normal(_))), "parent cgroup {p:?}");
             assert!(
-                !p.as_os_str().as_bytes().split(|b| *b == b'/').any(|s| s == b"." || s == b".."),
+                p.components().all(|c| matches!(c, Component::Normal(_))),
+                "parent cgroup {p:?}"
+            );
+            assert!(
+                !p.as_os_str()
+                    .as_bytes()
+                    .split(|b| *b == b'/')
+                    .any(|s| s == b"." || s == b".."),
                 "parent cgroup {p:?}"
             );
         }
@@ -148,11 +183,18 @@ pub fn run(input: &Input) {
             Ok(Command::Jail(b)) => b,
             other => panic!("{a:?} written back parses as {other:?}"),
         };
-        assert_eq!(format!("{a:?}"), format!("{again:?}"), "parse(unparse(args))");
+        assert_eq!(
+            format!("{a:?}"),
+            format!("{again:?}"),
+            "parse(unparse(args))"
+        );
     }
     let file = crate::guest::memfd(&input.exec);
     if check_static_elf(&file).is_ok() {
         let e = &input.exec;
-        assert!(e.len() >= 64 && e[..4] == *b"\x7fELF" && e[4] == 2 && e[5] == 1, "accepted a non-ELF64");
+        assert!(
+            e.len() >= 64 && e[..4] == *b"\x7fELF" && e[4] == 2 && e[5] == 1,
+            "accepted a non-ELF64"
+        );
     }
 }

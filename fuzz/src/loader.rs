@@ -47,7 +47,11 @@ impl Wire for Phdr {
         }
     }
     fn encode(&self, e: &mut Enc) {
-        e.u32(self.kind).u64(self.offset).u64(self.paddr).u64(self.filesz).u64(self.memsz);
+        e.u32(self.kind)
+            .u64(self.offset)
+            .u64(self.paddr)
+            .u64(self.filesz)
+            .u64(self.memsz);
     }
 }
 
@@ -57,7 +61,13 @@ pub enum Kernel {
     /// Any bytes.
     Raw(Vec<u8>),
     /// An ELF64 x86-64 executable: entry, program headers, then the file's tail.
-    Elf { class: u8, machine: u16, entry: u64, phdrs: Vec<Phdr>, tail: Vec<u8> },
+    Elf {
+        class: u8,
+        machine: u16,
+        entry: u64,
+        phdrs: Vec<Phdr>,
+        tail: Vec<u8>,
+    },
     /// A bzImage: setup header fields, then the protected-mode code.
     BzImage {
         setup_sects: u8,
@@ -101,8 +111,19 @@ impl Wire for Kernel {
             Kernel::Raw(b) => {
                 e.u8(0).bytes(b);
             }
-            Kernel::Elf { class, machine, entry, phdrs, tail } => {
-                e.u8(1).u8(*class).u16(*machine).u64(*entry).list(phdrs).bytes(tail);
+            Kernel::Elf {
+                class,
+                machine,
+                entry,
+                phdrs,
+                tail,
+            } => {
+                e.u8(1)
+                    .u8(*class)
+                    .u16(*machine)
+                    .u64(*entry)
+                    .list(phdrs)
+                    .bytes(tail);
             }
             Kernel::BzImage {
                 setup_sects,
@@ -135,7 +156,13 @@ impl Kernel {
     pub fn bytes(&self) -> Vec<u8> {
         match self {
             Kernel::Raw(b) => b.clone(),
-            Kernel::Elf { class, machine, entry, phdrs, tail } => {
+            Kernel::Elf {
+                class,
+                machine,
+                entry,
+                phdrs,
+                tail,
+            } => {
                 let mut f = vec![0u8; 64];
                 f[0..4].copy_from_slice(b"\x7fELF");
                 f[4] = *class;
@@ -264,7 +291,10 @@ fn cmdline(input: &Input) -> Option<Cmdline> {
     let root = match input.root % 3 {
         0 => None,
         1 => Some("root=/dev/vda".to_string()),
-        _ => Some(format!("root=PARTUUID={}", String::from_utf8_lossy(&input.partuuid))),
+        _ => Some(format!(
+            "root=PARTUUID={}",
+            String::from_utf8_lossy(&input.partuuid)
+        )),
     };
     if let Some(root) = root {
         c.insert_str(root).ok()?;
@@ -284,12 +314,21 @@ pub fn run(input: &Input) {
     };
     let entry = k.entry.0;
     match k.protocol {
-        BootProtocol::Linux64 => assert!((HIMEM_START..1 << 30).contains(&entry), "entry {entry:#x}"),
-        BootProtocol::Pvh => assert!((HIMEM_START..MMIO_GAP_START).contains(&entry), "PVH entry {entry:#x}"),
+        BootProtocol::Linux64 => {
+            assert!((HIMEM_START..1 << 30).contains(&entry), "entry {entry:#x}")
+        }
+        BootProtocol::Pvh => assert!(
+            (HIMEM_START..MMIO_GAP_START).contains(&entry),
+            "PVH entry {entry:#x}"
+        ),
     }
     let mut low = vec![0u8; HIMEM_START as usize];
-    mem.read_slice(&mut low, GuestAddress(0)).expect("the first MiB");
-    assert!(low.iter().all(|b| *b == 0), "the kernel was loaded into the first MiB");
+    mem.read_slice(&mut low, GuestAddress(0))
+        .expect("the first MiB");
+    assert!(
+        low.iter().all(|b| *b == 0),
+        "the kernel was loaded into the first MiB"
+    );
 
     let initrd = if input.initrd_len > 0 {
         let len = (input.initrd_len % (1 << 20)) as usize + 1;
@@ -299,11 +338,19 @@ pub fn run(input: &Input) {
                 assert_eq!(n, len as u64, "initrd size");
                 assert_eq!(addr % PAGE_SIZE, 0, "initrd alignment");
                 let end = addr.checked_add(n).expect("initrd end overflows");
-                assert!(end <= size.min(MMIO_GAP_START), "initrd {addr:#x}+{n:#x} past RAM");
+                assert!(
+                    end <= size.min(MMIO_GAP_START),
+                    "initrd {addr:#x}+{n:#x} past RAM"
+                );
                 assert!(addr >= HIMEM_START, "initrd below 1 MiB");
-                assert!(addr >= k.kernel_end, "initrd {addr:#x} overlaps the kernel (end {:#x})", k.kernel_end);
+                assert!(
+                    addr >= k.kernel_end,
+                    "initrd {addr:#x} overlaps the kernel (end {:#x})",
+                    k.kernel_end
+                );
                 let mut back = vec![0u8; len];
-                mem.read_slice(&mut back, GuestAddress(addr)).expect("initrd readable");
+                mem.read_slice(&mut back, GuestAddress(addr))
+                    .expect("initrd readable");
                 assert!(back == data, "initrd contents");
                 Some((addr, n))
             }
@@ -322,16 +369,29 @@ pub fn run(input: &Input) {
         return;
     }
     let bytes = text.as_bytes_with_nul();
-    assert!(bytes.len() <= CMDLINE_MAX_SIZE, "a {}-byte command line", bytes.len());
+    assert!(
+        bytes.len() <= CMDLINE_MAX_SIZE,
+        "a {}-byte command line",
+        bytes.len()
+    );
     let mut back = vec![0u8; bytes.len()];
-    mem.read_slice(&mut back, GuestAddress(CMDLINE_START)).expect("cmdline readable");
+    mem.read_slice(&mut back, GuestAddress(CMDLINE_START))
+        .expect("cmdline readable");
     assert_eq!(back, bytes, "the command line in guest memory");
     let rd32 = |a: u64| -> u32 { mem.read_obj(GuestAddress(a)).expect("readable") };
     match k.protocol {
         BootProtocol::Linux64 => {
-            assert_eq!(u64::from(rd32(ZERO_PAGE_START + 0x228)), CMDLINE_START, "cmd_line_ptr");
+            assert_eq!(
+                u64::from(rd32(ZERO_PAGE_START + 0x228)),
+                CMDLINE_START,
+                "cmd_line_ptr"
+            );
             let (addr, n) = initrd.unwrap_or((0, 0));
-            assert_eq!(u64::from(rd32(ZERO_PAGE_START + 0x218)), addr, "ramdisk_image");
+            assert_eq!(
+                u64::from(rd32(ZERO_PAGE_START + 0x218)),
+                addr,
+                "ramdisk_image"
+            );
             assert_eq!(u64::from(rd32(ZERO_PAGE_START + 0x21c)), n, "ramdisk_size");
         }
         BootProtocol::Pvh => {

@@ -59,7 +59,14 @@ pub enum Op {
     /// The driver's initialisation up to FEATURES_OK, acking `features`.
     Init { features: u64 },
     /// Programs queue `sel` (size, rings) and writes QueueReady = `ready`.
-    Queue { sel: u8, size: u16, desc: u64, avail: u64, used: u64, ready: u32 },
+    Queue {
+        sel: u8,
+        size: u16,
+        desc: u64,
+        avail: u64,
+        used: u64,
+        ready: u32,
+    },
     /// Writes `status`.
     Status(u8),
     /// Writes bytes into guest memory.
@@ -69,9 +76,18 @@ pub enum Op {
 impl Wire for Op {
     fn decode(u: &mut U<'_>) -> Self {
         match wire::u8(u) % 6 {
-            0 => Op::Write { offset: wire::u16(u), width: wire::u8(u), value: wire::u64(u) },
-            1 => Op::Read { offset: wire::u16(u), width: wire::u8(u) },
-            2 => Op::Init { features: wire::u64(u) },
+            0 => Op::Write {
+                offset: wire::u16(u),
+                width: wire::u8(u),
+                value: wire::u64(u),
+            },
+            1 => Op::Read {
+                offset: wire::u16(u),
+                width: wire::u8(u),
+            },
+            2 => Op::Init {
+                features: wire::u64(u),
+            },
             3 => Op::Queue {
                 sel: wire::u8(u),
                 size: wire::u16(u),
@@ -86,7 +102,11 @@ impl Wire for Op {
     }
     fn encode(&self, e: &mut Enc) {
         match self {
-            Op::Write { offset, width, value } => {
+            Op::Write {
+                offset,
+                width,
+                value,
+            } => {
                 e.u8(0).u16(*offset).u8(*width).u64(*value);
             }
             Op::Read { offset, width } => {
@@ -95,8 +115,21 @@ impl Wire for Op {
             Op::Init { features } => {
                 e.u8(2).u64(*features);
             }
-            Op::Queue { sel, size, desc, avail, used, ready } => {
-                e.u8(3).u8(*sel).u16(*size).u64(*desc).u64(*avail).u64(*used).u32(*ready);
+            Op::Queue {
+                sel,
+                size,
+                desc,
+                avail,
+                used,
+                ready,
+            } => {
+                e.u8(3)
+                    .u8(*sel)
+                    .u16(*size)
+                    .u64(*desc)
+                    .u64(*avail)
+                    .u64(*used)
+                    .u32(*ready);
             }
             Op::Status(s) => {
                 e.u8(4).u8(*s);
@@ -121,7 +154,10 @@ pub struct Input {
 
 impl Wire for Input {
     fn decode(u: &mut U<'_>) -> Self {
-        Input { net: wire::bool(u), ops: wire::many(u, MAX_OPS) }
+        Input {
+            net: wire::bool(u),
+            ops: wire::many(u, MAX_OPS),
+        }
     }
     fn encode(&self, e: &mut Enc) {
         e.bool(self.net).many(&self.ops);
@@ -143,7 +179,14 @@ struct Shadow {
 
 impl Shadow {
     fn new(max: u16) -> Shadow {
-        Shadow { max, size: max, desc: 0, avail: 0, used: 0, ready: false }
+        Shadow {
+            max,
+            size: max,
+            desc: 0,
+            avail: 0,
+            used: 0,
+            ready: false,
+        }
     }
 
     fn valid(&self) -> bool {
@@ -152,9 +195,9 @@ impl Shadow {
         self.size != 0
             && self.size.is_power_of_two()
             && self.size <= self.max
-            && self.desc % 16 == 0
-            && self.avail % 2 == 0
-            && self.used % 4 == 0
+            && self.desc.is_multiple_of(16)
+            && self.avail.is_multiple_of(2)
+            && self.used.is_multiple_of(4)
             && inside(self.desc, 16 * n)
             && inside(self.avail, 6 + 2 * n)
             && inside(self.used, 6 + 8 * n)
@@ -207,7 +250,9 @@ impl Rig {
             return self.check();
         }
         let v = value as u32;
-        let sel = usize::try_from(self.sel).ok().filter(|s| *s < self.queues.len());
+        let sel = usize::try_from(self.sel)
+            .ok()
+            .filter(|s| *s < self.queues.len());
         match offset {
             STATUS => {
                 let after = self.t.status();
@@ -215,9 +260,11 @@ impl Rig {
                     StatusAction::Reset => Some(0),
                     StatusAction::Set => Some(v),
                     StatusAction::Reject => Some(before_status),
-                    StatusAction::NegotiateFeatures => {
-                        Some(if self.acked_version_1 { before_status | FEATURES_OK } else { before_status })
-                    }
+                    StatusAction::NegotiateFeatures => Some(if self.acked_version_1 {
+                        before_status | FEATURES_OK
+                    } else {
+                        before_status
+                    }),
                     StatusAction::Activate => None,
                 };
                 match want {
@@ -229,7 +276,8 @@ impl Rig {
                         );
                     }
                     None => assert!(
-                        after == before_status | DRIVER_OK || after == before_status | DEVICE_NEEDS_RESET,
+                        after == before_status | DRIVER_OK
+                            || after == before_status | DEVICE_NEEDS_RESET,
                         "activation from {before_status:#x} gave {after:#x}"
                     ),
                 }
@@ -241,7 +289,11 @@ impl Rig {
                     self.sel = 0;
                     self.features_sel = 0;
                     self.acked_version_1 = false;
-                    assert_eq!(self.read32(INTERRUPT_STATUS), 0, "interrupts survive a reset");
+                    assert_eq!(
+                        self.read32(INTERRUPT_STATUS),
+                        0,
+                        "interrupts survive a reset"
+                    );
                     for i in 0..self.queues.len() {
                         self.t.write(QUEUE_SEL, &(i as u32).to_le_bytes());
                         assert_eq!(self.read32(QUEUE_READY), 0, "queue {i} ready after a reset");
@@ -282,7 +334,10 @@ impl Rig {
                     let q = &mut self.queues[s];
                     q.ready = ready;
                     if ready {
-                        assert!(q.valid(), "queue {s} became ready with an invalid configuration {q:x?}");
+                        assert!(
+                            q.valid(),
+                            "queue {s} became ready with an invalid configuration {q:x?}"
+                        );
                     }
                     if v == 1 && q.valid() {
                         assert!(ready, "queue {s} refused a valid configuration {q:x?}");
@@ -292,10 +347,8 @@ impl Rig {
                     }
                 }
             }
-            DRIVER_FEATURES if accepted => {
-                if self.features_sel == 1 {
-                    self.acked_version_1 = v & ((VIRTIO_F_VERSION_1 >> 32) as u32) != 0;
-                }
+            DRIVER_FEATURES if accepted && self.features_sel == 1 => {
+                self.acked_version_1 = v & ((VIRTIO_F_VERSION_1 >> 32) as u32) != 0;
             }
             // Refused writes change nothing the harness tracks.
             _ => {}
@@ -310,10 +363,13 @@ impl Rig {
         assert_eq!(self.read32(4), 2, "version");
         let isr = self.read32(INTERRUPT_STATUS);
         assert_eq!(isr & !3, 0, "InterruptStatus {isr:#x}");
-        if status & DRIVER_OK != 0 {
-            if let Some(b) = &self.block {
-                assert!(b.lock().expect("lock").is_activated(), "DRIVER_OK without activation");
-            }
+        if status & DRIVER_OK != 0
+            && let Some(b) = &self.block
+        {
+            assert!(
+                b.lock().expect("lock").is_activated(),
+                "DRIVER_OK without activation"
+            );
         }
         let _ = &self.dev;
     }
@@ -334,7 +390,10 @@ pub fn run(input: &Input) {
         let (host, guest_end) = UnixDatagram::pair().expect("a socket pair");
         guest_end.set_nonblocking(true).expect("non-blocking");
         let tap = Tap::from_fd(OwnedFd::from(guest_end), "fuzz0");
-        let config = NetConfig { iface_id: "eth0".into(), guest_mac: None };
+        let config = NetConfig {
+            iface_id: "eth0".into(),
+            guest_mac: None,
+        };
         let net = Net::new(config, tap).expect("a net device");
         (Arc::new(Mutex::new(net)), None, Some(host), 6)
     } else {
@@ -344,7 +403,9 @@ pub fn run(input: &Input) {
             read_only: false,
             cache_type: CacheType::Writeback,
         };
-        let b = Arc::new(Mutex::new(Block::new(config, disk).expect("a block device")));
+        let b = Arc::new(Mutex::new(
+            Block::new(config, disk).expect("a block device"),
+        ));
         (b.clone(), Some(b), None, 24)
     };
     let maxes: Vec<u16> = dev.lock().expect("lock").queue_max_sizes().to_vec();
@@ -364,7 +425,11 @@ pub fn run(input: &Input) {
     rig.check();
     for op in &input.ops {
         match op {
-            Op::Write { offset, width: w, value } => {
+            Op::Write {
+                offset,
+                width: w,
+                value,
+            } => {
                 rig.write(u64::from(*offset), width(*w), *value);
             }
             Op::Read { offset, width: w } => {
@@ -375,7 +440,12 @@ pub fn run(input: &Input) {
                     let start = offset - CONFIG;
                     for i in 0..w as u64 {
                         if start + i >= rig.config_len as u64 {
-                            assert_eq!((v >> (8 * i)) & 0xff, 0, "config byte {} past the space", start + i);
+                            assert_eq!(
+                                (v >> (8 * i)) & 0xff,
+                                0,
+                                "config byte {} past the space",
+                                start + i
+                            );
                         }
                     }
                 } else if w != 4 {
@@ -393,7 +463,14 @@ pub fn run(input: &Input) {
                 rig.write(DRIVER_FEATURES, 4, *features >> 32);
                 rig.write(STATUS, 4, u64::from(ACKNOWLEDGE | DRIVER | FEATURES_OK));
             }
-            Op::Queue { sel, size, desc, avail, used, ready } => {
+            Op::Queue {
+                sel,
+                size,
+                desc,
+                avail,
+                used,
+                ready,
+            } => {
                 rig.write(QUEUE_SEL, 4, u64::from(*sel));
                 rig.write(QUEUE_NUM, 4, u64::from(*size));
                 for (reg, v) in [(0x80u64, *desc), (0x90, *avail), (0xa0, *used)] {

@@ -54,7 +54,12 @@ pub fn run(data: &[u8]) {
         (Ok(f), Ok(compiled)) => {
             for cat in ThreadCategory::ALL {
                 let p = f.program(cat).expect("every category has a program");
-                assert_eq!(Some(p), compiled.get(cat.name()), "{} differs from seccompiler's", cat.name());
+                assert_eq!(
+                    Some(p),
+                    compiled.get(cat.name()),
+                    "{} differs from seccompiler's",
+                    cat.name()
+                );
                 if let Err(e) = well_formed(p) {
                     panic!("the {} filter is malformed: {e}", cat.name());
                 }
@@ -63,8 +68,13 @@ pub fn run(data: &[u8]) {
         }
         (Ok(_), Err(e)) => panic!("kiln accepted what seccompiler refuses: {e}"),
         (Err(_), Ok(compiled)) => {
-            let all = ThreadCategory::ALL.iter().all(|c| compiled.contains_key(c.name()));
-            assert!(!(all && text_ok), "kiln refused a document seccompiler compiles with every category: {ours:?}");
+            let all = ThreadCategory::ALL
+                .iter()
+                .all(|c| compiled.contains_key(c.name()));
+            assert!(
+                !(all && text_ok),
+                "kiln refused a document seccompiler compiles with every category: {ours:?}"
+            );
         }
         (Err(_), Err(_)) => {}
     }

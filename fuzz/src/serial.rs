@@ -40,7 +40,11 @@ impl Wire for Op {
             0 => Op::Write(wire::u8(u), wire::u8(u)),
             1 => Op::Read(wire::u8(u)),
             2 => Op::Input(wire::bytes(u, 128)),
-            _ => Op::Odd { offset: wire::u8(u), len: wire::u8(u), write: wire::bool(u) },
+            _ => Op::Odd {
+                offset: wire::u8(u),
+                len: wire::u8(u),
+                write: wire::bool(u),
+            },
         }
     }
     fn encode(&self, e: &mut Enc) {
@@ -70,7 +74,9 @@ pub struct Input {
 
 impl Wire for Input {
     fn decode(u: &mut U<'_>) -> Self {
-        Input { ops: wire::many(u, MAX_OPS) }
+        Input {
+            ops: wire::many(u, MAX_OPS),
+        }
     }
     fn encode(&self, e: &mut Enc) {
         e.many(&self.ops);
@@ -144,8 +150,17 @@ pub fn run(input: &Input) {
             Op::Input(b) => {
                 let room = FIFO - fifo.len();
                 let n = dev.enqueue_input(b);
-                let want = if loopback || b.is_empty() { 0 } else { b.len().min(room) };
-                assert_eq!(n, want, "host input taken ({} bytes offered, {room} free)", b.len());
+                let want = if loopback || b.is_empty() {
+                    0
+                } else {
+                    b.len().min(room)
+                };
+                assert_eq!(
+                    n,
+                    want,
+                    "host input taken ({} bytes offered, {room} free)",
+                    b.len()
+                );
                 fifo.extend(&b[..n]);
             }
             Op::Odd { offset, len, write } => {

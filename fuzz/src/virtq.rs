@@ -8,7 +8,7 @@ use kiln::vstate::memory::GuestMemory;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::guest::MEM_SIZE;
+use crate::guest::{MEM_SIZE, Ranges};
 use crate::wire::{self, Enc, U, Wire};
 
 /// Descriptor flags.
@@ -175,6 +175,22 @@ impl QueueLayout {
     pub fn used_len(&self) -> u64 {
         6 + 8 * u64::from(self.size)
     }
+
+    /// What a device adding `k` used entries from its `next_used` may write in the used
+    /// ring: the flags and `avail_event` (notification control), and with `k > 0` those
+    /// entries and the index. The device never reads `used.idx` back (it keeps its own
+    /// `next_used`), so a driver scribbling on it changes nothing but the memory.
+    pub fn used_writes(&self, next_used: u16, k: u16, r: &mut Ranges) {
+        r.add(self.used, 2);
+        r.add(self.used + 4 + 8 * u64::from(self.size), 2);
+        if k > 0 {
+            r.add(self.used + 2, 2);
+        }
+        for i in 0..k {
+            let slot = next_used.wrapping_add(i) % self.size;
+            r.add(self.used + 4 + 8 * u64::from(slot), 8);
+        }
+    }
 }
 
 /// The driver of one queue.
@@ -192,7 +208,15 @@ pub fn indirect_table(slot: u8) -> u64 {
 }
 
 /// Writes descriptor `index` of the table at `table`.
-pub fn write_desc(mem: &GuestMemory, table: u64, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+pub fn write_desc(
+    mem: &GuestMemory,
+    table: u64,
+    index: u16,
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+) {
     let d = Descriptor::new(addr, len, flags, next);
     let _ = mem.write_obj(d, GuestAddress(table + 16 * u64::from(index)));
 }
@@ -238,7 +262,15 @@ impl Driver {
                     if i + 1 < bufs.len() {
                         flags |= F_NEXT;
                     }
-                    write_desc(mem, self.q.desc, index, b.addr.resolve(), b.len, flags, next);
+                    write_desc(
+                        mem,
+                        self.q.desc,
+                        index,
+                        b.addr.resolve(),
+                        b.len,
+                        flags,
+                        next,
+                    );
                     self.next_desc = next;
                 }
             }
@@ -312,6 +344,21 @@ impl Driver {
         mem.read_obj(GuestAddress(self.q.used + 2)).unwrap_or(0)
     }
 
+    /// The `k` used entries from `next_used` as (id, len), checking that the device moved
+    /// `used.idx` past them.
+    pub fn used_entries(&self, mem: &GuestMemory, next_used: u16, k: u16) -> Vec<(u32, u32)> {
+        if k > 0 {
+            assert_eq!(
+                self.used_idx(mem),
+                next_used.wrapping_add(k),
+                "used.idx after {k} used entries from {next_used}"
+            );
+        }
+        (0..k)
+            .map(|i| self.used_elem(mem, next_used.wrapping_add(i)))
+            .collect()
+    }
+
     /// Used element `i`: (id, len).
     pub fn used_elem(&self, mem: &GuestMemory, i: u16) -> (u32, u32) {
         let at = self.q.used + 4 + 8 * u64::from(i % self.q.size);
@@ -336,7 +383,12 @@ pub struct Walked {
 /// The reference walk: the buffers of chain `head`, or `None` when the chain is invalid
 /// (head or next out of the table, a loop, more than 4 GiB, a buffer or table outside RAM,
 /// an indirect descriptor not negotiated, nested, chained, empty, misaligned or too large).
-pub fn walk(mem: &GuestMemory, q: &QueueLayout, head: u16, indirect_ok: bool) -> Option<Vec<Walked>> {
+pub fn walk(
+    mem: &GuestMemory,
+    q: &QueueLayout,
+    head: u16,
+    indirect_ok: bool,
+) -> Option<Vec<Walked>> {
     let mut table = q.desc;
     let mut size = u32::from(q.size);
     if u32::from(head) >= size {
@@ -397,7 +449,10 @@ pub fn walk(mem: &GuestMemory, q: &QueueLayout, head: u16, indirect_ok: bool) ->
 
 /// Total device-writable bytes of a walked chain.
 pub fn writable_len(bufs: &[Walked]) -> u64 {
-    bufs.iter().filter(|b| b.writable).map(|b| u64::from(b.len)).sum()
+    bufs.iter()
+        .filter(|b| b.writable)
+        .map(|b| u64::from(b.len))
+        .sum()
 }
 
 /// The area where descriptor tables and rings live (writes there invalidate the walk).

@@ -30,9 +30,7 @@ macro_rules! arbitrary_via_wire {
             fn arbitrary(u: &mut arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
                 Ok(<$t as $crate::wire::Wire>::decode(u))
             }
-            fn arbitrary_take_rest(
-                mut u: arbitrary::Unstructured<'a>,
-            ) -> arbitrary::Result<Self> {
+            fn arbitrary_take_rest(mut u: arbitrary::Unstructured<'a>) -> arbitrary::Result<Self> {
                 Ok(<$t as $crate::wire::Wire>::decode(&mut u))
             }
         }
