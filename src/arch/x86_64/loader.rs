@@ -42,6 +42,15 @@ pub enum LoadError {
         /// ELF machine.
         machine: u16,
     },
+    /// An ELF segment would land in the first MiB, where the boot structures go (and
+    /// linux-loader only checks the entry point).
+    #[error(
+        "ELF load segment at {paddr:#x} lies below {HIMEM_START:#x}, where the zero page, page tables and MP table go"
+    )]
+    SegmentBelowHighMemory {
+        /// The segment's physical address.
+        paddr: u64,
+    },
     /// linux-loader refused the image.
     #[error("{0}")]
     Loader(#[from] linux_loader::loader::Error),
@@ -112,6 +121,7 @@ where
                 machine,
             });
         }
+        check_elf_segments(image)?;
         let result = Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START)))?;
         let (protocol, entry) = match result.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(addr) => (BootProtocol::Pvh, addr),
@@ -155,6 +165,38 @@ where
         kernel_end,
         setup_header: Some(hdr),
     })
+}
+
+/// Refuses an ELF whose loadable segments start below 1 MiB (linux-loader checks only the
+/// entry point there): kiln writes the zero page, command line, page tables and MP table in
+/// that first MiB, over the segment. Headers that cannot be read are left to linux-loader,
+/// which reports them.
+fn check_elf_segments<F: Read + Seek>(image: &mut F) -> Result<(), LoadError> {
+    const PT_LOAD: u32 = 1;
+    const PHDR_SIZE: usize = 56;
+    let mut ehdr = [0u8; 64];
+    image.seek(SeekFrom::Start(0)).map_err(LoadError::Read)?;
+    if read_up_to(image, &mut ehdr)? < ehdr.len() {
+        return Ok(());
+    }
+    let le64 = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+    let phoff = le64(&ehdr, 32);
+    let phnum = u16::from_le_bytes([ehdr[56], ehdr[57]]);
+    image
+        .seek(SeekFrom::Start(phoff))
+        .map_err(LoadError::Read)?;
+    let mut phdr = [0u8; PHDR_SIZE];
+    for _ in 0..phnum {
+        if read_up_to(image, &mut phdr)? < PHDR_SIZE {
+            break;
+        }
+        let p_type = u32::from_le_bytes([phdr[0], phdr[1], phdr[2], phdr[3]]);
+        let (paddr, filesz, memsz) = (le64(&phdr, 24), le64(&phdr, 32), le64(&phdr, 40));
+        if p_type == PT_LOAD && (filesz != 0 || memsz != 0) && paddr < HIMEM_START {
+            return Err(LoadError::SegmentBelowHighMemory { paddr });
+        }
+    }
+    Ok(())
 }
 
 fn read_up_to<F: Read>(image: &mut F, buf: &mut [u8]) -> Result<usize, LoadError> {
@@ -384,6 +426,24 @@ mod tests {
         let small = create_guest_memory(8).unwrap();
         let elf = tiny_elf(0x100_0000, 0x100_0000, None);
         assert!(load_kernel(&small, &mut Cursor::new(elf)).is_err());
+    }
+
+    #[test]
+    fn segments_below_one_mib_are_refused() {
+        // Found by the kernel_loader fuzz target: the entry was high, a segment was not, and
+        // linux-loader only checks the entry.
+        let mem = create_guest_memory(32).unwrap();
+        let elf = tiny_elf(0x100, 0x100_0000, None);
+        assert!(matches!(
+            load_kernel(&mem, &mut Cursor::new(elf)),
+            Err(LoadError::SegmentBelowHighMemory { paddr: 0x100 })
+        ));
+        let mut low = vec![0u8; HIMEM_START as usize];
+        mem.read_slice(&mut low, GuestAddress(0)).unwrap();
+        assert!(low.iter().all(|b| *b == 0), "nothing written below 1 MiB");
+        // The segment just at 1 MiB is fine.
+        let elf = tiny_elf(HIMEM_START, HIMEM_START, None);
+        assert!(load_kernel(&mem, &mut Cursor::new(elf)).is_ok());
     }
 
     #[test]
