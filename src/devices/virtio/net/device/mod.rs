@@ -4,6 +4,7 @@
 mod rx;
 mod tx;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use event_manager::EventSet;
@@ -40,6 +41,12 @@ struct Active {
     tx_queue: Queue,
     interrupt: Arc<VirtioInterrupt>,
     features: u64,
+    /// Receive chains taken from the ring, walked, and not used yet (the oldest first): the
+    /// next frames go into them. Holding them, rather than putting them back, means each
+    /// chain is walked once however many reads it waits through.
+    rx_held: VecDeque<rx::RxChain>,
+    /// Bytes the held chains can take.
+    rx_held_capacity: usize,
 }
 
 impl Active {
@@ -72,6 +79,8 @@ pub struct Net {
     rx_seen_avail: u16,
     /// Scratch space for chains.
     chain: Vec<Buffer>,
+    /// Buffer lists of used receive chains, kept for the next ones.
+    rx_spare: Vec<Vec<Buffer>>,
 }
 
 impl std::fmt::Debug for Net {
@@ -122,6 +131,7 @@ impl Net {
             rx_wants_frames: false,
             rx_seen_avail: 0,
             chain: Vec::with_capacity(64),
+            rx_spare: Vec::new(),
         })
     }
 
@@ -253,6 +263,8 @@ impl VirtioDevice for Net {
             tx_queue,
             interrupt,
             features: acked_features,
+            rx_held: VecDeque::new(),
+            rx_held_capacity: 0,
         });
         self.broken = false;
         self.pending_rx = None;

@@ -1,10 +1,11 @@
 //! Receive: frames from the TAP into the guest's receive buffers.
 //!
-//! When the buffers at hand can hold any frame (64 KiB + headers), the frame is read with
-//! readv straight into them. Otherwise it is read into a bounce buffer and copied, and kept
-//! there (the TAP left unread) until the guest posts enough buffers: no frame is lost to a
-//! full queue, and no wake-up is lost either, because the decision to wait is taken after
-//! re-enabling notifications and looking at the ring once more.
+//! Chains are taken from the ring and walked once, then held (oldest first) until frames
+//! fill them. When the held buffers can take any frame (64 KiB + headers), the frame is
+//! read with readv straight into them. Otherwise it is read into a bounce buffer and copied,
+//! and kept there (the TAP left unread) until the guest posts enough buffers: no frame is
+//! lost to a full queue, and no wake-up is lost either, because the decision to wait is
+//! taken after re-enabling notifications and looking at the ring once more.
 
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
@@ -21,7 +22,7 @@ use crate::devices::virtio::queue::{
 const NUM_BUFFERS_OFFSET: u64 = 10;
 
 /// A receive chain taken from the ring.
-struct RxChain {
+pub(super) struct RxChain {
     head: u16,
     bufs: Vec<Buffer>,
     capacity: usize,
@@ -73,7 +74,7 @@ impl Net {
                 .rx_queue
                 .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
             {
-                Ok(idx) if idx.0 == active.rx_queue.next_avail() => {
+                Ok(idx) if idx.0 == active.rx_queue.next_avail() && active.rx_held.is_empty() => {
                     if self.wait_for_buffers(&mut active) {
                         continue;
                     }
@@ -162,11 +163,11 @@ impl Net {
         }
     }
 
-    /// Takes chains from the ring until they hold `target` bytes (one chain only without
-    /// MRG_RXBUF). An unusable chain is returned to the guest with length 0; if usable chains
-    /// came before it they are returned unused too (with length 0), so the ring always moves
-    /// on and the chains kept are contiguous (the ones not needed can be put back).
-    fn gather(&mut self, active: &mut Active, target: usize) -> Result<Vec<RxChain>, ()> {
+    /// Takes chains from the ring into the held ones until those hold `target` bytes (one
+    /// chain only without MRG_RXBUF). An unusable chain is returned to the guest with length
+    /// 0, and so are the held chains (unused): the ring always moves on, and the held
+    /// chains stay the contiguous run the next frame goes into.
+    fn gather(&mut self, active: &mut Active, target: usize) -> Result<(), ()> {
         if let Ok(idx) = active
             .rx_queue
             .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
@@ -175,95 +176,102 @@ impl Net {
         }
         let mrg = active.has(VIRTIO_NET_F_MRG_RXBUF);
         let indirect = active.has(VIRTIO_RING_F_INDIRECT_DESC);
-        let mut chains: Vec<RxChain> = Vec::new();
-        let mut capacity = 0usize;
-        while capacity < target && (mrg || chains.is_empty()) {
+        while active.rx_held_capacity < target && (mrg || active.rx_held.is_empty()) {
             let head = match pop_head(&mut active.rx_queue, &active.mem) {
                 Ok(Some(head)) => head,
                 Ok(None) => break,
                 Err(e) => {
-                    self.rollback(active, chains.len());
                     self.queue_corrupted(&e.to_string(), &active.interrupt);
                     return Err(());
                 }
             };
-            let mut bufs = std::mem::take(&mut self.chain);
+            let mut bufs = self.rx_spare.pop().unwrap_or_default();
             bufs.clear();
             let ok = walk_chain(&active.mem, &active.rx_queue, head, indirect, &mut bufs).is_ok()
                 && bufs.iter().all(|b| b.writable)
-                && (!chains.is_empty() || total_len(&bufs) >= VNET_HDR_LEN as u64);
+                && (!active.rx_held.is_empty() || total_len(&bufs) >= VNET_HDR_LEN as u64);
             if !ok {
-                self.chain = bufs;
-                for chain in chains.drain(..) {
+                self.rx_spare.push(bufs);
+                while let Some(chain) = active.rx_held.pop_front() {
                     self.metrics.rx_bad_chains.inc();
                     return_chain(&mut active.rx_queue, &active.mem, chain.head, 0);
+                    self.rx_spare.push(chain.bufs);
                 }
-                capacity = 0;
+                active.rx_held_capacity = 0;
                 self.metrics.rx_bad_chains.inc();
                 return_chain(&mut active.rx_queue, &active.mem, head, 0);
                 continue;
             }
-            let cap = total_len(&bufs) as usize;
-            capacity += cap;
-            chains.push(RxChain {
+            let capacity = usize::try_from(total_len(&bufs)).unwrap_or(usize::MAX);
+            active.rx_held_capacity = active.rx_held_capacity.saturating_add(capacity);
+            active.rx_held.push_back(RxChain {
                 head,
                 bufs,
-                capacity: cap,
+                capacity,
             });
         }
-        Ok(chains)
+        Ok(())
     }
 
-    /// Puts the last `n` chains taken back in the ring.
-    fn rollback(&self, active: &mut Active, n: usize) {
-        let next = active.rx_queue.next_avail().wrapping_sub(n as u16);
-        active.rx_queue.set_next_avail(next);
-    }
-
-    /// Returns the first chains covering `len` bytes to the guest, and the rest to the ring.
-    fn complete(&mut self, active: &mut Active, chains: Vec<RxChain>, len: usize) {
+    /// Gives the first held chains covering the `len` bytes just written into them to the
+    /// guest; the rest stay held.
+    fn complete(&mut self, active: &mut Active, len: usize) {
         let mrg = active.has(VIRTIO_NET_F_MRG_RXBUF);
-        let mut left = len;
         let mut used = 0usize;
-        for chain in &chains {
-            if left == 0 {
+        let mut covered = 0usize;
+        for chain in &active.rx_held {
+            if covered >= len {
                 break;
             }
-            let n = left.min(chain.capacity);
-            return_chain(&mut active.rx_queue, &active.mem, chain.head, n as u32);
-            left -= n;
+            covered = covered.saturating_add(chain.capacity);
             used += 1;
         }
-        let num_buffers: u16 = if mrg { used as u16 } else { 1 };
+        let Some(first) = active.rx_held.front() else {
+            return;
+        };
+        // The header before the used entries: a driver polling the used ring must find it.
+        let num_buffers: u16 = if mrg {
+            u16::try_from(used).unwrap_or(u16::MAX)
+        } else {
+            1
+        };
         write_stream(
             &active.mem,
-            &chains[0].bufs,
+            &first.bufs,
             NUM_BUFFERS_OFFSET,
             &num_buffers.to_le_bytes(),
         );
-        self.rollback(active, chains.len() - used);
+        let mut left = len;
+        for _ in 0..used {
+            let Some(chain) = active.rx_held.pop_front() else {
+                break;
+            };
+            let n = left.min(chain.capacity);
+            return_chain(&mut active.rx_queue, &active.mem, chain.head, n as u32);
+            left -= n;
+            active.rx_held_capacity -= chain.capacity;
+            self.rx_spare.push(chain.bufs);
+        }
         self.metrics.rx_frames.inc();
         self.metrics.rx_bytes.add((len - VNET_HDR_LEN) as u64);
-        for chain in chains {
-            self.chain = chain.bufs;
-        }
     }
 
     /// Reads the next frame from the TAP, straight into guest buffers when they can hold
     /// any frame, else into the bounce buffer. `None` when the TAP has nothing (or failed).
     fn read_frame(&mut self, active: &mut Active) -> Option<Outcome> {
-        let chains = match self.gather(active, MAX_FRAME_LEN) {
-            Ok(c) => c,
-            Err(()) => return Some(Outcome::Corrupt),
-        };
-        if chains.is_empty() {
+        if self.gather(active, MAX_FRAME_LEN).is_err() {
+            return Some(Outcome::Corrupt);
+        }
+        if active.rx_held.is_empty() {
             return Some(Outcome::NoRoom);
         }
-        let capacity: usize = chains.iter().map(|c| c.capacity).sum();
-        if capacity >= MAX_FRAME_LEN {
-            let bufs: Vec<Buffer> = chains.iter().flat_map(|c| c.bufs.iter().copied()).collect();
+        if active.rx_held_capacity >= MAX_FRAME_LEN {
+            let bufs: Vec<Buffer> = active
+                .rx_held
+                .iter()
+                .flat_map(|c| c.bufs.iter().copied())
+                .collect();
             let Some(host) = host_buffers(&active.mem, &bufs) else {
-                self.rollback(active, chains.len());
                 return Some(Outcome::Corrupt);
             };
             // SAFETY: the host buffers are device-writable guest memory inside `active.mem`,
@@ -272,29 +280,26 @@ impl Net {
             return match read {
                 Ok(0) => {
                     // End of file: the other side is gone.
-                    self.rollback(active, chains.len());
                     self.tap_failed();
                     None
                 }
                 Ok(n) if n >= VNET_HDR_LEN => {
                     self.metrics.rx_zero_copy.inc();
-                    self.complete(active, chains, n);
+                    self.complete(active, n);
                     Some(Outcome::Delivered)
                 }
                 Ok(_) => {
-                    self.rollback(active, chains.len());
+                    // Too short to carry the header: the held buffers are simply reused.
                     self.metrics.rx_dropped.inc();
                     Some(Outcome::Dropped)
                 }
                 Err(e) => {
-                    self.rollback(active, chains.len());
                     self.read_failed(&e);
                     None
                 }
             };
         }
         // The buffers might be too small for the next frame: read it aside.
-        self.rollback(active, chains.len());
         if self.bounce.len() < MAX_FRAME_LEN {
             self.bounce.resize(MAX_FRAME_LEN, 0);
         }
@@ -346,23 +351,20 @@ impl Net {
             self.metrics.rx_dropped.inc();
             return Outcome::Dropped;
         }
-        let chains = match self.gather(active, len) {
-            Ok(c) => c,
-            Err(()) => return Outcome::Corrupt,
-        };
-        let capacity: usize = chains.iter().map(|c| c.capacity).sum();
-        if capacity < len {
-            let single_chain_too_small = !active.has(VIRTIO_NET_F_MRG_RXBUF) && chains.len() == 1;
-            self.rollback(active, chains.len());
-            if single_chain_too_small {
-                // Without MRG_RXBUF a frame must fit one chain: this one never will.
+        if self.gather(active, len).is_err() {
+            return Outcome::Corrupt;
+        }
+        if active.rx_held_capacity < len {
+            if !active.has(VIRTIO_NET_F_MRG_RXBUF) && !active.rx_held.is_empty() {
+                // Without MRG_RXBUF a frame must fit one chain: this one never will (the
+                // chain stays held for the next frame).
                 self.metrics.rx_dropped.inc();
                 return Outcome::Dropped;
             }
             return Outcome::NoRoom;
         }
         let mut offset = 0usize;
-        for chain in &chains {
+        for chain in &active.rx_held {
             if offset == len {
                 break;
             }
@@ -375,7 +377,7 @@ impl Net {
             );
             offset += n;
         }
-        self.complete(active, chains, len);
+        self.complete(active, len);
         Outcome::Delivered
     }
 }
