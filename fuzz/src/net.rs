@@ -14,10 +14,12 @@
 //!   on `used.idx`), and the used ring changes only in the entries added, the index (when
 //!   one was added) and the notification fields;
 //! - RX: checked against a model of kiln's receive policy ([`rx`]): every used entry (head
-//!   and length), every byte written (only the delivered frames' bytes and the used ring),
-//!   each frame's bytes (`num_buffers` filled in), the counters, the place in the ring, and
-//!   why the device stopped (TAP empty: the TAP watched; too few buffers: nothing delivered,
-//!   a kick asked for, the TAP no longer watched; end of file; a corrupt ring);
+//!   and length), every byte written (only the bytes read into the chains the device holds
+//!   and the used ring), each frame's bytes (`num_buffers` filled in), the counters, the
+//!   chains the device holds between calls and its place in the ring (ahead of the chains
+//!   used by the chains held), and why the device stopped (TAP empty: the TAP watched; too
+//!   few buffers: nothing delivered, a kick asked for, the TAP no longer watched; end of
+//!   file; a corrupt ring);
 //! - for both: the used-buffer interrupt is raised whenever EVENT_IDX requires it;
 //! - no livelock: a call that does not return is a libFuzzer timeout (`-timeout=10`).
 
@@ -258,7 +260,8 @@ fn gather(mem: &GuestMemory, bufs: &[Walked], max: usize) -> Vec<u8> {
 /// One queue as the harness tracks it.
 struct Side {
     drv: Driver,
-    /// The device's next available-ring slot (its `next_avail`), followed exactly.
+    /// The device's next available-ring slot (its `next_avail`), followed exactly (RX: past
+    /// the chains it holds, which never go back to the ring).
     taken: u16,
     /// The device's next used-ring slot (its `next_used`; `used.idx` in memory is the
     /// driver's to scribble on too).
@@ -669,7 +672,8 @@ pub fn run(input: &Input) {
                 rig.rx.drv.reset(&rig.mem);
                 rig.tx.drv.reset(&rig.mem);
                 rig.activate();
-                // A reset discards the frame in the bounce buffer; the rings start over.
+                // A reset discards the frame in the bounce buffer and the receive chains
+                // held; the rings start over.
                 rig.rx_state.reset();
             }
         }

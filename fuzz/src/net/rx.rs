@@ -3,29 +3,41 @@
 //! written, the counters, where in the ring the device stops and why.
 //!
 //! The policy the model follows:
-//! - chains are taken in ring order. A head outside the queue is skipped (counted in
-//!   `rx_bad_chains`, no used entry). An unwalkable or device-readable chain, or a first
-//!   chain shorter than the virtio-net header, is returned with length 0, and so are the
-//!   usable chains taken before it while gathering for the same frame (each counted in
-//!   `rx_bad_chains`); gathering goes on after it;
-//! - a frame is read straight into the chains taken when they hold `MAX_FRAME_LEN` bytes
-//!   (a frame shorter than the header is dropped, its chains put back); otherwise into the
-//!   bounce buffer, then copied once chains holding it are taken. Without MRG_RXBUF a frame
-//!   must fit one chain and is dropped if the chain taken is too small;
-//! - a frame uses the first chains that hold it (`num_buffers` of them with MRG_RXBUF, else
-//!   1); the chains taken but not needed go back to the ring;
+//! - chains are taken in ring order, walked once and held (the oldest first) until frames
+//!   fill them, across reads and across calls of `process_rx`: a held chain is never put
+//!   back in the ring, so the device's place in the ring (`next_avail`) runs ahead of the
+//!   chains it has used by the chains it holds. What the device writes into a held chain is
+//!   the buffers walked when it was taken: a driver changing its descriptors afterwards is
+//!   not seen. A reset forgets the held chains;
+//! - a head outside the queue is skipped (counted in `rx_bad_chains`, no used entry). An
+//!   unwalkable or device-readable chain, or a chain shorter than the virtio-net header
+//!   taken while nothing is held, is returned with length 0, and so is every chain held
+//!   then (each counted in `rx_bad_chains`); gathering goes on after it;
+//! - a frame is read straight into the held chains when they hold `MAX_FRAME_LEN` bytes (a
+//!   frame shorter than the header is dropped, the chains staying held for the next one);
+//!   otherwise into the bounce buffer, then copied once the held chains hold it. Without
+//!   MRG_RXBUF a frame must fit one chain and is dropped if the chain held is too small
+//!   (the chain stays held);
+//! - chains are taken only while the held ones hold less than the frame needs
+//!   (`MAX_FRAME_LEN` before a read; without MRG_RXBUF only while none is held);
+//! - a frame uses the first held chains that hold it (`num_buffers` of them with
+//!   MRG_RXBUF, else 1); the others stay held for the next frames. The chain a frame
+//!   starts in must hold the whole header: once a frame is delivered, held chains shorter
+//!   than the header that would come first are returned with length 0 (each counted in
+//!   `rx_bad_chains`);
 //! - too few buffers for the frame in the bounce buffer: nothing is delivered and
 //!   `process_rx` returns, with a kick asked for the next buffer the driver publishes
 //!   (`avail_event` = `avail.idx` with EVENT_IDX, notifications on otherwise) and the TAP no
 //!   longer watched; a kick without new buffers changes nothing;
-//! - an empty ring: the same, without a frame waiting;
+//! - nothing new in the ring and nothing held: the same, without a frame waiting;
 //! - the TAP empty: `process_rx` returns watching the TAP;
 //! - an empty datagram is the TAP's end of file: the receive path stops for good;
-//! - an available index more than a queue ahead of the device: NEEDS_RESET, nothing taken.
+//! - an available index more than a queue ahead of the device's place (behind it counts as
+//!   far ahead) when a chain is to be taken: NEEDS_RESET, nothing taken.
 //!
-//! A receive buffer over the rings or descriptor tables lets the device's writes change
-//! what it reads next: the model stops following (until a reset) and the round is only
-//! checked for not hanging and not panicking.
+//! A receive buffer (of a chain in the ring or held) over the rings or descriptor tables
+//! lets the device's writes change what it reads next: the model stops following (until a
+//! reset) and the round is only checked for not hanging and not panicking.
 
 use std::collections::VecDeque;
 
@@ -49,6 +61,8 @@ const NUM_BUFFERS: usize = 10;
 pub(super) struct State {
     /// The frame waiting in kiln's bounce buffer.
     bounce: Option<Vec<u8>>,
+    /// The chains the device holds (taken, walked, not used yet), the oldest first.
+    held: VecDeque<Chain>,
     /// The TAP reached end of file: the receive path is off for good.
     tap_dead: bool,
     /// A device write may have changed the rings: the model no longer follows the device.
@@ -56,12 +70,21 @@ pub(super) struct State {
 }
 
 impl State {
-    /// After a device reset: the bounce buffer is emptied and the rings start over (the TAP
-    /// stays as it is).
+    /// After a device reset: the bounce buffer is emptied, the held chains are forgotten
+    /// and the rings start over (the TAP stays as it is).
     pub(super) fn reset(&mut self) {
         self.bounce = None;
+        self.held.clear();
         self.lost = false;
     }
+}
+
+/// A usable receive chain: device-writable buffers, as walked when the device takes it.
+#[derive(Clone, Debug)]
+struct Chain {
+    head: u16,
+    bufs: Vec<Walked>,
+    cap: u64,
 }
 
 /// A receive chain, as the device sees it when it takes it.
@@ -72,11 +95,7 @@ enum Slot {
     /// Unwalkable or device-readable.
     Bad(u16),
     /// Device-writable buffers.
-    Usable {
-        head: u16,
-        bufs: Vec<Walked>,
-        cap: u64,
-    },
+    Usable(Chain),
 }
 
 impl Slot {
@@ -87,11 +106,27 @@ impl Slot {
         match virtq::walk(mem, q, head, indirect) {
             Some(bufs) if bufs.iter().all(|b| b.writable) => {
                 let cap = virtq::writable_len(&bufs);
-                Slot::Usable { head, bufs, cap }
+                Slot::Usable(Chain { head, bufs, cap })
             }
             _ => Slot::Bad(head),
         }
     }
+}
+
+/// Records the writes of `len` bytes into the stream of `bufs`.
+fn record(writes: &mut Vec<(u64, u64)>, bufs: &[Walked], len: u64) {
+    let mut left = len;
+    let ranges = bufs
+        .iter()
+        .map_while(|b| {
+            (left > 0).then(|| {
+                let n = left.min(u64::from(b.len));
+                left -= n;
+                (b.addr, b.addr + n)
+            })
+        })
+        .filter(|(s, e)| s < e);
+    writes.extend(ranges);
 }
 
 /// Why a call to `process_rx` returned.
@@ -112,8 +147,8 @@ enum End {
 struct Frame {
     /// The bytes the guest must find, `num_buffers` filled in.
     bytes: Vec<u8>,
-    /// The chains holding it (index in the window) and the bytes of each.
-    parts: Vec<(usize, u32)>,
+    /// The buffers of the chains holding it and the bytes of each.
+    parts: Vec<(Vec<Walked>, u32)>,
     /// Its writes: `writes[first..last]`.
     writes: (usize, usize),
 }
@@ -130,6 +165,8 @@ struct Round<'a> {
     /// `avail.idx` is more than a queue ahead of the device.
     jump: bool,
     mrg: bool,
+    /// The chains the device holds, the oldest first.
+    held: VecDeque<Chain>,
     /// The used entries, in order: (head, length).
     used: Vec<(u16, u32)>,
     frames: Vec<Frame>,
@@ -143,33 +180,16 @@ struct Round<'a> {
 }
 
 impl Round<'_> {
-    fn bufs(&self, i: usize) -> &[Walked] {
-        match &self.window[i] {
-            Slot::Usable { bufs, .. } => bufs,
-            _ => unreachable!("only usable chains are kept"),
-        }
+    /// Bytes the held chains can take.
+    fn held_cap(&self) -> u64 {
+        self.held.iter().map(|c| c.cap).sum()
     }
 
-    fn cap(&self, i: usize) -> u64 {
-        match &self.window[i] {
-            Slot::Usable { cap, .. } => *cap,
-            _ => unreachable!("only usable chains are kept"),
-        }
-    }
-
-    fn head(&self, i: usize) -> u16 {
-        match &self.window[i] {
-            Slot::Usable { head, .. } | Slot::Bad(head) => *head,
-            Slot::Outside => unreachable!("a head outside the queue has no used entry"),
-        }
-    }
-
-    /// Takes chains until they hold `target` bytes (one usable chain without MRG_RXBUF);
-    /// `None` when the ring is corrupt.
-    fn gather(&mut self, target: u64) -> Option<Vec<usize>> {
-        let mut chains: Vec<usize> = Vec::new();
-        let mut capacity = 0u64;
-        while capacity < target && (self.mrg || chains.is_empty()) {
+    /// Takes chains from the ring into the held ones until those hold `target` bytes (one
+    /// chain only without MRG_RXBUF); `None` when the ring is corrupt.
+    fn gather(&mut self, target: u64) -> Option<()> {
+        let window = self.window;
+        while self.held_cap() < target && (self.mrg || self.held.is_empty()) {
             if self.jump {
                 return None;
             }
@@ -178,67 +198,45 @@ impl Round<'_> {
             }
             let i = usize::from(self.next.wrapping_sub(self.start));
             self.next = self.next.wrapping_add(1);
-            match &self.window[i] {
-                Slot::Usable { cap, .. } if !chains.is_empty() || *cap >= VNET_HDR_LEN as u64 => {
-                    chains.push(i);
-                    capacity += *cap;
+            match &window[i] {
+                Slot::Usable(c) if !self.held.is_empty() || c.cap >= VNET_HDR_LEN as u64 => {
+                    self.held.push_back(c.clone());
                 }
                 slot => {
-                    // Unusable: it and the chains taken before it go back unused.
-                    for j in chains.drain(..) {
-                        self.used.push((self.head(j), 0));
+                    // Unusable: it and every chain held go back unused.
+                    for c in self.held.drain(..) {
+                        self.used.push((c.head, 0));
                         self.bad += 1;
                     }
-                    capacity = 0;
                     self.bad += 1;
-                    if !matches!(slot, Slot::Outside) {
-                        self.used.push((self.head(i), 0));
+                    match slot {
+                        Slot::Usable(Chain { head, .. }) | Slot::Bad(head) => {
+                            self.used.push((*head, 0));
+                        }
+                        Slot::Outside => {}
                     }
                 }
             }
         }
-        Some(chains)
+        Some(())
     }
 
-    fn put_back(&mut self, n: usize) {
-        self.next = self.next.wrapping_sub(n as u16);
-    }
-
-    /// Records the writes of `len` bytes into the stream of `chain`'s buffers.
-    fn write(&mut self, chain: usize, len: u64) {
-        let mut left = len;
-        let ranges: Vec<(u64, u64)> = self
-            .bufs(chain)
-            .iter()
-            .map_while(|b| {
-                (left > 0).then(|| {
-                    let n = left.min(u64::from(b.len));
-                    left -= n;
-                    (b.addr, b.addr + n)
-                })
-            })
-            .filter(|(s, e)| s < e)
-            .collect();
-        self.writes.extend(ranges);
-    }
-
-    /// Delivers `frame` into the first of `chains` that hold it; the rest go back.
-    fn complete(&mut self, chains: Vec<usize>, mut frame: Vec<u8>) {
+    /// Delivers `frame` into the first held chains that hold it; the others stay held.
+    fn complete(&mut self, mut frame: Vec<u8>) {
         let first = self.writes.len();
         let mut left = frame.len() as u64;
         let mut parts = Vec::new();
-        for &i in &chains {
-            if left == 0 {
-                break;
-            }
-            let n = left.min(self.cap(i));
-            self.write(i, n);
-            self.used.push((self.head(i), n as u32));
-            parts.push((i, n as u32));
+        while left > 0 {
+            let c = self
+                .held
+                .pop_front()
+                .expect("model: a frame delivered into chains too small");
+            let n = left.min(c.cap);
+            record(&mut self.writes, &c.bufs, n);
+            self.used.push((c.head, n as u32));
+            parts.push((c.bufs, n as u32));
             left -= n;
         }
-        assert_eq!(left, 0, "model: a frame delivered into chains too small");
-        self.put_back(chains.len() - parts.len());
         let num_buffers = if self.mrg { parts.len() as u16 } else { 1 };
         frame[NUM_BUFFERS..NUM_BUFFERS + 2].copy_from_slice(&num_buffers.to_le_bytes());
         self.bytes += (frame.len() - VNET_HDR_LEN) as u64;
@@ -247,6 +245,18 @@ impl Round<'_> {
             parts,
             writes: (first, self.writes.len()),
         });
+        // The next frame starts in the first chain held: one too short for the header
+        // goes back unused.
+        while self
+            .held
+            .front()
+            .is_some_and(|c| c.cap < VNET_HDR_LEN as u64)
+        {
+            if let Some(c) = self.held.pop_front() {
+                self.used.push((c.head, 0));
+                self.bad += 1;
+            }
+        }
     }
 
     /// Plays `process_rx` until it returns.
@@ -258,36 +268,34 @@ impl Round<'_> {
                     self.dropped += 1;
                     continue;
                 }
-                let Some(chains) = self.gather(len as u64) else {
+                if self.gather(len as u64).is_none() {
+                    state.bounce = Some(frame);
                     return End::Corrupt;
-                };
-                let capacity: u64 = chains.iter().map(|&i| self.cap(i)).sum();
-                if capacity < len as u64 {
-                    self.put_back(chains.len());
-                    if !self.mrg && chains.len() == 1 {
-                        // A frame must fit one chain: this one never will.
+                }
+                if self.held_cap() < len as u64 {
+                    if !self.mrg && !self.held.is_empty() {
+                        // A frame must fit one chain: this one never will (it stays held).
                         self.dropped += 1;
                         continue;
                     }
                     state.bounce = Some(frame);
                     return End::NeedBuffers;
                 }
-                self.complete(chains, frame);
+                self.complete(frame);
                 continue;
             }
-            if self.next == self.avail {
+            if self.next == self.avail && self.held.is_empty() {
                 return End::NeedBuffers;
             }
-            let Some(chains) = self.gather(MAX_FRAME_LEN as u64) else {
+            if self.gather(MAX_FRAME_LEN as u64).is_none() {
                 return End::Corrupt;
-            };
-            if chains.is_empty() {
+            }
+            if self.held.is_empty() {
+                // Every chain offered was unusable (returned): look at the ring again.
                 continue;
             }
-            let capacity: u64 = chains.iter().map(|&i| self.cap(i)).sum();
-            if capacity < MAX_FRAME_LEN as u64 {
+            if self.held_cap() < MAX_FRAME_LEN as u64 {
                 // Read aside: the buffers might be too small.
-                self.put_back(chains.len());
                 match tap.pop_front() {
                     None => return End::TapEmpty,
                     Some(f) if f.is_empty() => {
@@ -301,31 +309,26 @@ impl Round<'_> {
                 }
                 continue;
             }
-            // Straight into the guest's buffers.
+            // Straight into the held chains' buffers.
             match tap.pop_front() {
-                None => {
-                    self.put_back(chains.len());
-                    return End::TapEmpty;
-                }
+                None => return End::TapEmpty,
                 Some(f) if f.is_empty() => {
-                    self.put_back(chains.len());
                     state.tap_dead = true;
                     return End::TapDead;
                 }
                 Some(f) if f.len() < VNET_HDR_LEN => {
-                    // Read into the buffers, then dropped: the chains go back.
+                    // Read into the buffers, then dropped: the chains stay held.
                     let mut left = f.len() as u64;
-                    for &i in &chains {
-                        let n = left.min(self.cap(i));
-                        self.write(i, n);
+                    for c in &self.held {
+                        let n = left.min(c.cap);
+                        record(&mut self.writes, &c.bufs, n);
                         left -= n;
                     }
-                    self.put_back(chains.len());
                     self.dropped += 1;
                 }
                 Some(f) => {
                     self.zero_copy += 1;
-                    self.complete(chains, f);
+                    self.complete(f);
                 }
             }
         }
@@ -400,6 +403,7 @@ impl Rig {
         }
         let avail = self.rx.drv.avail_idx_in_memory(&mem);
         let start = self.rx.taken;
+        let held = self.rx_state.held.len();
         let jump = avail.wrapping_sub(start) > q.size;
         let window: Vec<Slot> = if jump {
             Vec::new()
@@ -411,12 +415,16 @@ impl Rig {
                 })
                 .collect()
         };
+        // The buffers the device may write: those of the chains it holds and of the chains
+        // in the ring.
         let mut bufs = Ranges::default();
-        for slot in &window {
-            if let Slot::Usable { bufs: b, .. } = slot {
-                for w in b {
-                    bufs.add(w.addr, u64::from(w.len));
-                }
+        let in_ring = window.iter().filter_map(|slot| match slot {
+            Slot::Usable(c) => Some(c),
+            _ => None,
+        });
+        for c in self.rx_state.held.iter().chain(in_ring) {
+            for w in &c.bufs {
+                bufs.add(w.addr, u64::from(w.len));
             }
         }
         if virtq::control_area_touched(&bufs) {
@@ -434,6 +442,7 @@ impl Rig {
             next: start,
             jump,
             mrg: self.features & features::VIRTIO_NET_F_MRG_RXBUF != 0,
+            held: std::mem::take(&mut self.rx_state.held),
             used: Vec::new(),
             frames: Vec::new(),
             writes: Vec::new(),
@@ -446,6 +455,7 @@ impl Rig {
         // A dead TAP: process_rx does nothing at all.
         let end =
             (!self.rx_state.tap_dead).then(|| round.play(&mut self.rx_state, &mut self.host_sent));
+        self.rx_state.held = std::mem::take(&mut round.held);
 
         let used_before = self.rx.used;
         let used_event = self.rx.drv.used_event(&mem);
@@ -466,7 +476,7 @@ impl Rig {
         assert_eq!(
             self.dev.needs_reset(),
             end == Some(End::Corrupt),
-            "NEEDS_RESET (avail.idx {avail}, next_avail {start}, queue size {}; model: {end:?})",
+            "NEEDS_RESET (avail.idx {avail}, next_avail {start}, {held} chains held, queue size {}; model: {end:?})",
             q.size
         );
         let got = self.rx.drv.used_entries(&mem, used_before, k);
@@ -499,8 +509,8 @@ impl Rig {
             }
             let frame = &round.frames[k];
             let mut bytes = Vec::new();
-            for &(i, n) in &frame.parts {
-                bytes.extend_from_slice(&gather(&mem, round.bufs(i), n as usize));
+            for (bufs, n) in &frame.parts {
+                bytes.extend_from_slice(&gather(&mem, bufs, *n as usize));
             }
             assert!(
                 bytes == frame.bytes,

@@ -43,7 +43,8 @@ struct Active {
     features: u64,
     /// Receive chains taken from the ring, walked, and not used yet (the oldest first): the
     /// next frames go into them. Holding them, rather than putting them back, means each
-    /// chain is walked once however many reads it waits through.
+    /// chain is walked once however many reads it waits through. The first one always has
+    /// room for a virtio-net header.
     rx_held: VecDeque<rx::RxChain>,
     /// Bytes the held chains can take.
     rx_held_capacity: usize,

@@ -141,8 +141,8 @@ impl Net {
                 return false;
             }
         } else if active.rx_queue.enable_notification(&active.mem).is_err() {
-            // Only clears VRING_USED_F_NO_NOTIFY; its answer compares against the rolled-back
-            // index, which is not the question here.
+            // Only clears VRING_USED_F_NO_NOTIFY; its answer compares against `next_avail`
+            // (past the chains held), which is not the question here.
             self.queue_corrupted("used ring unwritable", &active.interrupt);
             return false;
         }
@@ -214,7 +214,8 @@ impl Net {
     }
 
     /// Gives the first held chains covering the `len` bytes just written into them to the
-    /// guest; the rest stay held.
+    /// guest; the rest stay held, but for chains too short for a header that would come
+    /// first (given back unused).
     fn complete(&mut self, active: &mut Active, len: usize) {
         let mrg = active.has(VIRTIO_NET_F_MRG_RXBUF);
         let mut used = 0usize;
@@ -251,6 +252,21 @@ impl Net {
             left -= n;
             active.rx_held_capacity -= chain.capacity;
             self.rx_spare.push(chain.bufs);
+        }
+        // The next frame starts in the first chain held, and its header (`num_buffers`
+        // included) must fit there: a chain shorter than that, taken to follow the first
+        // chain of a frame that turned out not to need it, goes back unused.
+        while active
+            .rx_held
+            .front()
+            .is_some_and(|c| c.capacity < VNET_HDR_LEN)
+        {
+            if let Some(chain) = active.rx_held.pop_front() {
+                self.metrics.rx_bad_chains.inc();
+                return_chain(&mut active.rx_queue, &active.mem, chain.head, 0);
+                active.rx_held_capacity -= chain.capacity;
+                self.rx_spare.push(chain.bufs);
+            }
         }
         self.metrics.rx_frames.inc();
         self.metrics.rx_bytes.add((len - VNET_HDR_LEN) as u64);

@@ -215,7 +215,7 @@ fn receive_zero_copy_with_mergeable_buffers() {
         (m.rx_frames.get(), m.rx_zero_copy.get(), m.rx_bounced.get()),
         (1, 1, 0)
     );
-    // The other 19 chains went back to the ring: the next frame lands in chain 1.
+    // The other 19 chains stay held: the next frame lands in chain 1.
     r.host.send(&frame(60, 2)).unwrap();
     r.dev.process_rx();
     assert_eq!(r.rx_used(1), (1, 60));
@@ -472,4 +472,37 @@ fn held_chains_take_the_next_frames_in_order() {
     assert_eq!(r.rx.used_idx(&r.mem), 6, "5000 bytes in three 2 KiB chains");
     assert_eq!(r.rx_used(3), (3, 2048));
     assert_eq!(r.rx_used(5), (5, 5000 - 2 * 2048));
+}
+
+#[test]
+fn a_held_chain_too_short_for_the_header_does_not_start_a_frame() {
+    let mut r = rig(u64::MAX);
+    // All three are taken for the first frame (zero copy needs more); it uses the first.
+    // The 4-byte chain would then start the second frame, its header split across chains
+    // and `num_buffers` written nowhere: it goes back unused instead.
+    for (i, size) in [100u32, 4, 100].into_iter().enumerate() {
+        let h =
+            r.rx.add_chain(&r.mem, &[(RX_BUFS + 0x1_0000 * i as u64, size, true)]);
+        r.rx.publish(&r.mem, h);
+    }
+    let f = frame(50, 2);
+    r.host.send(&frame(50, 1)).unwrap();
+    r.host.send(&f).unwrap();
+    r.dev.process_rx();
+    assert_eq!(r.rx.used_idx(&r.mem), 3);
+    assert_eq!(r.rx_used(0), (0, 50));
+    assert_eq!(r.rx_used(1), (1, 0), "short chain given back unused");
+    assert_eq!(
+        r.rx_used(2),
+        (2, 50),
+        "the second frame whole in the third chain"
+    );
+    let mut got = vec![0u8; 50];
+    r.mem
+        .read_slice(&mut got, GuestAddress(RX_BUFS + 0x2_0000))
+        .unwrap();
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+    assert_eq!(&got[12..], &f[12..]);
+    let m = r.dev.metrics();
+    assert_eq!((m.rx_frames.get(), m.rx_bad_chains.get()), (2, 1));
 }
