@@ -345,8 +345,15 @@ impl Driver {
     }
 
     /// The `k` used entries from `next_used` as (id, len), checking that the device moved
-    /// `used.idx` past them.
-    pub fn used_entries(&self, mem: &GuestMemory, next_used: u16, k: u16) -> Vec<(u32, u32)> {
+    /// `used.idx` past them. A batch longer than the ring (a driver that publishes heads the
+    /// device still holds can make one) overwrote its first entries with its last: those
+    /// are `None`, they cannot be seen any more.
+    pub fn used_entries(
+        &self,
+        mem: &GuestMemory,
+        next_used: u16,
+        k: u16,
+    ) -> Vec<Option<(u32, u32)>> {
         if k > 0 {
             assert_eq!(
                 self.used_idx(mem),
@@ -354,8 +361,9 @@ impl Driver {
                 "used.idx after {k} used entries from {next_used}"
             );
         }
+        let hidden = k.saturating_sub(self.q.size);
         (0..k)
-            .map(|i| self.used_elem(mem, next_used.wrapping_add(i)))
+            .map(|i| (i >= hidden).then(|| self.used_elem(mem, next_used.wrapping_add(i))))
             .collect()
     }
 
