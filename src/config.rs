@@ -454,6 +454,13 @@ pub fn validate_boot_source(b: &BootSourceConfig) -> Result<(), ConfigError> {
                 format!("contains {c:?}: only printable ASCII is allowed"),
             ));
         }
+        // What linux-loader cannot turn into the line the kernel reads (for example init
+        // arguments after "--" with no kernel argument before them).
+        if let Err(e) = linux_loader::cmdline::Cmdline::try_from(args, CMDLINE_MAX_SIZE)
+            .and_then(|c| c.as_cstring().map(drop))
+        {
+            return Err(invalid("boot-source.boot_args", e.to_string()));
+        }
     }
     if b.initrd_path.as_deref() == Some("") {
         return Err(invalid("boot-source.initrd_path", "must not be empty"));

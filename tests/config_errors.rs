@@ -146,4 +146,10 @@ fn bad_arguments() {
         &["--no-api", "--cmdline", "bad\u{7}bell"],
         "boot-source.boot_args",
     );
+    // Init arguments with no kernel argument before "--": linux-loader cannot build it
+    // (found by the kernel_loader fuzz target).
+    assert_config_error(
+        &["--no-api", "--cmdline", " --  ! "],
+        "boot-source.boot_args: Cmdline cannot contain only init args",
+    );
 }

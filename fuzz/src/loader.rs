@@ -363,8 +363,16 @@ pub fn run(input: &Input) {
     let Some(cmdline) = cmdline(input) else {
         return;
     };
-    let text = cmdline.as_cstring().expect("a built command line converts");
     let vcpus = input.vcpus % 33;
+    let Ok(text) = cmdline.as_cstring() else {
+        // linux-loader cannot build the string (init arguments after "--" and no kernel
+        // argument before them): kiln must refuse to boot, not write a partial line.
+        assert!(
+            configure_system(&mem, &k, &cmdline, initrd, vcpus.max(1)).is_err(),
+            "a command line linux-loader cannot build was accepted"
+        );
+        return;
+    };
     if configure_system(&mem, &k, &cmdline, initrd, vcpus.max(1)).is_err() {
         return;
     }

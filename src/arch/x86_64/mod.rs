@@ -26,6 +26,10 @@ pub enum ConfigureError {
     /// The command line could not be written.
     #[error("cannot write the kernel command line: {0}")]
     Cmdline(#[from] linux_loader::loader::Error),
+    /// The command line cannot be turned into the string the kernel reads (for example
+    /// init arguments after `--` with no kernel argument before them).
+    #[error("the kernel command line cannot be built: {0}")]
+    CmdlineForm(#[source] linux_loader::cmdline::Error),
     /// The command line exceeds what the kernel's header accepts.
     #[error("the command line is {len} bytes, over the kernel's limit of {max}")]
     CmdlineTooLong {
@@ -53,9 +57,7 @@ pub fn configure_system(
     initrd: Option<(u64, u64)>,
     num_cpus: u8,
 ) -> Result<(), ConfigureError> {
-    let cstring = cmdline
-        .as_cstring()
-        .map_err(|_| linux_loader::loader::Error::InvalidCommandLine)?;
+    let cstring = cmdline.as_cstring().map_err(ConfigureError::CmdlineForm)?;
     let len = cstring.as_bytes().len();
     if let Some(hdr) = kernel.setup_header {
         let max = hdr.cmdline_size;
