@@ -77,9 +77,9 @@ impl NetNs {
 
     /// A command that runs `program` inside the namespace (`ip netns exec` execs it in
     /// place: the child's pid is the program's).
-    pub fn command(&self, program: &str) -> Command {
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
+        c.args(["netns", "exec", &self.name]).arg(program);
         c
     }
 

@@ -193,50 +193,17 @@ pub fn make_root_image(dir: &Path) -> PathBuf {
     image
 }
 
-/// A network namespace with a TAP at `HOST_IP/24`, deleted on drop.
-pub struct NetNs {
-    pub name: String,
-}
+// The tests' network namespace helper; the tier uses part of it.
+#[allow(dead_code)]
+#[path = "../common/net.rs"]
+mod netns;
+use netns::NetNs;
 
-impl NetNs {
-    pub fn new() -> NetNs {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "kiln-linux-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = NetNs { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns.ip(&["tuntap", "add", TAP, "mode", "tap"]);
-        ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
-        ns.ip(&["link", "set", TAP, "up"]);
-        ns
-    }
-
-    pub fn ip(&self, args: &[&str]) {
-        run_ok(Command::new("ip").args(["-n", &self.name]).args(args));
-    }
-
-    /// A command running `program` inside the namespace.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(program);
-        c
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// A network namespace with a TAP at `HOST_IP/24`, deleted (TAP and all) on drop.
+fn netns_with_tap() -> NetNs {
+    let ns = NetNs::new("linux");
+    ns.add_tap(TAP, &format!("{HOST_IP}/24"));
+    ns
 }
 
 /// dnsmasq serving DHCP (only) on the namespace's TAP; killed on drop.
@@ -459,7 +426,7 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
     let dir = Scratch::new("boot");
     let image = make_root_image(dir.path());
     let image_sectors = std::fs::metadata(&image).unwrap().len() / 512;
-    let ns = NetNs::new();
+    let ns = netns_with_tap();
     let dnsmasq = opts.dhcp_server.then(|| Dnsmasq::start(&ns, dir.path()));
 
     let config = serde_json::json!({
