@@ -26,6 +26,7 @@ use crate::devices::IrqLine;
 use crate::devices::boot_timer::{BOOT_TIMER_SIZE, BootTimer};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042_BASE, I8042_PORTS, I8042Device};
+use crate::devices::registry::{Device, DeviceRegistry, Location};
 use crate::devices::serial::{COM1_BASE, SerialDevice, SerialInput, UART_PORTS};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockEvents, DiskFile};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
@@ -34,7 +35,7 @@ use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::exit::{ExitCode, ExitSignal};
 use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
-use crate::vmm::{ExitWatcher, Subscriber, Vmm, VmmDevices};
+use crate::vmm::{ExitWatcher, Subscriber, Vmm};
 use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory};
 use crate::vstate::vcpu::{Vcpu, VcpuError, install_kick_handler};
 use crate::vstate::vm::{Vm, VmError, open_kvm};
@@ -252,14 +253,14 @@ fn stdin_source() -> Option<File> {
 
 /// Places a virtio device in the next MMIO slot: its transport on the bus, its interrupt
 /// on a GSI (irqfd), its queue notifications on ioeventfds, and its `virtio_mmio.device=`
-/// entry on the command line.
+/// entry on the command line. Returns the transport and where it is.
 fn attach_virtio_device(
     vm: &Vm,
     mmio: &mut Bus,
     cmdline: &mut Cmdline,
     device: Arc<Mutex<dyn VirtioDevice>>,
     slot: u32,
-) -> Result<(), StartError> {
+) -> Result<(Arc<Mutex<MmioTransport>>, Location), StartError> {
     let gsi = VIRTIO_GSI_START + slot;
     if gsi > GSI_MAX {
         return Err(StartError::TooManyDevices(GSI_MAX - VIRTIO_GSI_START + 1));
@@ -280,12 +281,21 @@ fn attach_virtio_device(
         }
     }
     let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(irq)));
-    let transport = MmioTransport::new(device, vm.memory().clone(), interrupt);
-    mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+    let transport = Arc::new(Mutex::new(MmioTransport::new(
+        device,
+        vm.memory().clone(),
+        interrupt,
+    )));
+    mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
     cmdline
         .add_virtio_mmio_device(VIRTIO_MMIO_SIZE, GuestAddress(base), gsi, None)
         .map_err(|e| StartError::Cmdline(e.to_string()))?;
-    Ok(())
+    let location = Location::Mmio {
+        base,
+        len: VIRTIO_MMIO_SIZE,
+        gsi: Some(gsi),
+    };
+    Ok((transport, location))
 }
 
 /// Opens every drive (the root drive first, so it is /dev/vda) and attaches it.
@@ -295,11 +305,11 @@ fn attach_block_devices(
     mmio: &mut Bus,
     cmdline: &mut Cmdline,
     event_manager: &mut EventManager<Subscriber>,
+    devices: &mut DeviceRegistry,
     slot: &mut u32,
-) -> Result<Vec<Arc<Mutex<Block>>>, StartError> {
+) -> Result<(), StartError> {
     let mut order: Vec<usize> = (0..config.drives.len()).collect();
     order.sort_by_key(|i| !config.drives[*i].is_root_device);
-    let mut blocks = Vec::new();
     for index in order {
         let drive = &config.drives[index];
         let drive_err = |source| StartError::Drive {
@@ -317,7 +327,7 @@ fn attach_block_devices(
         let block = Arc::new(Mutex::new(
             Block::new(block_config, disk).map_err(event_err("a drive's queue"))?,
         ));
-        attach_virtio_device(vm, mmio, cmdline, block.clone(), *slot)?;
+        let (transport, location) = attach_virtio_device(vm, mmio, cmdline, block.clone(), *slot)?;
         *slot += 1;
         if drive.is_root_device {
             let root = match &drive.partuuid {
@@ -333,9 +343,15 @@ fn attach_block_devices(
         }
         let events: Subscriber = Arc::new(Mutex::new(BlockEvents::new(block.clone())));
         event_manager.add_subscriber(events);
-        blocks.push(block);
+        devices.add(
+            Device::Block {
+                device: block,
+                transport,
+            },
+            location,
+        );
     }
-    Ok(blocks)
+    Ok(())
 }
 
 /// Opens every network interface's TAP and attaches the devices, after the drives.
@@ -345,9 +361,9 @@ fn attach_net_devices(
     mmio: &mut Bus,
     cmdline: &mut Cmdline,
     event_manager: &mut EventManager<Subscriber>,
+    devices: &mut DeviceRegistry,
     slot: &mut u32,
-) -> Result<Vec<Arc<Mutex<Net>>>, StartError> {
-    let mut nets = Vec::new();
+) -> Result<(), StartError> {
     for (index, iface) in config.network_interfaces.iter().enumerate() {
         let tap =
             Tap::open(&iface.host_dev_name).map_err(|source| StartError::Tap { index, source })?;
@@ -358,13 +374,19 @@ fn attach_net_devices(
         let net = Arc::new(Mutex::new(
             Net::new(net_config, tap).map_err(event_err("an interface's queues"))?,
         ));
-        attach_virtio_device(vm, mmio, cmdline, net.clone(), *slot)?;
+        let (transport, location) = attach_virtio_device(vm, mmio, cmdline, net.clone(), *slot)?;
         *slot += 1;
         let events: Subscriber = Arc::new(Mutex::new(NetEvents::new(net.clone())));
         event_manager.add_subscriber(events);
-        nets.push(net);
+        devices.add(
+            Device::Net {
+                device: net,
+                transport,
+            },
+            location,
+        );
     }
-    Ok(nets)
+    Ok(())
 }
 
 /// Builds the VM described by `config` and starts its vCPUs.
@@ -394,6 +416,14 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
             .map_err(event_err("the serial input"))?,
     )));
     pio.insert(serial.clone(), COM1_BASE, UART_PORTS)?;
+    let mut devices = DeviceRegistry::default();
+    devices.add(
+        Device::Serial(serial.clone()),
+        Location::Pio {
+            base: COM1_BASE,
+            len: UART_PORTS,
+        },
+    );
 
     let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("the i8042 IRQ"))?;
     vm.fd()
@@ -404,14 +434,26 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
         IrqLine::new(kbd_irq),
     )));
     pio.insert(i8042.clone(), I8042_BASE, I8042_PORTS)?;
+    devices.add(
+        Device::I8042(i8042),
+        Location::Pio {
+            base: I8042_BASE,
+            len: I8042_PORTS,
+        },
+    );
 
     if opts.boot_timer {
         let (start, cpu) = opts.start.unwrap_or_else(|| (Instant::now(), 0));
-        mmio.insert(
-            Arc::new(Mutex::new(BootTimer::new(start, cpu))),
-            BOOT_TIMER_START,
-            BOOT_TIMER_SIZE,
-        )?;
+        let timer = Arc::new(Mutex::new(BootTimer::new(start, cpu)));
+        mmio.insert(timer.clone(), BOOT_TIMER_START, BOOT_TIMER_SIZE)?;
+        devices.add(
+            Device::BootTimer(timer),
+            Location::Mmio {
+                base: BOOT_TIMER_START,
+                len: BOOT_TIMER_SIZE,
+                gsi: None,
+            },
+        );
     }
 
     // The event loop, then the virtio devices it serves.
@@ -419,20 +461,22 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
         EventManager::new().map_err(StartError::EventManager)?;
     let mut cmdline = base_cmdline(config)?;
     let mut slot = 0;
-    let blocks = attach_block_devices(
+    attach_block_devices(
         config,
         &vm,
         &mut mmio,
         &mut cmdline,
         &mut event_manager,
+        &mut devices,
         &mut slot,
     )?;
-    let nets = attach_net_devices(
+    attach_net_devices(
         config,
         &vm,
         &mut mmio,
         &mut cmdline,
         &mut event_manager,
+        &mut devices,
         &mut slot,
     )?;
 
@@ -515,12 +559,7 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
         handles,
         event_manager,
         exit,
-        VmmDevices {
-            serial,
-            i8042,
-            blocks,
-            nets,
-            vcpu_metrics,
-        },
+        devices,
+        vcpu_metrics,
     ))
 }

@@ -1,21 +1,39 @@
 //! kiln: a minimal, security-focused microVM monitor.
 //!
-//! Start-up is one linear function ([`builder::build_and_start`]); the running VM is a
-//! [`vmm::Vmm`] whose event loop runs on the main thread while each vCPU runs on its own.
+//! The boot path, in order: `main.rs` (arguments → configuration) → [`config`] and
+//! [`resources`] (what to boot) → [`builder::build_and_start`] (one linear start-up) →
+//! [`vmm::Vmm::run`] (the one loop, on the main thread, while each vCPU runs on its own) →
+//! [`exit::ExitReason`] (the process exit code).
 
+/// Firecracker's HTTP API: parsing, routing, the API thread, and the actions it applies.
 pub mod api;
+/// x86_64: memory layout, kernel loading, boot structures, CPUID, registers.
 pub mod arch;
+/// The linear start-up: KVM, memory, VM, devices, kernel, vCPUs, event loop.
 pub mod builder;
+/// Command-line flags.
 pub mod cli;
+/// Firecracker's config-file schema and its validation.
 pub mod config;
-pub mod controller;
+/// Device models (serial, i8042, boot timer, virtio-mmio, block, net) and their registry.
 pub mod devices;
+/// Why a VM ends and the exit code each reason maps to.
 pub mod exit;
+/// The logger (stderr, or a file or FIFO).
 pub mod logger;
+/// Metrics: one JSON line per flush, one section per device.
 pub mod metrics;
+/// The resources configured before boot, validated change by change.
+pub mod resources;
+/// Per-thread seccomp filters: loading, installing, the SIGSYS report.
 pub mod seccomp;
+/// SIGINT, SIGTERM and SIGHUP as an orderly stop.
 pub mod signals;
+/// Raw mode for a terminal on stdin (serial console).
 pub mod terminal;
+/// The built-in test guest image.
 pub mod test_guest;
+/// The running VM: the one owner of vCPUs, memory, devices and the event loop.
 pub mod vmm;
+/// KVM state: the VM, guest memory, vCPU threads.
 pub mod vstate;

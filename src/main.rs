@@ -4,87 +4,181 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kiln::api::server::{ApiMetrics, start_api_server};
-use kiln::builder::RunOptions;
-use kiln::cli::{self, Args, DEFAULT_API_SOCK};
-use kiln::config::VmConfig;
-use kiln::controller::{ApiChannel, Controller};
+use kiln::api::actions::{ActionHandler, Outcome, SinkError};
+use kiln::api::server::{ApiBridge, ApiError, ApiMetrics, start_api_server};
+use kiln::builder::{RunOptions, StartError, build_and_start};
+use kiln::cli::{self, Args, CliError, DEFAULT_API_SOCK};
+use kiln::config::{ConfigError, VmConfig};
 use kiln::devices::boot_timer::process_cpu_us;
 use kiln::exit::{ExitCode, ExitReason};
-use kiln::seccomp::{SeccompFilters, ThreadCategory, install_panic_hook, install_sigsys_handler};
+use kiln::seccomp::{
+    SeccompError, SeccompFilters, ThreadCategory, install_panic_hook, install_sigsys_handler,
+};
 use kiln::terminal::RawTerminal;
+use kiln::vmm::{ApiChannel, Vmm};
 
-fn fail(code: ExitCode, message: impl std::fmt::Display) -> i32 {
-    eprintln!("kiln: error: {message}");
-    code.code()
+/// Why kiln could not run a VM. Each maps to one exit code (README's table).
+#[derive(Debug, thiserror::Error)]
+enum MainError {
+    /// The command line is invalid.
+    #[error(transparent)]
+    Cli(#[from] CliError),
+    /// The configuration file is unreadable or invalid.
+    #[error("{}: {source}", path.display())]
+    ConfigFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: ConfigError,
+    },
+    /// The quick flags describe an invalid VM.
+    #[error(transparent)]
+    Config(ConfigError),
+    /// `--seccomp-filter` names an unusable file.
+    #[error(transparent)]
+    SeccompFile(SeccompError),
+    /// The SIGSYS handler or the VMM thread's filter could not be installed.
+    #[error(transparent)]
+    Seccomp(SeccompError),
+    /// `--log-path` (or the configuration's logger) cannot be used.
+    #[error("--log-path: {0}")]
+    LogPath(SinkError),
+    /// `--metrics-path` cannot be used.
+    #[error("--metrics-path: {0}")]
+    MetricsPath(SinkError),
+    /// The configuration's logger or metrics destination cannot be used.
+    #[error(transparent)]
+    Sink(SinkError),
+    /// The API socket could not be served.
+    #[error("--api-sock: {0}")]
+    Api(#[from] ApiError),
+    /// The API's eventfd could not be duplicated for the event loop.
+    #[error("API eventfd: {0}")]
+    ApiEvent(std::io::Error),
+    /// The API thread ended before the VM was started.
+    #[error("the API server stopped")]
+    ApiGone,
+    /// The VM could not be built.
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+impl MainError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            MainError::Cli(_)
+            | MainError::ConfigFile { .. }
+            | MainError::Config(_)
+            | MainError::SeccompFile(_)
+            | MainError::LogPath(_)
+            | MainError::MetricsPath(_)
+            | MainError::Sink(_) => ExitCode::BadConfiguration,
+            MainError::Start(e) => e.exit_code(),
+            MainError::Seccomp(_)
+            | MainError::Api(_)
+            | MainError::ApiEvent(_)
+            | MainError::ApiGone => ExitCode::StartFailure,
+        }
+    }
 }
 
 /// The VM the arguments describe, if any: a config file, or the quick flags (with
 /// `--no-api`, even none of them: the built-in test guest).
-fn initial_config(args: &Args) -> Result<Option<VmConfig>, i32> {
+fn initial_config(args: &Args) -> Result<Option<VmConfig>, MainError> {
     if let Some(path) = &args.config_file {
-        return VmConfig::from_file(path).map(Some).map_err(|e| {
-            fail(
-                ExitCode::BadConfiguration,
-                format!("{}: {e}", path.display()),
-            )
-        });
+        return VmConfig::from_file(path)
+            .map(Some)
+            .map_err(|source| MainError::ConfigFile {
+                path: path.clone(),
+                source,
+            });
     }
     if args.no_api || args.has_quick_vm() {
         let config = args.quick_config();
-        config
-            .validate()
-            .map_err(|e| fail(ExitCode::BadConfiguration, e))?;
+        config.validate().map_err(MainError::Config)?;
         return Ok(Some(config));
     }
     Ok(None)
 }
 
-fn seccomp_filters(args: &Args) -> Result<SeccompFilters, i32> {
+fn seccomp_filters(args: &Args) -> Result<SeccompFilters, MainError> {
     if args.no_seccomp {
         return Ok(SeccompFilters::disabled());
     }
     match &args.seccomp_filter {
-        Some(path) => {
-            SeccompFilters::from_file(path).map_err(|e| fail(ExitCode::BadConfiguration, e))
-        }
+        Some(path) => SeccompFilters::from_file(path).map_err(MainError::SeccompFile),
         None => Ok(SeccompFilters::builtin()),
     }
 }
 
-fn run(start: (Instant, u64)) -> i32 {
-    let args = match cli::parse(std::env::args().skip(1)) {
-        Ok(args) => args,
-        Err(e) => return fail(ExitCode::BadConfiguration, e),
-    };
+/// Starts the API thread and wires its counters into the metrics.
+fn serve_api(
+    args: &Args,
+    seccomp: &Arc<SeccompFilters>,
+    actions: &mut ActionHandler,
+) -> Result<ApiBridge, MainError> {
+    let path = args
+        .api_sock
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
+    let metrics = Arc::new(ApiMetrics::default());
+    let max_payload = args
+        .http_api_max_payload_size
+        .unwrap_or(kiln::api::http::DEFAULT_MAX_PAYLOAD);
+    let (bridge, _thread) = start_api_server(&path, max_payload, seccomp.clone(), metrics.clone())?;
+    actions.set_extra_metrics(Box::new(move || {
+        vec![("api_server".to_string(), metrics.to_json())]
+    }));
+    Ok(bridge)
+}
+
+/// Before boot the main thread only serves the API, until `InstanceStart` succeeds.
+fn configure_through_api(
+    bridge: &ApiBridge,
+    actions: &mut ActionHandler,
+    opts: &RunOptions,
+) -> Result<Vmm, MainError> {
+    loop {
+        let action = bridge.recv().ok_or(MainError::ApiGone)?;
+        match actions.handle_preboot(action) {
+            Outcome::Respond(response) => bridge.respond(response),
+            Outcome::Start(config) => match build_and_start(&config, opts) {
+                Ok(vmm) => {
+                    bridge.respond(ActionHandler::started(Ok(())));
+                    return Ok(vmm);
+                }
+                Err(e) => bridge.respond(ActionHandler::started(Err(e))),
+            },
+        }
+    }
+}
+
+/// Everything from the arguments to the VM's end. `Ok` carries the exit status.
+fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
+    let args = cli::parse(std::env::args().skip(1))?;
     if args.help {
         print!("{}", cli::USAGE);
-        return 0;
+        return Ok(0);
     }
     if args.version {
         println!("kiln {}", env!("CARGO_PKG_VERSION"));
-        return 0;
+        return Ok(0);
     }
     let id = args
         .id
         .clone()
         .unwrap_or_else(|| "anonymous-instance".into());
     kiln::logger::init(args.level.unwrap_or_default().filter(), &id);
-    let seccomp = match seccomp_filters(&args) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
+    let seccomp = seccomp_filters(&args)?;
     if args.print_seccomp {
         print!("{}", seccomp.audit());
-        return 0;
+        return Ok(0);
     }
     if args.no_seccomp {
         log::warn!("running without seccomp filters (--no-seccomp)");
     }
     install_panic_hook();
-    if let Err(e) = install_sigsys_handler() {
-        return fail(ExitCode::StartFailure, e);
-    }
+    install_sigsys_handler().map_err(MainError::Seccomp)?;
     let seccomp = Arc::new(seccomp);
 
     let opts = RunOptions {
@@ -95,7 +189,7 @@ fn run(start: (Instant, u64)) -> i32 {
         stop_on_signals: true,
         seccomp: seccomp.clone(),
     };
-    let mut controller = Controller::new(id, opts);
+    let mut actions = ActionHandler::new(id);
     if args.log_path.is_some() || args.show_level || args.show_log_origin {
         let logger = kiln::config::LoggerConfig {
             log_path: args.log_path.as_ref().map(|p| p.display().to_string()),
@@ -104,78 +198,41 @@ fn run(start: (Instant, u64)) -> i32 {
             show_log_origin: args.show_log_origin.then_some(true),
             module: None,
         };
-        if let Err(e) = controller.configure_logger(&logger) {
-            return fail(ExitCode::BadConfiguration, format!("--log-path: {e}"));
-        }
+        kiln::api::actions::configure_logger(&logger).map_err(MainError::LogPath)?;
     }
-    if let Some(path) = &args.metrics_path
-        && let Err(e) = controller.set_metrics_path(path)
-    {
-        return fail(ExitCode::BadConfiguration, format!("--metrics-path: {e}"));
+    if let Some(path) = &args.metrics_path {
+        actions
+            .set_metrics_path(path)
+            .map_err(MainError::MetricsPath)?;
     }
-    let config = match initial_config(&args) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let booting_now = config.is_some();
-    if let Some(config) = config
-        && let Err(e) = controller.apply_config(config)
-    {
-        return fail(ExitCode::BadConfiguration, e);
+    let config = initial_config(&args)?;
+    if let Some(config) = &config {
+        actions
+            .apply_config(config.clone())
+            .map_err(MainError::Sink)?;
     }
-
-    // The API server, unless --no-api.
     let api = if args.no_api {
         None
     } else {
-        let path = args
-            .api_sock
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
-        let metrics = Arc::new(ApiMetrics::default());
-        let max_payload = args
-            .http_api_max_payload_size
-            .unwrap_or(kiln::api::http::DEFAULT_MAX_PAYLOAD);
-        match start_api_server(&path, max_payload, seccomp.clone(), metrics.clone()) {
-            Ok((bridge, _thread)) => {
-                match bridge.eventfd().try_clone() {
-                    Ok(evt) => controller.set_api_eventfd(evt),
-                    Err(e) => return fail(ExitCode::StartFailure, format!("API eventfd: {e}")),
-                }
-                let section = metrics.clone();
-                controller.set_extra_metrics(Box::new(move || {
-                    vec![("api_server".to_string(), section.to_json())]
-                }));
-                Some(bridge)
-            }
-            Err(e) => return fail(ExitCode::StartFailure, format!("--api-sock: {e}")),
-        }
+        Some(serve_api(&args, &seccomp, &mut actions)?)
     };
 
     let _terminal = RawTerminal::enter();
-    if booting_now {
-        if let Err(e) = controller.start() {
-            return fail(e.exit_code(), e);
-        }
-    } else if let Some(bridge) = &api {
-        // Before boot the main thread only serves the API, until InstanceStart succeeds.
-        while !controller.started() {
-            let Some(action) = bridge.recv() else {
-                return fail(ExitCode::StartFailure, "the API server stopped");
-            };
-            let response = controller.handle(action);
-            bridge.respond(response);
-        }
+    let mut vmm = match (config, &api) {
+        (Some(config), _) => build_and_start(&config, &opts)?,
+        (None, Some(bridge)) => configure_through_api(bridge, &mut actions, &opts)?,
+        // `--no-api` always has a configuration (the quick flags default to the test guest).
+        (None, None) => return Err(MainError::ApiGone),
+    };
+    if let Some(bridge) = &api {
+        vmm.watch_api(bridge.eventfd().try_clone().map_err(MainError::ApiEvent)?);
     }
 
     // Set-up is done: the main thread jails itself before it serves any guest event.
-    if let Err(e) = seccomp.install(ThreadCategory::Vmm) {
-        if let Some(vmm) = controller.vmm_mut() {
-            vmm.stop_vcpus();
-        }
-        return fail(ExitCode::StartFailure, e);
-    }
-    let reason = controller.run(api.as_ref().map(|b| b as &dyn ApiChannel));
+    seccomp
+        .install(ThreadCategory::Vmm)
+        .map_err(MainError::Seccomp)?;
+    let reason = vmm.run(api.as_ref().map(|b| b as &dyn ApiChannel), &mut actions);
     match &reason {
         ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => {
             log::info!("{reason}")
@@ -183,11 +240,17 @@ fn run(start: (Instant, u64)) -> i32 {
         ExitReason::Signal { .. } => log::warn!("{reason}"),
         _ => log::error!("{reason}"),
     }
-    reason.status()
+    Ok(reason.status())
 }
 
 fn main() {
     let start = (Instant::now(), process_cpu_us());
-    let code = run(start);
+    let code = match main_exec(start) {
+        Ok(status) => status,
+        Err(e) => {
+            eprintln!("kiln: error: {e}");
+            e.exit_code().code()
+        }
+    };
     std::process::exit(code);
 }

@@ -4,13 +4,16 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value, json};
 
-use crate::vmm::Vmm;
+use serde::Serialize;
+
+use crate::devices::registry::{Device, DeviceRegistry, lock};
+use crate::vstate::vcpu::VcpuMetrics;
 
 /// How often metrics are written while the VM runs.
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
@@ -99,113 +102,61 @@ impl Metrics {
 }
 
 /// The counters of a running VM, one section per device (Firecracker's naming:
-/// `block_<drive_id>`, `net_<iface_id>`, `vcpu`, `uart`, `i8042`).
-pub fn vmm_sections(vmm: &Vmm) -> Vec<Section> {
-    let d = vmm.devices();
-    let mut out = Vec::new();
-    let mut vcpu = Map::new();
-    let sum = |f: fn(&crate::vstate::vcpu::VcpuMetrics) -> u64| -> u64 {
-        d.vcpu_metrics.iter().map(|m| f(m)).sum()
-    };
-    vcpu.insert("exit_io_in".into(), json!(sum(|m| m.exit_io_in.get())));
-    vcpu.insert("exit_io_out".into(), json!(sum(|m| m.exit_io_out.get())));
-    vcpu.insert(
-        "exit_mmio_read".into(),
-        json!(sum(|m| m.exit_mmio_read.get())),
-    );
-    vcpu.insert(
-        "exit_mmio_write".into(),
-        json!(sum(|m| m.exit_mmio_write.get())),
-    );
-    vcpu.insert(
-        "unhandled_access".into(),
-        json!(sum(|m| m.unhandled_access.get())),
-    );
-    vcpu.insert("interrupted".into(), json!(sum(|m| m.interrupted.get())));
-    vcpu.insert("failures".into(), json!(sum(|m| m.failures.get())));
-    vcpu.insert(
-        "emulation_completions".into(),
-        json!(sum(|m| m.emulation_completions.get())),
-    );
-    out.push(("vcpu".to_string(), Value::Object(vcpu)));
-
-    let serial = d
-        .serial
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .metrics();
-    out.push((
-        "uart".to_string(),
-        json!({
-            "tx_bytes": serial.tx_bytes.get(),
-            "tx_lost_bytes": serial.tx_lost_bytes.get(),
-            "rx_bytes": serial.rx_bytes.get(),
-            "irq_failures": serial.irq_failures.get(),
-            "bad_accesses": serial.bad_accesses.get(),
-        }),
-    ));
-    let i8042 = d
-        .i8042
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .metrics();
-    out.push((
-        "i8042".to_string(),
-        json!({
-            "reset_count": i8042.reset_count.get(),
-            "missed_bytes": i8042.missed_bytes.get(),
-            "irq_failures": i8042.irq_failures.get(),
-            "bad_accesses": i8042.bad_accesses.get(),
-        }),
-    ));
-    for block in &d.blocks {
-        let b = block.lock().unwrap_or_else(PoisonError::into_inner);
-        let m = b.metrics();
-        out.push((
-            format!("block_{}", b.config().drive_id),
-            json!({
-                "queue_events": m.queue_events.get(),
-                "read_count": m.read_count.get(),
-                "read_bytes": m.read_bytes.get(),
-                "write_count": m.write_count.get(),
-                "write_bytes": m.write_bytes.get(),
-                "flush_count": m.flush_count.get(),
-                "get_id_count": m.get_id_count.get(),
-                "invalid_requests": m.invalid_requests.get(),
-                "io_errors": m.io_errors.get(),
-                "unsupported": m.unsupported.get(),
-                "dropped_chains": m.dropped_chains.get(),
-                "queue_errors": m.queue_errors.get(),
-                "interrupts": m.interrupts.get(),
-            }),
-        ));
-    }
-    for net in &d.nets {
-        let n = net.lock().unwrap_or_else(PoisonError::into_inner);
-        let m = n.metrics();
-        out.push((
-            format!("net_{}", n.config().iface_id),
-            json!({
-                "rx_frames": m.rx_frames.get(),
-                "rx_bytes": m.rx_bytes.get(),
-                "rx_zero_copy": m.rx_zero_copy.get(),
-                "rx_bounced": m.rx_bounced.get(),
-                "rx_dropped": m.rx_dropped.get(),
-                "rx_bad_chains": m.rx_bad_chains.get(),
-                "rx_errors": m.rx_errors.get(),
-                "tx_frames": m.tx_frames.get(),
-                "tx_bytes": m.tx_bytes.get(),
-                "tx_dropped": m.tx_dropped.get(),
-                "tx_errors": m.tx_errors.get(),
-                "tx_retries": m.tx_retries.get(),
-                "tap_failures": m.tap_failures.get(),
-                "queue_errors": m.queue_errors.get(),
-                "interrupts": m.interrupts.get(),
-            }),
-        ));
+/// `block_<drive_id>`, `net_<iface_id>`, `vcpu` (summed over the vCPUs), `uart`, `i8042`).
+/// Each section is its device's metrics struct serialized as it is defined, so a counter
+/// added to a device is reported under its field name.
+pub fn device_sections(devices: &DeviceRegistry, vcpus: &[Arc<VcpuMetrics>]) -> Vec<Section> {
+    // Starting from zeroes keeps every key present whatever the vCPU count.
+    let zero = section(&VcpuMetrics::default());
+    let vcpu = sum(std::iter::once(zero).chain(vcpus.iter().map(|m| section(m.as_ref()))));
+    let mut out = vec![("vcpu".to_string(), vcpu)];
+    for entry in devices.iter() {
+        match &entry.device {
+            Device::Serial(d) => {
+                out.push(("uart".into(), section(lock(d.as_ref()).metrics().as_ref())))
+            }
+            Device::I8042(d) => {
+                out.push(("i8042".into(), section(lock(d.as_ref()).metrics().as_ref())))
+            }
+            Device::Block { device, .. } => {
+                let b = lock(device.as_ref());
+                out.push((
+                    format!("block_{}", b.config().drive_id),
+                    section(b.metrics().as_ref()),
+                ));
+            }
+            Device::Net { device, .. } => {
+                let n = lock(device.as_ref());
+                out.push((
+                    format!("net_{}", n.config().iface_id),
+                    section(n.metrics().as_ref()),
+                ));
+            }
+            Device::BootTimer(_) => {}
+        }
     }
     out.push(("seccomp".to_string(), json!({ "num_faults": 0 })));
     out
+}
+
+/// A metrics struct as a JSON object.
+fn section<T: Serialize>(metrics: &T) -> Value {
+    serde_json::to_value(metrics).unwrap_or_else(|_| Value::Object(Map::new()))
+}
+
+/// The field-by-field sum of sections of the same shape.
+fn sum(sections: impl Iterator<Item = Value>) -> Value {
+    let mut total = Map::new();
+    for s in sections {
+        if let Value::Object(fields) = s {
+            for (k, v) in fields {
+                let add = v.as_u64().unwrap_or(0);
+                let slot = total.entry(k).or_insert(json!(0));
+                *slot = json!(slot.as_u64().unwrap_or(0).saturating_add(add));
+            }
+        }
+    }
+    Value::Object(total)
 }
 
 /// Shared flag type for wake-ups of the VMM loop.
@@ -236,6 +187,105 @@ mod tests {
                 .set_sink(Path::new("/nonexistent/dir/m.json"))
                 .is_err()
         );
+    }
+
+    /// The keys each section has always had (Firecracker-compatible layout): a counter
+    /// renamed or dropped from a device's metrics struct changes what users parse.
+    #[test]
+    fn section_keys_are_the_published_ones() {
+        fn keys(v: Value) -> Vec<String> {
+            v.as_object().unwrap().keys().cloned().collect()
+        }
+        use crate::devices::i8042::I8042Metrics;
+        use crate::devices::serial::SerialMetrics;
+        use crate::devices::virtio::block::BlockMetrics;
+        use crate::devices::virtio::net::NetMetrics;
+        let vcpu = keys(sum(vec![section(&VcpuMetrics::default())].into_iter()));
+        assert_eq!(
+            vcpu,
+            [
+                "emulation_completions",
+                "exit_io_in",
+                "exit_io_out",
+                "exit_mmio_read",
+                "exit_mmio_write",
+                "failures",
+                "interrupted",
+                "unhandled_access"
+            ]
+        );
+        assert_eq!(
+            keys(section(&SerialMetrics::default())),
+            [
+                "bad_accesses",
+                "irq_failures",
+                "rx_bytes",
+                "tx_bytes",
+                "tx_lost_bytes"
+            ]
+        );
+        assert_eq!(
+            keys(section(&I8042Metrics::default())),
+            [
+                "bad_accesses",
+                "irq_failures",
+                "missed_bytes",
+                "reset_count"
+            ]
+        );
+        assert_eq!(
+            keys(section(&BlockMetrics::default())),
+            [
+                "dropped_chains",
+                "flush_count",
+                "get_id_count",
+                "interrupts",
+                "invalid_requests",
+                "io_errors",
+                "queue_errors",
+                "queue_events",
+                "read_bytes",
+                "read_count",
+                "unsupported",
+                "write_bytes",
+                "write_count"
+            ]
+        );
+        assert_eq!(
+            keys(section(&NetMetrics::default())),
+            [
+                "interrupts",
+                "queue_errors",
+                "rx_bad_chains",
+                "rx_bounced",
+                "rx_bytes",
+                "rx_dropped",
+                "rx_errors",
+                "rx_frames",
+                "rx_zero_copy",
+                "tap_failures",
+                "tx_bytes",
+                "tx_dropped",
+                "tx_errors",
+                "tx_frames",
+                "tx_retries"
+            ]
+        );
+    }
+
+    #[test]
+    fn vcpu_counters_are_summed() {
+        let a = Arc::new(VcpuMetrics::default());
+        let b = Arc::new(VcpuMetrics::default());
+        a.exit_io_out.add(3);
+        b.exit_io_out.add(4);
+        b.failures.inc();
+        let s = device_sections(&DeviceRegistry::default(), &[a, b]);
+        assert_eq!(s[0].0, "vcpu");
+        assert_eq!(s[0].1["exit_io_out"], 7);
+        assert_eq!(s[0].1["failures"], 1);
+        assert_eq!(s[0].1["exit_io_in"], 0);
+        assert_eq!(s.last().unwrap().0, "seccomp");
     }
 
     #[test]

@@ -1,23 +1,65 @@
-//! The running VMM: the event loop on the main thread, and the orderly stop of every vCPU
-//! thread once the VM must end.
+//! The running VM and its one loop.
+//!
+//! [`Vmm`] owns everything a started VM is made of — the KVM VM and its guest memory, the
+//! vCPU threads, every device (in a [`DeviceRegistry`]) and the event loop — and
+//! [`Vmm::run`] is the only loop: it serves the guest's device events, the API channel and
+//! the timers (periodic metrics) on the main thread until the VM must end, then stops every
+//! vCPU. Pausing and resuming at a safe point live here too.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
 
-use crate::devices::i8042::I8042Device;
-use crate::devices::serial::SerialDevice;
-use crate::devices::virtio::block::Block;
-use crate::devices::virtio::net::Net;
+use crate::api::actions::{ActionHandler, Machine};
+use crate::devices::i8042::I8042Error;
+use crate::devices::registry::{DeviceRegistry, lock};
+use crate::devices::virtio::block::DiskFile;
 use crate::exit::{ExitReason, ExitSignal};
-use crate::vstate::vcpu::{VcpuHandle, VcpuMetrics};
+use crate::metrics::{FLUSH_INTERVAL, Section, device_sections};
+use crate::vstate::vcpu::{VcpuHandle, VcpuMetrics, VcpuState};
 use crate::vstate::vm::Vm;
 
 /// What the event loop holds.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Where the API's requests come from and its answers go (the API server's bridge).
+pub trait ApiChannel {
+    /// The next request, if one is waiting.
+    fn try_recv(&self) -> Option<crate::api::VmmAction>;
+    /// Answers the request taken last.
+    fn respond(&self, response: crate::api::VmmResponse);
+}
+
+impl ApiChannel for crate::api::server::ApiBridge {
+    fn try_recv(&self) -> Option<crate::api::VmmAction> {
+        crate::api::server::ApiBridge::try_recv(self)
+    }
+
+    fn respond(&self, response: crate::api::VmmResponse) {
+        crate::api::server::ApiBridge::respond(self, response);
+    }
+}
+
+/// Errors of operations on the running VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// A vCPU thread ended before it could park.
+    #[error("The microVM could not be paused: a vCPU has stopped.")]
+    VcpuGone,
+    /// No drive has that id.
+    #[error("no drive `{0}`")]
+    NoSuchDrive(String),
+    /// The i8042 controller could not take the key sequence.
+    #[error(transparent)]
+    I8042(#[from] I8042Error),
+    /// The VM has no i8042 controller.
+    #[error("the microVM has no i8042 controller")]
+    NoI8042,
+}
 
 /// Wakes the event loop when the VM must stop (the reason itself is in the [`ExitSignal`]).
 #[derive(Debug)]
@@ -48,19 +90,14 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-/// Reasons for the event loop to hand control back to its caller.
+/// Work for [`Vmm::run`] that the event loop's subscribers cannot do themselves (they do
+/// not own the VM): raised by a [`WakeOn`], taken by the loop after the event round.
 #[derive(Debug, Default)]
 pub struct Wake {
     /// An API request is waiting.
     pub api: AtomicBool,
     /// Metrics are due.
     pub metrics: AtomicBool,
-}
-
-impl Wake {
-    fn any(&self) -> bool {
-        self.api.load(Ordering::SeqCst) || self.metrics.load(Ordering::SeqCst)
-    }
 }
 
 /// Raises a [`Wake`] flag whenever its eventfd (or timerfd) fires.
@@ -94,28 +131,16 @@ impl<F: AsRawFd + Send> MutEventSubscriber for WakeOn<F> {
     }
 }
 
-/// Devices the VMM keeps handles on (for metrics and the API).
-#[derive(Debug)]
-pub struct VmmDevices {
-    /// COM1.
-    pub serial: Arc<Mutex<SerialDevice>>,
-    /// The i8042 controller.
-    pub i8042: Arc<Mutex<I8042Device>>,
-    /// Drives, root first.
-    pub blocks: Vec<Arc<Mutex<Block>>>,
-    /// Network interfaces.
-    pub nets: Vec<Arc<Mutex<Net>>>,
-    /// Exit counters of each vCPU.
-    pub vcpu_metrics: Vec<Arc<VcpuMetrics>>,
-}
-
-/// A started VM.
+/// A started VM: the one owner of its vCPUs, memory, devices and event loop.
 pub struct Vmm {
     // Field order is drop order: threads are stopped before the VM and its memory go.
     vcpus: Vec<VcpuHandle>,
     event_manager: EventManager<Subscriber>,
     exit: Arc<ExitSignal>,
-    devices: VmmDevices,
+    devices: DeviceRegistry,
+    vcpu_metrics: Vec<Arc<VcpuMetrics>>,
+    wake: Arc<Wake>,
+    paused: bool,
     vm: Vm,
 }
 
@@ -124,27 +149,51 @@ impl std::fmt::Debug for Vmm {
         f.debug_struct("Vmm")
             .field("vcpus", &self.vcpus)
             .field("exit", &self.exit)
+            .field("paused", &self.paused)
             .field("vm", &self.vm)
             .finish_non_exhaustive()
     }
 }
 
 impl Vmm {
-    /// Wraps the parts the builder made.
+    /// Wraps the parts the builder made and arms the periodic metrics timer.
     pub fn new(
         vm: Vm,
         vcpus: Vec<VcpuHandle>,
         event_manager: EventManager<Subscriber>,
         exit: Arc<ExitSignal>,
-        devices: VmmDevices,
+        devices: DeviceRegistry,
+        vcpu_metrics: Vec<Arc<VcpuMetrics>>,
     ) -> Self {
-        Vmm {
+        let mut vmm = Vmm {
             vcpus,
             event_manager,
             exit,
             devices,
+            vcpu_metrics,
+            wake: Arc::new(Wake::default()),
+            paused: false,
             vm,
+        };
+        match TimerFd::new() {
+            Ok(mut timer) => match timer.reset(FLUSH_INTERVAL, Some(FLUSH_INTERVAL)) {
+                Ok(()) => vmm.wake_on(timer, |w| &w.metrics),
+                Err(e) => log::warn!("periodic metrics disabled: {e}"),
+            },
+            Err(e) => log::warn!("periodic metrics disabled: {e}"),
         }
+        vmm
+    }
+
+    /// Serves API requests whenever `evt` (the API bridge's eventfd) fires.
+    pub fn watch_api(&mut self, evt: EventFd) {
+        self.wake_on(evt, |w| &w.api);
+    }
+
+    fn wake_on<F: AsRawFd + Send + 'static>(&mut self, fd: F, which: fn(&Wake) -> &AtomicBool) {
+        let source = WakeOn::new(fd, self.wake.clone(), which);
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(source)));
     }
 
     /// The VM.
@@ -152,8 +201,8 @@ impl Vmm {
         &self.vm
     }
 
-    /// The device handles.
-    pub fn devices(&self) -> &VmmDevices {
+    /// Every device.
+    pub fn devices(&self) -> &DeviceRegistry {
         &self.devices
     }
 
@@ -162,45 +211,40 @@ impl Vmm {
         &self.exit
     }
 
-    /// Runs the event loop until the VM must stop, then stops every vCPU.
-    pub fn run(&mut self) -> ExitReason {
-        let never = Wake::default();
-        let reason = loop {
-            if let Some(reason) = self.run_until(&never) {
-                break reason;
-            }
-        };
-        self.stop_vcpus();
-        reason
+    /// The vCPUs.
+    pub fn vcpus(&self) -> &[VcpuHandle] {
+        &self.vcpus
     }
 
-    /// Runs the event loop until the VM must stop (returns why) or something raises a
-    /// `wake` flag for the caller to handle (returns `None`).
-    pub fn run_until(&mut self, wake: &Wake) -> Option<ExitReason> {
-        loop {
+    /// Runs the VM until it must end: device events, the API's requests (answered by
+    /// `actions`), periodic metrics. Stops every vCPU, writes the last metrics, and says why
+    /// the VM ended.
+    pub fn run(&mut self, api: Option<&dyn ApiChannel>, actions: &mut ActionHandler) -> ExitReason {
+        let reason = loop {
             if let Some(reason) = self.exit.reason() {
-                return Some(reason);
-            }
-            if wake.any() {
-                return None;
+                break reason;
             }
             if let Err(e) = self.event_manager.run() {
                 self.exit.post(ExitReason::Runtime {
                     detail: format!("event loop failed: {e}"),
                 });
+                continue;
             }
-        }
-    }
-
-    /// Adds a subscriber to the event loop.
-    pub fn add_subscriber(&mut self, subscriber: Subscriber) {
-        use event_manager::SubscriberOps;
-        self.event_manager.add_subscriber(subscriber);
-    }
-
-    /// The vCPUs.
-    pub fn vcpus(&self) -> &[VcpuHandle] {
-        &self.vcpus
+            if self.wake.api.swap(false, Ordering::SeqCst)
+                && let Some(api) = api
+            {
+                while let Some(action) = api.try_recv() {
+                    let response = actions.handle_running(action, self);
+                    api.respond(response);
+                }
+            }
+            if self.wake.metrics.swap(false, Ordering::SeqCst) {
+                actions.flush_metrics(Some(self));
+            }
+        };
+        self.stop_vcpus();
+        actions.flush_metrics(Some(self));
+        reason
     }
 
     /// Asks every vCPU thread to stop, then waits for all of them.
@@ -211,6 +255,55 @@ impl Vmm {
         for vcpu in &mut self.vcpus {
             vcpu.join();
         }
+    }
+}
+
+impl Machine for Vmm {
+    fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Parks every vCPU outside KVM_RUN and waits until all are parked.
+    fn pause(&mut self) -> Result<(), VmmError> {
+        for vcpu in &self.vcpus {
+            vcpu.pause();
+        }
+        for vcpu in &self.vcpus {
+            vcpu.wait_paused();
+        }
+        self.paused = self.vcpus.iter().all(|v| v.state() == VcpuState::Paused);
+        if self.paused {
+            Ok(())
+        } else {
+            Err(VmmError::VcpuGone)
+        }
+    }
+
+    fn resume(&mut self) -> Result<(), VmmError> {
+        for vcpu in &self.vcpus {
+            vcpu.resume();
+        }
+        self.paused = false;
+        Ok(())
+    }
+
+    fn send_ctrl_alt_del(&mut self) -> Result<(), VmmError> {
+        let i8042 = self.devices.i8042().ok_or(VmmError::NoI8042)?;
+        lock(i8042.as_ref()).trigger_ctrl_alt_del()?;
+        Ok(())
+    }
+
+    fn swap_drive(&mut self, drive_id: &str, disk: DiskFile) -> Result<(), VmmError> {
+        let block = self
+            .devices
+            .block(drive_id)
+            .ok_or_else(|| VmmError::NoSuchDrive(drive_id.to_string()))?;
+        lock(block.as_ref()).update_disk(disk);
+        Ok(())
+    }
+
+    fn metrics_sections(&self) -> Vec<Section> {
+        device_sections(&self.devices, &self.vcpu_metrics)
     }
 }
 

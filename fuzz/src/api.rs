@@ -1,20 +1,16 @@
 //! The API: raw HTTP bytes → the incremental parser → the router → the body → the VMM
-//! action, applied by the controller of a VM that is not started.
+//! action, applied by the action handler of a VM that is not started.
 //!
 //! Invariants: nothing panics; the parser gives the same requests and faults whether the
 //! bytes arrive at once or in pieces, and never buffers more than a head plus a body; a
 //! routed action re-serialized into a request routes to the same action; whatever the
-//! controller accepted is valid: `GET /vm/config` (once a kernel is set) parses as a config
+//! handler accepted is valid: `GET /vm/config` (once a kernel is set) parses as a config
 //! file and validates, and `GET /machine-config` parses and validates.
-
-use std::sync::Arc;
 
 use kiln::api::http::{Event, MAX_HEAD_BYTES, RequestParser};
 use kiln::api::{MachineConfigUpdate, VmmAction, VmmResponse, handle_bytes, route};
-use kiln::builder::RunOptions;
+use kiln::api::actions::{ActionHandler, Outcome};
 use kiln::config::{BUILTIN_KERNEL, MachineConfig, VmConfig, from_json, validate_machine};
-use kiln::controller::Controller;
-use kiln::seccomp::SeccompFilters;
 
 use crate::wire::{self, Enc, U, Wire};
 
@@ -97,7 +93,7 @@ mod erased {
     }
 }
 
-/// What the harness lets the controller do: nothing that writes files or starts a VM.
+/// What the harness lets the handler do: nothing that writes files or starts a VM.
 fn sanitized(action: VmmAction) -> Option<VmmAction> {
     match action {
         VmmAction::InstanceStart | VmmAction::PutLogger(_) | VmmAction::PutMetrics(_) => None,
@@ -117,9 +113,9 @@ fn sanitized(action: VmmAction) -> Option<VmmAction> {
     }
 }
 
-fn json_of(r: VmmResponse) -> String {
+fn json_of(r: Outcome) -> String {
     match r {
-        VmmResponse::Json(s) => s,
+        Outcome::Respond(VmmResponse::Json(s)) => s,
         other => panic!("a GET answered {other:?}"),
     }
 }
@@ -149,15 +145,7 @@ pub fn run(input: &Input) {
     );
     let _ = handle_bytes(&input.bytes, limit);
 
-    let opts = RunOptions {
-        serial_out: None,
-        serial_in: false,
-        boot_timer: false,
-        start: None,
-        stop_on_signals: false,
-        seccomp: Arc::new(SeccompFilters::disabled()),
-    };
-    let mut controller = Controller::new("fuzz".into(), opts);
+    let mut handler = ActionHandler::new("fuzz".into());
     for event in whole {
         let Event::Request(req) = event else { continue };
         let Ok(action) = route(&req.method, &req.path, &req.body) else {
@@ -180,22 +168,22 @@ pub fn run(input: &Input) {
         let Some(action) = sanitized(action) else {
             continue;
         };
-        let _ = controller.handle(action);
+        let _ = handler.handle_preboot(action);
 
-        let machine = json_of(controller.handle(VmmAction::GetMachineConfig));
+        let machine = json_of(handler.handle_preboot(VmmAction::GetMachineConfig));
         let m: MachineConfig = from_json(&machine).expect("GET /machine-config parses");
         assert!(
             validate_machine(&m).is_ok(),
-            "the controller holds an invalid machine config: {machine}"
+            "the handler holds an invalid machine config: {machine}"
         );
-        let doc = json_of(controller.handle(VmmAction::GetVmConfig));
+        let doc = json_of(handler.handle_preboot(VmmAction::GetVmConfig));
         if doc.contains("\"boot-source\"") {
             let c: VmConfig = match from_json(&doc) {
                 Ok(c) => c,
                 Err(e) => panic!("GET /vm/config is not a config file: {e}\n{doc}"),
             };
             if let Err(e) = c.validate() {
-                panic!("the controller accepted an invalid configuration: {e}\n{doc}");
+                panic!("the handler accepted an invalid configuration: {e}\n{doc}");
             }
         }
     }

@@ -1,12 +1,12 @@
 //! The config file: any JSON text through `from_json::<VmConfig>` and `validate`.
 //!
 //! Invariants: nothing panics; whatever parses re-serializes and re-parses to the same
-//! value; a valid config stays valid after that round trip, and the controller's
+//! value; a valid config stays valid after that round trip, and the resources'
 //! `GET /vm/config` document for it (said to be a valid config file) parses back to the
 //! same config.
 
 use kiln::config::{VmConfig, from_json};
-use kiln::controller::VmResources;
+use kiln::resources::VmResources;
 
 /// Runs one input.
 pub fn run(data: &[u8]) {

@@ -2,10 +2,12 @@
 //!
 //! - `http.rs`: parsing requests (httparse) and writing responses;
 //! - `routes.rs`: method + path + body → a typed [`VmmAction`], with Firecracker's checks;
+//! - `actions.rs`: applying each [`VmmAction`] with Firecracker's pre-boot and post-boot rules;
 //! - `server.rs`: the API thread (its own seccomp category), its connections, and the hand-off
 //!   of each request to the VMM thread through a channel and an eventfd.
 //!
-//! The VMM thread answers every [`VmmAction`] with a [`VmmResponse`]; the API thread writes it.
+//! The VMM thread answers every [`VmmAction`] with a [`VmmResponse`] (`actions.rs`); the API
+//! thread writes it.
 //!
 //! Status codes: 204 (success without data), 200 + JSON (GETs), 400 + `fault_message` for
 //! every request error (routing, body, ids, pre-/post-boot rules — Firecracker's codes and
@@ -13,6 +15,7 @@
 //! there), 503 for a connection over the limit of 10 or once the VMM thread is gone. An
 //! unknown path or a method a path does not take is a 400, as in Firecracker (not 405).
 
+pub mod actions;
 pub mod http;
 pub mod routes;
 pub mod server;

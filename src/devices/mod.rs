@@ -4,6 +4,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod i8042;
+pub mod registry;
 pub mod serial;
 pub mod virtio;
 
@@ -43,6 +44,13 @@ impl vm_superio::Trigger for IrqLine {
 /// A monotonically increasing counter, shared lock-free between threads.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
+
+/// Serialized as its current value (metrics).
+impl serde::Serialize for Counter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.get())
+    }
+}
 
 impl Counter {
     /// Adds one.

@@ -66,7 +66,7 @@ pub enum VcpuError {
 }
 
 /// Per-vCPU exit counters.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct VcpuMetrics {
     /// Port reads.
     pub exit_io_in: Counter,

@@ -65,7 +65,7 @@ pub const CTRL_ALT_DEL: [u8; 11] = [
 const BUF_SIZE: usize = 16;
 
 /// i8042 counters.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct I8042Metrics {
     /// Resets requested by the guest.
     pub reset_count: Counter,

@@ -21,7 +21,7 @@ pub const COM1_BASE: u64 = 0x3f8;
 pub const UART_PORTS: u64 = 8;
 
 /// Serial console counters.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct SerialMetrics {
     /// Bytes the guest wrote.
     pub tx_bytes: Counter,

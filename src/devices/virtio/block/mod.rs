@@ -48,7 +48,7 @@ pub mod features {
 }
 
 /// Per-drive counters.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct BlockMetrics {
     /// Queue notifications handled.
     pub queue_events: Counter,

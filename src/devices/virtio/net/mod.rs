@@ -47,7 +47,7 @@ pub mod features {
 }
 
 /// Per-interface counters.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize)]
 pub struct NetMetrics {
     /// Frames delivered to the guest.
     pub rx_frames: Counter,
