@@ -26,7 +26,7 @@ use crate::devices::IrqLine;
 use crate::devices::boot_timer::{BOOT_TIMER_SIZE, BootTimer};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042_BASE, I8042_PORTS, I8042Device};
-use crate::devices::registry::{Device, DeviceRegistry, Location};
+use crate::devices::registry::{Device, DeviceRegistry, Location, lock};
 use crate::devices::serial::{COM1_BASE, SerialDevice, SerialInput, UART_PORTS};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockEvents, DiskFile};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
@@ -35,6 +35,9 @@ use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::exit::{ExitCode, ExitSignal};
 use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
+use crate::snapshot::{
+    Key, MemBackendType, MicrovmState, SnapshotError, SnapshotLoadParams, read_state,
+};
 use crate::vmm::{ExitWatcher, Subscriber, Vmm};
 use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory};
 use crate::vstate::vcpu::{Vcpu, VcpuError, install_kick_handler};
@@ -93,6 +96,15 @@ pub enum StartError {
     /// KVM's CPUID could not be read.
     #[error("cannot read the CPUID KVM supports: {0}")]
     Cpuid(#[source] kvm_ioctls::Error),
+    /// KVM's MSR list could not be read.
+    #[error("cannot read the MSR list KVM supports: {0}")]
+    MsrList(#[source] kvm_ioctls::Error),
+    /// The snapshot could not be used.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A device's saved state could not be restored.
+    #[error("invalid snapshot state: {0}")]
+    DeviceState(String),
     /// A vCPU could not be set up.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -389,14 +401,181 @@ fn attach_net_devices(
     Ok(())
 }
 
+/// Loads the kernel and initrd and writes the boot structures.
+fn load_boot_source(
+    config: &VmConfig,
+    vm: &Vm,
+    cmdline: &Cmdline,
+) -> Result<LoadedKernel, StartError> {
+    let boot = &config.boot_source;
+    let kernel = load_kernel_from(vm.memory(), &boot.kernel_image_path)?;
+    let initrd = match &boot.initrd_path {
+        None => None,
+        Some(path) => {
+            let mut file = File::open(path).map_err(|source| StartError::InitrdOpen {
+                path: path.clone(),
+                source,
+            })?;
+            Some(
+                load_initrd(vm.memory(), &mut file, &kernel).map_err(|source| {
+                    StartError::Initrd {
+                        path: path.clone(),
+                        source,
+                    }
+                })?,
+            )
+        }
+    };
+    configure_system(vm.memory(), &kernel, cmdline, initrd, config.vcpus())?;
+    Ok(kernel)
+}
+
+/// Restores every device's saved state, then notifies the queues of every running virtio
+/// device (a driver with EVENT_IDX may believe it already did).
+fn restore_devices(devices: &DeviceRegistry, state: &MicrovmState) -> Result<(), StartError> {
+    let bad =
+        |what: &str, e: &dyn std::fmt::Display| StartError::DeviceState(format!("{what}: {e}"));
+    if let Some(serial) = devices.serial() {
+        lock(serial.as_ref())
+            .restore(&state.devices.serial)
+            .map_err(|e| bad("serial", &e))?;
+    }
+    if let Some(i8042) = devices.i8042() {
+        lock(i8042.as_ref())
+            .restore(&state.devices.i8042)
+            .map_err(|e| bad("i8042", &e))?;
+    }
+    let mut blocks = state.devices.blocks.iter();
+    let mut nets = state.devices.nets.iter();
+    let mut transports = Vec::new();
+    for entry in devices.iter() {
+        let (saved, transport) = match &entry.device {
+            Device::Block { transport, .. } => (blocks.next(), transport),
+            Device::Net { transport, .. } => (nets.next(), transport),
+            _ => continue,
+        };
+        let saved = saved.ok_or_else(|| StartError::DeviceState("a device has no state".into()))?;
+        lock(transport.as_ref())
+            .restore(&saved.transport)
+            .map_err(|e| bad(&saved.id, &e))?;
+        transports.push(transport);
+    }
+    for t in transports {
+        lock(t.as_ref()).kick_queues();
+    }
+    Ok(())
+}
+
+/// What a VM starts from.
+#[derive(Debug)]
+enum Boot<'a> {
+    /// A kernel, entered through its boot protocol.
+    Kernel,
+    /// A snapshot's state, with its memory already mapped.
+    Snapshot {
+        state: &'a MicrovmState,
+        memory: GuestMemory,
+        resume: bool,
+    },
+}
+
 /// Builds the VM described by `config` and starts its vCPUs.
 pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, StartError> {
+    build(config, opts, Boot::Kernel)
+}
+
+/// Restores the snapshot `params` names into a new VM: the state file is authenticated
+/// (with `key`) and checked before use, the memory file mapped privately; the VM is left
+/// paused unless `resume_vm`.
+pub fn restore(
+    params: &SnapshotLoadParams,
+    opts: &RunOptions,
+    key: Option<&Key>,
+) -> Result<(Vmm, VmConfig), StartError> {
+    let unsupported = |m: &str| Err(StartError::Snapshot(SnapshotError::Unsupported(m.into())));
+    if params.vsock_override.is_some() {
+        return unsupported("vsock_override: kiln has no vsock device");
+    }
+    if params.track_dirty_pages || params.enable_diff_snapshots {
+        return unsupported("track_dirty_pages: Diff snapshots are not supported by this kiln yet");
+    }
+    let mem_path = match (&params.mem_backend, &params.mem_file_path) {
+        (Some(b), None) if b.backend_type == MemBackendType::File => b.backend_path.clone(),
+        (Some(_), None) => {
+            return unsupported("mem_backend.backend_type Uffd is not supported by this kiln yet");
+        }
+        (None, Some(p)) => p.clone(),
+        (Some(_), Some(_)) => {
+            return unsupported("give either mem_backend or mem_file_path, not both");
+        }
+        (None, None) => return unsupported("mem_backend: missing"),
+    };
+    let state = read_state(Path::new(&params.snapshot_path), key)?;
+    let mut config = state.config.clone();
+    for o in &params.network_overrides {
+        let Some(iface) = config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == o.iface_id)
+        else {
+            return Err(StartError::Snapshot(SnapshotError::Invalid(format!(
+                "network_overrides: the snapshot has no network interface `{}`",
+                o.iface_id
+            ))));
+        };
+        iface.host_dev_name = o.host_dev_name.clone();
+    }
+    for o in &params.drive_overrides {
+        let Some(drive) = config.drives.iter_mut().find(|d| d.drive_id == o.drive_id) else {
+            return Err(StartError::Snapshot(SnapshotError::Invalid(format!(
+                "drive_overrides: the snapshot has no drive `{}`",
+                o.drive_id
+            ))));
+        };
+        drive.path_on_host = o.path_on_host.clone();
+    }
+    config
+        .validate()
+        .map_err(|e| StartError::Snapshot(SnapshotError::Invalid(e.to_string())))?;
+    let mem_err = |source| {
+        StartError::Snapshot(SnapshotError::Memory {
+            path: mem_path.clone(),
+            source,
+        })
+    };
+    let file = File::open(&mem_path)
+        .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
+    if let (Some(k), Some(want)) = (key, state.memory_digest) {
+        let len = state.memory.iter().map(|r| r.size).sum();
+        let got = crate::snapshot::memory::digest(&file, len, k)
+            .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
+        if blake3::Hash::from(got) != blake3::Hash::from(want) {
+            return Err(StartError::Snapshot(SnapshotError::MemoryDigest(mem_path)));
+        }
+    }
+    let memory = crate::snapshot::memory::map(&file, &state.memory).map_err(mem_err)?;
+    let vmm = build(
+        &config,
+        opts,
+        Boot::Snapshot {
+            state: &state,
+            memory,
+            resume: params.resume_vm,
+        },
+    )?;
+    Ok((vmm, config))
+}
+
+fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, StartError> {
     let vcpu_count = config.vcpus();
     let machine = &config.machine_config;
 
     // KVM, memory, VM.
     let kvm = open_kvm(vcpu_count)?;
-    let memory = create_guest_memory(machine.mem_size_mib)?;
+    let memory = match &boot {
+        Boot::Kernel => create_guest_memory(machine.mem_size_mib)?,
+        Boot::Snapshot { memory, .. } => memory.clone(),
+    };
     let mut vm = Vm::new(&kvm, memory, machine.track_dirty_pages)?;
     let exit = Arc::new(ExitSignal::new().map_err(event_err("the exit event"))?);
 
@@ -480,27 +659,11 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
         &mut slot,
     )?;
 
-    // Kernel, initrd, command line, boot structures.
-    let boot = &config.boot_source;
-    let kernel = load_kernel_from(vm.memory(), &boot.kernel_image_path)?;
-    let initrd = match &boot.initrd_path {
-        None => None,
-        Some(path) => {
-            let mut file = File::open(path).map_err(|source| StartError::InitrdOpen {
-                path: path.clone(),
-                source,
-            })?;
-            Some(
-                load_initrd(vm.memory(), &mut file, &kernel).map_err(|source| {
-                    StartError::Initrd {
-                        path: path.clone(),
-                        source,
-                    }
-                })?,
-            )
-        }
+    // Kernel, initrd, command line, boot structures (a snapshot has them in its memory).
+    let kernel = match &boot {
+        Boot::Kernel => Some(load_boot_source(config, &vm, &cmdline)?),
+        Boot::Snapshot { .. } => None,
     };
-    configure_system(vm.memory(), &kernel, &cmdline, initrd, vcpu_count)?;
 
     // vCPUs.
     let pio = Arc::new(pio);
@@ -508,19 +671,34 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
     let supported_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(StartError::Cpuid)?;
+    let msr_list = Arc::new(
+        kvm.get_msr_index_list()
+            .map_err(StartError::MsrList)?
+            .as_slice()
+            .to_vec(),
+    );
     let topology = CpuTopology::new(vcpu_count, machine.smt);
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));
     for index in 0..vcpu_count {
-        let vcpu = Vcpu::new(vm.fd(), index, pio.clone(), mmio.clone(), exit.clone())?;
-        vcpu.configure(
-            vm.memory(),
-            &kernel,
-            &supported_cpuid,
-            topology,
-            tsc_deadline,
-        )?;
+        let mut vcpu = Vcpu::new(vm.fd(), index, pio.clone(), mmio.clone(), exit.clone())?;
+        vcpu.set_msr_list(msr_list.clone());
+        match (&boot, &kernel) {
+            (Boot::Snapshot { state, .. }, _) => vcpu.restore(&state.vcpus[usize::from(index)])?,
+            (Boot::Kernel, Some(kernel)) => vcpu.configure(
+                vm.memory(),
+                kernel,
+                &supported_cpuid,
+                topology,
+                tsc_deadline,
+            )?,
+            (Boot::Kernel, None) => return Err(StartError::NotConfigured("no kernel loaded")),
+        }
         vcpus.push(vcpu);
+    }
+    if let Boot::Snapshot { state, .. } = &boot {
+        crate::vstate::vm_state::restore(vm.fd(), &state.vm)?;
+        restore_devices(&devices, state)?;
     }
 
     // Event loop housekeeping.
@@ -549,17 +727,15 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
     // Go.
     install_kick_handler()?;
     let vcpu_metrics = vcpus.iter().map(Vcpu::metrics).collect();
+    let paused = matches!(boot, Boot::Snapshot { resume: false, .. });
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
-        handles.push(vcpu.start(opts.seccomp.clone())?);
+        handles.push(vcpu.start(opts.seccomp.clone(), paused)?);
     }
     vm.disable_pit_reinjection(opts.seccomp.clone());
-    Ok(Vmm::new(
-        vm,
-        handles,
-        event_manager,
-        exit,
-        devices,
-        vcpu_metrics,
-    ))
+    let mut vmm = Vmm::new(vm, handles, event_manager, exit, devices, vcpu_metrics);
+    if paused {
+        vmm.wait_paused();
+    }
+    Ok(vmm)
 }

@@ -84,6 +84,16 @@ pub struct Args {
     pub seccomp_filter: Option<PathBuf>,
     /// `--print-seccomp`.
     pub print_seccomp: bool,
+    /// `--restore-snapshot`: a state file to restore at start.
+    pub restore_snapshot: Option<PathBuf>,
+    /// `--restore-mem`: its memory file.
+    pub restore_mem: Option<PathBuf>,
+    /// `--snapshot-key-file`: 32 bytes authenticating snapshot state files.
+    pub snapshot_key_file: Option<PathBuf>,
+    /// `--describe-snapshot`: print a state file's summary and exit.
+    pub describe_snapshot: Option<PathBuf>,
+    /// `--enable-pci` (Firecracker 1.13+): accepted; kiln has no PCI.
+    pub enable_pci: bool,
     /// `--help`.
     pub help: bool,
     /// `--version`.
@@ -113,11 +123,24 @@ VM:
     --boot-timer           log the guest boot time when it writes 123 to MMIO 0xc0000000
 
 API:
+    --enable-pci           accepted for Firecracker 1.13+ clients; kiln has no PCI bus, its
+                           virtio devices stay on virtio-mmio (a warning is logged)
     --api-sock PATH        API socket (default /run/kiln.socket)
     --no-api               do not serve the API; needs a VM from flags or --config-file
     --http-api-max-payload-size N
                            largest API request body in bytes (default 51200); larger
                            ones are answered 413
+
+Snapshots:
+    --restore-snapshot FILE --restore-mem FILE
+                           restore a snapshot at start and run it (instead of a kernel;
+                           with the API, PUT /snapshot/load does the same)
+    --snapshot-key-file FILE
+                           32 bytes (the file's first 32) authenticating snapshot state files:
+                           snapshots are written with a keyed MAC, and a state file without
+                           it, or changed in any way, is refused
+    --describe-snapshot FILE
+                           print a state file's version and summary and exit
 
 Sandboxing:
     --seccomp-filter FILE  per-thread filters from a JSON file (seccompiler format, categories
@@ -205,6 +228,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Args, CliError> 
             "--no-seccomp" => out.no_seccomp = true,
             "--seccomp-filter" => out.seccomp_filter = Some(value(&mut it)?.into()),
             "--print-seccomp" => out.print_seccomp = true,
+            "--restore-snapshot" => out.restore_snapshot = Some(value(&mut it)?.into()),
+            "--restore-mem" => out.restore_mem = Some(value(&mut it)?.into()),
+            "--snapshot-key-file" => out.snapshot_key_file = Some(value(&mut it)?.into()),
+            "--describe-snapshot" => out.describe_snapshot = Some(value(&mut it)?.into()),
+            "--enable-pci" => out.enable_pci = true,
             "--help" | "-h" => out.help = true,
             "--version" | "-V" => out.version = true,
             _ => return Err(CliError::Unknown(arg)),
@@ -218,6 +246,16 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Args, CliError> 
     if out.no_seccomp && out.seccomp_filter.is_some() {
         return Err(CliError::Conflict(
             "--no-seccomp and --seccomp-filter cannot be combined",
+        ));
+    }
+    if out.restore_snapshot.is_some() != out.restore_mem.is_some() {
+        return Err(CliError::Conflict(
+            "--restore-snapshot and --restore-mem go together",
+        ));
+    }
+    if out.restore_snapshot.is_some() && (quick || out.config_file.is_some()) {
+        return Err(CliError::Conflict(
+            "--restore-snapshot replaces --config-file and the --kernel/--vcpus/... flags",
         ));
     }
     if quick && out.config_file.is_some() {

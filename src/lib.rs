@@ -29,6 +29,8 @@ pub mod resources;
 pub mod seccomp;
 /// SIGINT, SIGTERM and SIGHUP as an orderly stop.
 pub mod signals;
+/// Snapshots: the state file (authenticated before it is parsed) and the memory file.
+pub mod snapshot;
 /// Raw mode for a terminal on stdin (serial console).
 pub mod terminal;
 /// The built-in test guest image.

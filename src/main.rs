@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use kiln::api::actions::{ActionHandler, Outcome, SinkError};
 use kiln::api::server::{ApiBridge, ApiError, ApiMetrics, start_api_server};
-use kiln::builder::{RunOptions, StartError, build_and_start};
+use kiln::builder::{RunOptions, StartError, build_and_start, restore};
 use kiln::cli::{self, Args, CliError, DEFAULT_API_SOCK};
 use kiln::config::{ConfigError, VmConfig};
 use kiln::devices::boot_timer::process_cpu_us;
@@ -14,6 +14,7 @@ use kiln::exit::{ExitCode, ExitReason};
 use kiln::seccomp::{
     SeccompError, SeccompFilters, ThreadCategory, install_panic_hook, install_sigsys_handler,
 };
+use kiln::snapshot::{Key, SnapshotLoadParams};
 use kiln::terminal::RawTerminal;
 use kiln::vmm::{ApiChannel, Vmm};
 
@@ -61,6 +62,20 @@ enum MainError {
     /// The VM could not be built.
     #[error(transparent)]
     Start(#[from] StartError),
+    /// A snapshot could not be restored (after the API answered 400).
+    #[error("{0}")]
+    Restore(StartError),
+    /// `--snapshot-key-file` cannot be used.
+    #[error("--snapshot-key-file {path}: {reason}")]
+    SnapshotKey {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// `--describe-snapshot` could not read the file.
+    #[error("--describe-snapshot: {0}")]
+    Describe(kiln::snapshot::SnapshotError),
 }
 
 impl MainError {
@@ -72,7 +87,10 @@ impl MainError {
             | MainError::SeccompFile(_)
             | MainError::LogPath(_)
             | MainError::MetricsPath(_)
-            | MainError::Sink(_) => ExitCode::BadConfiguration,
+            | MainError::Sink(_)
+            | MainError::SnapshotKey { .. }
+            | MainError::Describe(_) => ExitCode::BadConfiguration,
+            MainError::Restore(_) => ExitCode::StartFailure,
             MainError::Start(e) => e.exit_code(),
             MainError::Seccomp(_)
             | MainError::Api(_)
@@ -80,6 +98,20 @@ impl MainError {
             | MainError::ApiGone => ExitCode::StartFailure,
         }
     }
+}
+
+/// The snapshot key: the first 32 bytes of the file.
+fn read_key(path: &std::path::Path) -> Result<Key, MainError> {
+    use std::io::Read;
+    let err = |reason: String| MainError::SnapshotKey {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut key = [0u8; 32];
+    let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    file.read_exact(&mut key)
+        .map_err(|_| err("needs at least 32 bytes (e.g. head -c 32 /dev/urandom)".into()))?;
+    Ok(key)
 }
 
 /// The VM the arguments describe, if any: a config file, or the quick flags (with
@@ -92,6 +124,9 @@ fn initial_config(args: &Args) -> Result<Option<VmConfig>, MainError> {
                 path: path.clone(),
                 source,
             });
+    }
+    if args.restore_snapshot.is_some() {
+        return Ok(None);
     }
     if args.no_api || args.has_quick_vm() {
         let config = args.quick_config();
@@ -116,7 +151,7 @@ fn serve_api(
     args: &Args,
     seccomp: &Arc<SeccompFilters>,
     actions: &mut ActionHandler,
-) -> Result<ApiBridge, MainError> {
+) -> Result<(ApiBridge, std::thread::JoinHandle<()>), MainError> {
     let path = args
         .api_sock
         .clone()
@@ -125,11 +160,11 @@ fn serve_api(
     let max_payload = args
         .http_api_max_payload_size
         .unwrap_or(kiln::api::http::DEFAULT_MAX_PAYLOAD);
-    let (bridge, _thread) = start_api_server(&path, max_payload, seccomp.clone(), metrics.clone())?;
+    let (bridge, thread) = start_api_server(&path, max_payload, seccomp.clone(), metrics.clone())?;
     actions.set_extra_metrics(Box::new(move || {
         vec![("api_server".to_string(), metrics.to_json())]
     }));
-    Ok(bridge)
+    Ok((bridge, thread))
 }
 
 /// Before boot the main thread only serves the API, until `InstanceStart` succeeds.
@@ -149,6 +184,21 @@ fn configure_through_api(
                 }
                 Err(e) => bridge.respond(ActionHandler::started(Err(e))),
             },
+            Outcome::Restore(params) => {
+                let t = Instant::now();
+                // A failed load ends the process (as Firecracker): the client starts anew.
+                return match restore(&params, opts, actions.snapshot_key()) {
+                    Ok((vmm, config)) => {
+                        bridge.respond(actions.restored(Ok(config)));
+                        actions.record_load(t);
+                        Ok(vmm)
+                    }
+                    Err(e) => {
+                        bridge.respond(actions.restored(Err(&e)));
+                        Err(MainError::Restore(e))
+                    }
+                };
+            }
         }
     }
 }
@@ -161,7 +211,12 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
         return Ok(0);
     }
     if args.version {
-        println!("kiln {}", env!("CARGO_PKG_VERSION"));
+        // Firecracker's first line, which clients parse for the API version, then kiln's.
+        println!(
+            "Firecracker v{}\nkiln {}",
+            kiln::api::actions::FIRECRACKER_API_VERSION,
+            env!("CARGO_PKG_VERSION")
+        );
         return Ok(0);
     }
     let id = args
@@ -169,6 +224,22 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
         .clone()
         .unwrap_or_else(|| "anonymous-instance".into());
     kiln::logger::init(args.level.unwrap_or_default().filter(), &id);
+    let snapshot_key = match &args.snapshot_key_file {
+        Some(path) => Some(read_key(path)?),
+        None => None,
+    };
+    if let Some(path) = &args.describe_snapshot {
+        let text =
+            kiln::snapshot::describe(path, snapshot_key.as_ref()).map_err(MainError::Describe)?;
+        print!("{text}");
+        return Ok(0);
+    }
+    if args.enable_pci {
+        log::warn!(
+            "--enable-pci: kiln has no PCI bus; its virtio devices stay on virtio-mmio \
+             (virtio_mmio.device= on the kernel command line)"
+        );
+    }
     let seccomp = seccomp_filters(&args)?;
     if args.print_seccomp {
         print!("{}", seccomp.audit());
@@ -190,6 +261,9 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
         seccomp: seccomp.clone(),
     };
     let mut actions = ActionHandler::new(id);
+    if let Some(key) = snapshot_key {
+        actions.set_snapshot_key(key);
+    }
     if args.log_path.is_some() || args.show_level || args.show_log_origin {
         let logger = kiln::config::LoggerConfig {
             log_path: args.log_path.as_ref().map(|p| p.display().to_string()),
@@ -211,16 +285,57 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
             .apply_config(config.clone())
             .map_err(MainError::Sink)?;
     }
-    let api = if args.no_api {
-        None
+    let (api, api_thread) = if args.no_api {
+        (None, None)
     } else {
-        Some(serve_api(&args, &seccomp, &mut actions)?)
+        let (bridge, thread) = serve_api(&args, &seccomp, &mut actions)?;
+        (Some(bridge), Some(thread))
     };
 
     let _terminal = RawTerminal::enter();
+    let restore_at_start = args
+        .restore_snapshot
+        .as_ref()
+        .zip(args.restore_mem.as_ref());
     let mut vmm = match (config, &api) {
+        (None, _) if restore_at_start.is_some() => {
+            let Some((state, mem)) = restore_at_start else {
+                return Err(MainError::ApiGone);
+            };
+            let params = SnapshotLoadParams {
+                snapshot_path: state.display().to_string(),
+                mem_file_path: Some(mem.display().to_string()),
+                mem_backend: None,
+                track_dirty_pages: false,
+                enable_diff_snapshots: false,
+                resume_vm: true,
+                network_overrides: Vec::new(),
+                drive_overrides: Vec::new(),
+                clock_realtime: None,
+                vsock_override: None,
+            };
+            let t = Instant::now();
+            let (vmm, config) = restore(&params, &opts, actions.snapshot_key())?;
+            actions.restored(Ok(config));
+            actions.record_load(t);
+            vmm
+        }
         (Some(config), _) => build_and_start(&config, &opts)?,
-        (None, Some(bridge)) => configure_through_api(bridge, &mut actions, &opts)?,
+        (None, Some(bridge)) => match configure_through_api(bridge, &mut actions, &opts) {
+            Ok(vmm) => vmm,
+            Err(e) => {
+                // Let the API thread deliver the 400 before the process ends: without the
+                // bridge it finishes its connections and stops.
+                drop(api);
+                if let Some(thread) = api_thread {
+                    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+                    while !thread.is_finished() && Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+                return Err(e);
+            }
+        },
         // `--no-api` always has a configuration (the quick flags default to the test guest).
         (None, None) => return Err(MainError::ApiGone),
     };

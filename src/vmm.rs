@@ -15,11 +15,13 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::actions::{ActionHandler, Machine};
+use crate::config::VmConfig;
 use crate::devices::i8042::I8042Error;
-use crate::devices::registry::{DeviceRegistry, lock};
+use crate::devices::registry::{Device, DeviceRegistry, lock};
 use crate::devices::virtio::block::DiskFile;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::{FLUSH_INTERVAL, Section, device_sections};
+use crate::snapshot::{Key, SnapshotCreateParams, SnapshotError};
 use crate::vstate::vcpu::{VcpuHandle, VcpuMetrics, VcpuState};
 use crate::vstate::vm::Vm;
 
@@ -185,6 +187,14 @@ impl Vmm {
         vmm
     }
 
+    /// Waits until every vCPU is parked (a VM restored paused) and records it as paused.
+    pub fn wait_paused(&mut self) {
+        for vcpu in &self.vcpus {
+            vcpu.wait_paused();
+        }
+        self.paused = true;
+    }
+
     /// Serves API requests whenever `evt` (the API bridge's eventfd) fires.
     pub fn watch_api(&mut self, evt: EventFd) {
         self.wake_on(evt, |w| &w.api);
@@ -284,6 +294,13 @@ impl Machine for Vmm {
             vcpu.resume();
         }
         self.paused = false;
+        // As after a restore: a driver with EVENT_IDX may have notified while the device
+        // could not see it; a spurious notification costs one look at the ring.
+        for entry in self.devices.iter() {
+            if let Device::Block { transport, .. } | Device::Net { transport, .. } = &entry.device {
+                lock(transport.as_ref()).kick_queues();
+            }
+        }
         Ok(())
     }
 
@@ -304,6 +321,18 @@ impl Machine for Vmm {
 
     fn metrics_sections(&self) -> Vec<Section> {
         device_sections(&self.devices, &self.vcpu_metrics)
+    }
+
+    fn create_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+        config: &VmConfig,
+        key: Option<&Key>,
+    ) -> Result<(), SnapshotError> {
+        if !self.paused {
+            return Err(SnapshotError::NotPaused);
+        }
+        crate::snapshot::create(params, config, &self.vm, &self.vcpus, &self.devices, key)
     }
 }
 

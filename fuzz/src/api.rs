@@ -78,6 +78,8 @@ pub fn request_for(action: &VmmAction) -> (&'static str, String, String) {
         ),
         VmmAction::Pause => ("PATCH", "/vm".into(), r#"{"state":"Paused"}"#.into()),
         VmmAction::Resume => ("PATCH", "/vm".into(), r#"{"state":"Resumed"}"#.into()),
+        VmmAction::CreateSnapshot(p) => ("PUT", "/snapshot/create".into(), j(p)),
+        VmmAction::LoadSnapshot(p) => ("PUT", "/snapshot/load".into(), j(p)),
     }
 }
 

@@ -20,3 +20,4 @@ pub mod mmio;
 pub mod net;
 pub mod seccomp;
 pub mod serial;
+pub mod snapshot;

@@ -12,15 +12,23 @@ use serde_json::json;
 
 use super::{ERR_AFTER_BOOT, ERR_BEFORE_BOOT, VmmAction, VmmResponse};
 use crate::builder::StartError;
-use crate::config::{LoggerConfig, MetricsConfig, VmConfig};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::config::{LoggerConfig, MachineConfig, MetricsConfig, VmConfig};
 use crate::devices::virtio::block::DiskFile;
 use crate::metrics::{Metrics, MetricsError, Section, open_sink};
 use crate::resources::VmResources;
+use crate::snapshot::{Key, SnapshotCreateParams, SnapshotError, SnapshotLoadParams, SnapshotType};
 use crate::vmm::VmmError;
 
-/// The version of Firecracker's API kiln implements, reported where Firecracker reports
-/// its own version.
+/// kiln's own version.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The Firecracker API version kiln implements, reported where Firecracker reports its own
+/// version (`GET /version`, `GET /`'s `vmm_version`, `--version`): clients compare it before
+/// they use snapshots. kiln's own version goes alongside (`kiln_version`).
+pub const FIRECRACKER_API_VERSION: &str = "1.12.0";
 
 /// When an action is allowed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,12 +54,14 @@ pub fn when(action: &VmmAction) -> When {
         | A::PutNetworkInterface(_)
         | A::PutLogger(_)
         | A::PutMetrics(_)
-        | A::InstanceStart => When::BeforeBoot,
+        | A::InstanceStart
+        | A::LoadSnapshot(_) => When::BeforeBoot,
         A::PatchDrive(_)
         | A::PatchNetworkInterface(_)
         | A::SendCtrlAltDel
         | A::Pause
-        | A::Resume => When::AfterBoot,
+        | A::Resume
+        | A::CreateSnapshot(_) => When::AfterBoot,
     }
 }
 
@@ -69,6 +79,32 @@ pub trait Machine {
     fn swap_drive(&mut self, drive_id: &str, disk: DiskFile) -> Result<(), VmmError>;
     /// The VM's metrics sections.
     fn metrics_sections(&self) -> Vec<Section>;
+    /// Writes a snapshot of the paused VM, whose configuration is `config`.
+    fn create_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+        config: &VmConfig,
+        key: Option<&Key>,
+    ) -> Result<(), SnapshotError>;
+}
+
+/// How long the last of each slow operation took (Firecracker's `latencies_us`).
+#[derive(Debug, Default, Serialize)]
+pub struct Latencies {
+    /// The last Full `PUT /snapshot/create`.
+    pub full_create_snapshot: u64,
+    /// The last Diff `PUT /snapshot/create`.
+    pub diff_create_snapshot: u64,
+    /// `PUT /snapshot/load`.
+    pub load_snapshot: u64,
+    /// The last `PATCH /vm Paused`.
+    pub pause_vm: u64,
+    /// The last `PATCH /vm Resumed`.
+    pub resume_vm: u64,
+}
+
+fn micros(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 /// Errors configuring the logger or the metrics destination.
@@ -95,6 +131,9 @@ pub enum Outcome {
     /// `InstanceStart` with a complete configuration: the caller builds the VM and answers
     /// with [`ActionHandler::started`].
     Start(Box<VmConfig>),
+    /// `PUT /snapshot/load` into this fresh process: the caller restores the VM and
+    /// answers with [`ActionHandler::restored`].
+    Restore(Box<SnapshotLoadParams>),
 }
 
 /// The VMM's control state: the resources, the instance id, the metrics destination.
@@ -104,6 +143,9 @@ pub struct ActionHandler {
     metrics: Metrics,
     /// Metrics sections that are not the VM's (the API server's counters).
     extra_metrics: Option<Box<dyn Fn() -> Vec<Section> + Send>>,
+    /// The key authenticating snapshot files (`--snapshot-key-file`).
+    snapshot_key: Option<Key>,
+    latencies: Latencies,
 }
 
 impl std::fmt::Debug for ActionHandler {
@@ -131,7 +173,24 @@ impl ActionHandler {
             resources: VmResources::default(),
             metrics: Metrics::default(),
             extra_metrics: None,
+            snapshot_key: None,
+            latencies: Latencies::default(),
         }
+    }
+
+    /// Authenticates snapshot files with `key`.
+    pub fn set_snapshot_key(&mut self, key: Key) {
+        self.snapshot_key = Some(key);
+    }
+
+    /// The snapshot key, if any.
+    pub fn snapshot_key(&self) -> Option<&Key> {
+        self.snapshot_key.as_ref()
+    }
+
+    /// Records how long a snapshot load took (the caller did it).
+    pub fn record_load(&mut self, since: Instant) {
+        self.latencies.load_snapshot = micros(since);
     }
 
     /// The resources configured so far.
@@ -175,6 +234,9 @@ impl ActionHandler {
         if let Some(extra) = &self.extra_metrics {
             sections.extend(extra());
         }
+        if let Ok(l) = serde_json::to_value(&self.latencies) {
+            sections.push(("latencies_us".to_string(), l));
+        }
         if let Err(e) = self.metrics.flush(sections) {
             log::warn!("{e}");
         }
@@ -186,6 +248,20 @@ impl ActionHandler {
             return Outcome::Respond(bad(ERR_BEFORE_BOOT));
         }
         Outcome::Respond(match action {
+            VmmAction::LoadSnapshot(params) => {
+                let r = &self.resources;
+                let configured = r.boot_source.is_some()
+                    || !r.drives.is_empty()
+                    || !r.nets.is_empty()
+                    || r.machine != MachineConfig::default();
+                if configured {
+                    bad(
+                        "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+                    )
+                } else {
+                    return Outcome::Restore(Box::new(params));
+                }
+            }
             VmmAction::InstanceStart => {
                 return match self.resources.to_config() {
                     Some(config) => Outcome::Start(Box::new(config)),
@@ -227,6 +303,22 @@ impl ActionHandler {
             },
             other => self.handle_any(other, None),
         })
+    }
+
+    /// The answer to `PUT /snapshot/load` once the caller tried to restore the VM; the
+    /// restored VM's configuration becomes the resources.
+    pub fn restored(&mut self, result: Result<VmConfig, &StartError>) -> VmmResponse {
+        match result {
+            Ok(config) => {
+                let (logger, metrics) =
+                    (self.resources.logger.take(), self.resources.metrics.take());
+                self.resources = VmResources::from_config(config);
+                self.resources.logger = logger;
+                self.resources.metrics = metrics;
+                ok()
+            }
+            Err(e) => bad(format!("Load snapshot error: {e}")),
+        }
     }
 
     /// The answer to `InstanceStart` once the caller tried to build the VM.
@@ -274,8 +366,39 @@ impl ActionHandler {
                 ok()
             }
             VmmAction::SendCtrlAltDel => vm.send_ctrl_alt_del().map_or_else(bad, |()| ok()),
-            VmmAction::Pause => vm.pause().map_or_else(bad, |()| ok()),
-            VmmAction::Resume => vm.resume().map_or_else(bad, |()| ok()),
+            VmmAction::Pause => {
+                let t = Instant::now();
+                let r = vm.pause().map_or_else(bad, |()| ok());
+                self.latencies.pause_vm = micros(t);
+                r
+            }
+            VmmAction::Resume => {
+                let t = Instant::now();
+                let r = vm.resume().map_or_else(bad, |()| ok());
+                self.latencies.resume_vm = micros(t);
+                r
+            }
+            VmmAction::CreateSnapshot(params) => {
+                if !vm.is_paused() {
+                    return bad(format!(
+                        "Create snapshot error: {}",
+                        SnapshotError::NotPaused
+                    ));
+                }
+                let Some(config) = self.resources.to_config() else {
+                    return bad("Create snapshot error: the microVM has no configuration");
+                };
+                let t = Instant::now();
+                let result = vm.create_snapshot(&params, &config, self.snapshot_key.as_ref());
+                match params.snapshot_type {
+                    SnapshotType::Full => self.latencies.full_create_snapshot = micros(t),
+                    SnapshotType::Diff => self.latencies.diff_create_snapshot = micros(t),
+                }
+                match result {
+                    Ok(()) => ok(),
+                    Err(e) => bad(format!("Create snapshot error: {e}")),
+                }
+            }
             other => self.handle_any(other, Some(vm)),
         }
     }
@@ -293,15 +416,20 @@ impl ActionHandler {
                     json!({
                         "id": self.id,
                         "state": state,
-                        "vmm_version": VERSION,
+                        "vmm_version": FIRECRACKER_API_VERSION,
                         "app_name": "kiln",
+                        "kiln_version": VERSION,
                     })
                     .to_string(),
                 )
             }
-            VmmAction::GetVersion => {
-                VmmResponse::Json(json!({ "firecracker_version": VERSION }).to_string())
-            }
+            VmmAction::GetVersion => VmmResponse::Json(
+                json!({
+                    "firecracker_version": FIRECRACKER_API_VERSION,
+                    "kiln_version": VERSION,
+                })
+                .to_string(),
+            ),
             VmmAction::GetMachineConfig => {
                 VmmResponse::Json(json!(self.resources.machine).to_string())
             }

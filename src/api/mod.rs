@@ -119,6 +119,10 @@ pub enum VmmAction {
     PutLogger(LoggerConfig),
     /// `PUT /metrics`.
     PutMetrics(MetricsConfig),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(crate::snapshot::SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(crate::snapshot::SnapshotLoadParams),
 }
 
 /// The VMM's answer.

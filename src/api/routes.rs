@@ -115,6 +115,20 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<VmmAction, Route
             }
             Ok(VmmAction::PutNetworkInterface(iface))
         }
+        ("PUT", "snapshot", Some(body)) => match tokens.next() {
+            Some("create") => parse(body).map(VmmAction::CreateSnapshot),
+            Some("load") => parse(body).map(VmmAction::LoadSnapshot),
+            other => Err(bad(format!(
+                "Invalid request method and/or path: PUT snapshot/{}.",
+                other.unwrap_or("")
+            ))),
+        },
+        (_, "vsock" | "balloon" | "mmds" | "entropy" | "hotplug" | "pmem" | "cpu-config", _) => {
+            Err(bad(format!(
+                "kiln has no {first} device: it offers only virtio-blk, virtio-net and the \
+                 serial console (a deliberate limit of the attack surface)."
+            )))
+        }
         ("PUT", _, None) => Err(bad("Empty PUT request.")),
         ("PATCH", "drives", Some(body)) => {
             let id = checked_id(tokens.next())?;
@@ -263,10 +277,85 @@ mod tests {
             err("PATCH", "/boot-source", "{}"),
             "Invalid request method and/or path: PATCH boot-source."
         );
-        assert_eq!(
-            err("PUT", "/snapshot/create", "{}"),
-            "Invalid request method and/or path: PUT snapshot."
+        assert!(
+            err("PUT", "/snapshot/create", "{}")
+                .starts_with("An error occurred when deserializing the json body of a request: missing field `snapshot_path`")
         );
+        assert_eq!(
+            err("PUT", "/snapshot/fork", "{}"),
+            "Invalid request method and/or path: PUT snapshot/fork."
+        );
+    }
+
+    #[test]
+    fn snapshot_bodies_of_every_firecracker_version() {
+        use crate::snapshot::{MemBackendType, SnapshotType};
+        let VmmAction::CreateSnapshot(c) = route(
+            "PUT",
+            "/snapshot/create",
+            br#"{"snapshot_path": "s", "mem_file_path": "m", "snapshot_type": "Diff", "version": "1.0.0"}"#,
+        )
+        .unwrap() else {
+            panic!("not a create");
+        };
+        assert_eq!(c.snapshot_type, SnapshotType::Diff);
+        let VmmAction::CreateSnapshot(c) = route(
+            "PUT",
+            "/snapshot/create",
+            br#"{"snapshot_path": "s", "mem_file_path": "m"}"#,
+        )
+        .unwrap() else {
+            panic!("not a create");
+        };
+        assert_eq!(c.snapshot_type, SnapshotType::Full, "Full is the default");
+        // Old clients: mem_file_path and enable_diff_snapshots.
+        let VmmAction::LoadSnapshot(l) = route(
+            "PUT",
+            "/snapshot/load",
+            br#"{"snapshot_path": "s", "mem_file_path": "m", "enable_diff_snapshots": true, "resume_vm": true}"#,
+        )
+        .unwrap() else {
+            panic!("not a load");
+        };
+        assert_eq!(l.mem_file_path.as_deref(), Some("m"));
+        assert!(l.enable_diff_snapshots && l.resume_vm);
+        // New clients: mem_backend, track_dirty_pages, network_overrides, clock_realtime.
+        let VmmAction::LoadSnapshot(l) = route(
+            "PUT",
+            "/snapshot/load",
+            br#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u.sock"},
+                "track_dirty_pages": false, "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}],
+                "clock_realtime": true, "drive_overrides": [{"drive_id": "rootfs", "path_on_host": "/r.img"}]}"#,
+        )
+        .unwrap() else {
+            panic!("not a load");
+        };
+        let backend = l.mem_backend.unwrap();
+        assert_eq!(backend.backend_type, MemBackendType::Uffd);
+        assert_eq!(l.network_overrides[0].host_dev_name, "tap9");
+        assert_eq!(l.drive_overrides[0].path_on_host, "/r.img");
+        assert!(
+            err(
+                "PUT",
+                "/snapshot/load",
+                r#"{"snapshot_path": "s", "bogus": 1}"#
+            )
+            .contains("unknown field `bogus`")
+        );
+    }
+
+    #[test]
+    fn devices_kiln_lacks_are_named() {
+        for (method, path) in [
+            ("PUT", "/vsock"),
+            ("PUT", "/balloon"),
+            ("GET", "/mmds"),
+            ("PUT", "/entropy"),
+        ] {
+            let e = err(method, path, if method == "GET" { "" } else { "{}" });
+            assert!(e.starts_with("kiln has no "), "{path}: {e}");
+            assert!(e.contains(path.trim_start_matches('/')), "{path}: {e}");
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{SeccompFilters, ThreadCategory};
 use crate::vstate::emulation::{BP_VECTOR, Completion, completion_for};
 use crate::vstate::memory::GuestMemory;
+use crate::vstate::vcpu_state::{self, VcpuSnapshot};
 
 /// Errors creating, configuring or starting a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,12 @@ pub enum VcpuError {
     /// The CPUID list could not be built.
     #[error("cannot build the CPUID list: {0}")]
     CpuidList(vmm_sys_util::fam::Error),
+    /// An MSR list could not be built.
+    #[error("cannot build an MSR list: {0}")]
+    MsrList(vmm_sys_util::fam::Error),
+    /// The vCPU was not parked when its state was asked for.
+    #[error("vCPU {0} is not paused")]
+    NotPaused(u8),
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
@@ -156,12 +163,22 @@ impl VcpuState {
     }
 }
 
+/// Work a parked vCPU thread does for the VMM (its fd is the thread's own).
+#[derive(Debug)]
+enum Job {
+    /// Asked: save the state.
+    Save,
+    /// Done: the saved state, or why not.
+    Saved(Box<Result<VcpuSnapshot, VcpuError>>),
+}
+
 /// State shared between a vCPU thread and the VMM.
 #[derive(Debug)]
 pub struct VcpuControl {
     request: AtomicU8,
     state: Mutex<VcpuState>,
     changed: Condvar,
+    job: Mutex<Option<Job>>,
 }
 
 impl VcpuControl {
@@ -170,7 +187,27 @@ impl VcpuControl {
             request: AtomicU8::new(VcpuRequest::Run as u8),
             state: Mutex::new(VcpuState::Created),
             changed: Condvar::new(),
+            job: Mutex::new(None),
         }
+    }
+
+    /// Takes a save request, if one is waiting.
+    fn take_save_request(&self) -> bool {
+        let mut job = self.job.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(*job, Some(Job::Save)) {
+            *job = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn finish_save(&self, result: Result<VcpuSnapshot, VcpuError>) {
+        *self.job.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(Job::Saved(Box::new(result)));
+        // Taking the state lock orders this with a waiter between its check and its wait.
+        let _state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        self.changed.notify_all();
     }
 
     fn request(&self) -> VcpuRequest {
@@ -201,15 +238,20 @@ impl VcpuControl {
         *self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Blocks the calling vCPU thread while the request is `Pause`.
-    fn wait_while_paused(&self) {
+    /// Blocks the calling vCPU thread while the request is `Pause` and no job waits;
+    /// returns whether a save was asked for.
+    fn wait_while_paused(&self) -> bool {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         while self.request() == VcpuRequest::Pause {
+            if self.take_save_request() {
+                return true;
+            }
             state = self
                 .changed
                 .wait(state)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        false
     }
 
     /// Waits until the vCPU is in a state accepted by `done`.
@@ -246,6 +288,8 @@ pub struct Vcpu {
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
     metrics: Arc<VcpuMetrics>,
+    /// KVM's MSR index list: what a saved state holds.
+    msr_list: Arc<Vec<u32>>,
 }
 
 impl Vcpu {
@@ -267,7 +311,18 @@ impl Vcpu {
             mmio,
             exit,
             metrics: Arc::new(VcpuMetrics::default()),
+            msr_list: Arc::new(Vec::new()),
         })
+    }
+
+    /// Sets the MSRs a saved state holds (KVM's MSR index list).
+    pub fn set_msr_list(&mut self, list: Arc<Vec<u32>>) {
+        self.msr_list = list;
+    }
+
+    /// Restores a saved state (instead of [`Vcpu::configure`]).
+    pub fn restore(&self, state: &VcpuSnapshot) -> Result<(), VcpuError> {
+        vcpu_state::restore(&self.fd, state)
     }
 
     /// The vCPU's index (and APIC id).
@@ -472,9 +527,17 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Spawns the vCPU thread, which installs the vCPU seccomp filter before anything else.
-    pub fn start(self, seccomp: Arc<SeccompFilters>) -> Result<VcpuHandle, VcpuError> {
+    /// Spawns the vCPU thread, which installs the vCPU seccomp filter before anything else;
+    /// with `paused`, the thread parks before it first enters the guest.
+    pub fn start(
+        self,
+        seccomp: Arc<SeccompFilters>,
+        paused: bool,
+    ) -> Result<VcpuHandle, VcpuError> {
         let control = Arc::new(VcpuControl::new());
+        if paused {
+            control.set_request(VcpuRequest::Pause);
+        }
         let thread_control = control.clone();
         let index = self.index;
         let thread = std::thread::Builder::new()
@@ -510,13 +573,21 @@ impl Vcpu {
         let mut state = VcpuState::Created;
         loop {
             if let Some(next) = state.on_request(control.request()) {
+                if next == VcpuState::Paused && state == VcpuState::Running {
+                    // Tell a kvm-clock guest it was stopped, so the time it missed is not
+                    // taken for a soft lockup (EINVAL when the guest does not use kvm-clock).
+                    let _ = self.fd.kvmclock_ctrl();
+                }
                 state = next;
                 control.transition(state);
             }
             match state {
                 VcpuState::Exited => return,
                 VcpuState::Paused => {
-                    control.wait_while_paused();
+                    if control.wait_while_paused() {
+                        let saved = vcpu_state::save(&self.fd, self.index, &self.msr_list);
+                        control.finish_save(saved);
+                    }
                     continue;
                 }
                 VcpuState::Created | VcpuState::Running => {}
@@ -609,6 +680,53 @@ impl VcpuHandle {
     pub fn wait_paused(&self) {
         self.control
             .wait_for(|s| matches!(s, VcpuState::Paused | VcpuState::Exited));
+    }
+
+    /// The state of a paused vCPU, saved by its own thread.
+    pub fn save_state(&self) -> Result<VcpuSnapshot, VcpuError> {
+        if self.state() != VcpuState::Paused {
+            return Err(VcpuError::NotPaused(self.index));
+        }
+        *self
+            .control
+            .job
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Job::Save);
+        {
+            let _state = self
+                .control
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.control.changed.notify_all();
+        }
+        let mut state = self
+            .control
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            {
+                let mut job = self
+                    .control
+                    .job
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if matches!(*job, Some(Job::Saved(_)))
+                    && let Some(Job::Saved(result)) = job.take()
+                {
+                    return *result;
+                }
+            }
+            if *state == VcpuState::Exited {
+                return Err(VcpuError::NotPaused(self.index));
+            }
+            state = self
+                .control
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
     }
 
     /// Lets a paused vCPU run again.

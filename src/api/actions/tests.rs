@@ -10,6 +10,7 @@ use crate::config::{
     BUILTIN_KERNEL, BootSourceConfig, CacheType, DriveConfig, MachineConfig, NetConfig,
     RateLimiterConfig,
 };
+use crate::snapshot::{SnapshotCreateParams, SnapshotLoadParams};
 
 /// A VM stand-in that records what it was asked.
 #[derive(Default)]
@@ -19,6 +20,7 @@ struct FakeVm {
     keyboard_full: bool,
     swapped: Vec<(String, u64)>,
     ctrl_alt_del: u32,
+    snapshots: Vec<String>,
 }
 
 impl Machine for FakeVm {
@@ -51,6 +53,15 @@ impl Machine for FakeVm {
     }
     fn metrics_sections(&self) -> Vec<Section> {
         vec![("vcpu".into(), json!({"exit_io_out": 7}))]
+    }
+    fn create_snapshot(
+        &mut self,
+        params: &SnapshotCreateParams,
+        _config: &VmConfig,
+        _key: Option<&Key>,
+    ) -> Result<(), SnapshotError> {
+        self.snapshots.push(params.snapshot_path.clone());
+        Ok(())
     }
 }
 
@@ -143,13 +154,23 @@ fn every_action() -> Vec<VmmAction> {
         VmmAction::PutMetrics(MetricsConfig {
             metrics_path: "/nonexistent/dir/metrics".into(),
         }),
+        VmmAction::CreateSnapshot(create_params()),
+        VmmAction::LoadSnapshot(load_params()),
     ]
+}
+
+fn create_params() -> SnapshotCreateParams {
+    serde_json::from_str(r#"{"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}"#).unwrap()
+}
+
+fn load_params() -> SnapshotLoadParams {
+    serde_json::from_str(r#"{"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}"#).unwrap()
 }
 
 fn respond(outcome: Outcome) -> VmmResponse {
     match outcome {
         Outcome::Respond(r) => r,
-        Outcome::Start(_) => panic!("unexpected start"),
+        Outcome::Start(_) | Outcome::Restore(_) => VmmResponse::NoContent,
     }
 }
 
@@ -172,6 +193,7 @@ fn the_rule_table() {
         "InstanceStart",
         "PutLogger",
         "PutMetrics",
+        "LoadSnapshot",
     ];
     let after_only = [
         "PatchDrive",
@@ -179,6 +201,7 @@ fn the_rule_table() {
         "SendCtrlAltDel",
         "Pause",
         "Resume",
+        "CreateSnapshot",
     ];
     for action in every_action() {
         let name = format!("{action:?}");
@@ -237,7 +260,8 @@ fn instance_info_names_the_state() {
     assert_eq!(info["id"], "vm-7");
     assert_eq!(info["state"], "Not started");
     assert_eq!(info["app_name"], "kiln");
-    assert_eq!(info["vmm_version"], VERSION);
+    assert_eq!(info["vmm_version"], FIRECRACKER_API_VERSION);
+    assert_eq!(info["kiln_version"], VERSION);
     let mut vm = FakeVm::default();
     let info = json_of(&h.handle_running(VmmAction::GetInstanceInfo, &mut vm));
     assert_eq!(info["state"], "Running");
@@ -254,7 +278,8 @@ fn instance_info_names_the_state() {
     let info = json_of(&h.handle_running(VmmAction::GetInstanceInfo, &mut vm));
     assert_eq!(info["state"], "Running");
     let version = json_of(&respond(h.handle_preboot(VmmAction::GetVersion)));
-    assert_eq!(version["firecracker_version"], VERSION);
+    assert_eq!(version["firecracker_version"], FIRECRACKER_API_VERSION);
+    assert_eq!(version["kiln_version"], VERSION);
 }
 
 #[test]
@@ -485,4 +510,50 @@ fn flush_metrics_needs_a_destination_and_writes_the_vm_sections() {
         config["metrics"]["metrics_path"],
         path.display().to_string()
     );
+}
+
+#[test]
+fn snapshots_need_a_paused_vm_and_a_fresh_process() {
+    let mut h = ActionHandler::new("t".into());
+    let mut vm = FakeVm::default();
+    let r = h.handle_running(VmmAction::CreateSnapshot(create_params()), &mut vm);
+    assert!(
+        matches!(&r, VmmResponse::Error(400, m) if m.contains("must be paused")),
+        "{r:?}"
+    );
+    assert!(vm.snapshots.is_empty());
+    // Configured (a kernel set): create works once paused.
+    assert_eq!(
+        respond(h.handle_preboot(VmmAction::PutBootSource(BootSourceConfig {
+            kernel_image_path: BUILTIN_KERNEL.into(),
+            ..Default::default()
+        }))),
+        VmmResponse::NoContent
+    );
+    assert_eq!(
+        h.handle_running(VmmAction::Pause, &mut vm),
+        VmmResponse::NoContent
+    );
+    assert_eq!(
+        h.handle_running(VmmAction::CreateSnapshot(create_params()), &mut vm),
+        VmmResponse::NoContent
+    );
+    assert_eq!(vm.snapshots, ["/tmp/s"]);
+    // A load after boot-specific configuration is refused with Firecracker's words.
+    assert_eq!(
+        respond(h.handle_preboot(VmmAction::LoadSnapshot(load_params()))),
+        VmmResponse::Error(
+            400,
+            "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+                .into()
+        )
+    );
+    // A fresh handler (logger and metrics may come first) hands the load over.
+    let mut fresh = ActionHandler::new("t".into());
+    let dir = Scratch::new("load");
+    fresh.set_metrics_path(&dir.0.join("m")).unwrap();
+    assert!(matches!(
+        fresh.handle_preboot(VmmAction::LoadSnapshot(load_params())),
+        Outcome::Restore(_)
+    ));
 }

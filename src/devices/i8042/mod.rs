@@ -4,6 +4,9 @@
 //!
 //! Ports 0x60 (data) and 0x64 (status/command); keyboard interrupts on GSI 1.
 
+mod state;
+pub use state::{I8042Snapshot, I8042StateError};
+
 use std::sync::Arc;
 
 use super::bus::BusDevice;

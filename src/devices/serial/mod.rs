@@ -2,8 +2,10 @@
 //! stdout or a file, its input fed from stdin by the event loop.
 
 mod input;
+mod state;
 
 pub use input::SerialInput;
+pub use state::{SerialSnapshot, SerialStateError};
 
 use std::io::Write;
 use std::sync::Arc;

@@ -41,6 +41,7 @@ static const struct scenario scenarios[] = {
     { "net-bench",         scn_net_bench,         true,  "virtio-net: <tx|rx>:<n>:<size>:<batch> frames, timed" },
     { "blk-resize",        scn_blk_resize,        true,  "virtio-blk: wait for a backing-file swap, new capacity" },
     { "blk-fuzz",          scn_blk_fuzz,          true,  "virtio-blk: random register/queue/chain abuse, <seed>[:<batches>[:<ops>]]" },
+    { "workload",          scn_workload,          true,  "run <steps> steps: memory pattern (and blk) checked, progress lines" },
 };
 
 void scn_boot(const char *arg)

@@ -252,18 +252,24 @@ impl MmioTransport {
         }
     }
 
-    fn activate(&mut self) {
+    /// Activates the device with the ready queues; `positions` (a restored snapshot) says
+    /// where each queue's next available and next used entries are.
+    fn activate(&mut self, positions: &[(u16, u16)]) {
         let mut queues = Vec::with_capacity(self.queues.len());
-        for q in &self.queues {
+        for (i, q) in self.queues.iter().enumerate() {
             if !q.ready {
                 break;
             }
             match configured_queue(q.max_size, q.size, q.desc, q.avail, q.used) {
                 Ok(mut queue) => {
-                    virtio_queue::QueueT::set_event_idx(
-                        &mut queue,
+                    use virtio_queue::QueueT;
+                    queue.set_event_idx(
                         self.acked_features & features::VIRTIO_RING_F_EVENT_IDX != 0,
                     );
+                    if let Some(&(next_avail, next_used)) = positions.get(i) {
+                        queue.set_next_avail(next_avail);
+                        queue.set_next_used(next_used);
+                    }
                     queues.push(queue);
                 }
                 Err(_) => break,
@@ -317,7 +323,7 @@ impl MmioTransport {
         match status_action(self.effective_status(), new) {
             StatusAction::Set => self.status = new,
             StatusAction::NegotiateFeatures => self.negotiate_features(),
-            StatusAction::Activate => self.activate(),
+            StatusAction::Activate => self.activate(&[]),
             StatusAction::Reset => self.reset(),
             StatusAction::Reject => self.metrics.illegal_status.inc(),
         }
@@ -433,6 +439,9 @@ impl BusDevice for MmioTransport {
         self.write_register(offset, u32::from_le_bytes(bytes));
     }
 }
+
+mod state;
+pub use state::{QueueSnapshot, TransportSnapshot};
 
 #[cfg(test)]
 mod tests;

@@ -386,6 +386,15 @@ impl VirtioDevice for Block {
     fn needs_reset(&self) -> bool {
         self.broken
     }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        use virtio_queue::QueueT;
+        // Requests are answered as they are taken: nothing is held between events.
+        self.active
+            .iter()
+            .map(|a| (a.queue.next_avail(), a.queue.next_used()))
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -294,6 +294,23 @@ impl VirtioDevice for Net {
     fn needs_reset(&self) -> bool {
         self.broken
     }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        use virtio_queue::QueueT;
+        let Some(a) = &self.active else {
+            return Vec::new();
+        };
+        // Receive chains held for frames to come were taken last, in ring order: a
+        // restored device takes them again.
+        let held = u16::try_from(a.rx_held.len()).unwrap_or(u16::MAX);
+        vec![
+            (
+                a.rx_queue.next_avail().wrapping_sub(held),
+                a.rx_queue.next_used(),
+            ),
+            (a.tx_queue.next_avail(), a.tx_queue.next_used()),
+        ]
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,363 @@
+//! Snapshots end to end: the test guest's `workload` scenario (a memory pattern checked and
+//! rewritten every step, a sector written and the previous one read back through the
+//! block queue) is paused mid-run, snapshotted, killed, and restored in a new process,
+//! where it must carry on from the next step with memory, disk and queue intact. The guest
+//! itself is the oracle: it fails a step if anything it left before the snapshot changed.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::api::ApiKiln;
+use common::{TempDir, kiln, require_kvm};
+
+const STEPS: u64 = 20;
+
+fn api_kiln(dir: &Path, name: &str, extra: &[&str]) -> ApiKiln {
+    let sock = dir.join(format!("{name}.sock"));
+    let mut cmd = Command::new(kiln());
+    cmd.args(["--api-sock", sock.to_str().unwrap()]).args(extra);
+    ApiKiln::spawn(cmd, &sock)
+}
+
+fn config(dir: &TempDir, disk: &Path) -> PathBuf {
+    let text = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "builtin:test-guest",
+              "boot_args": "console=ttyS0 reboot=k panic=1 kiln.run=workload:{STEPS}:blk"}},
+            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
+            "drives": [{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false}}]}}"#,
+        disk.display()
+    );
+    dir.file("vm.json", text.as_bytes())
+}
+
+/// Step numbers of the complete `info workload step=N mem=ok blk=ok` lines in `text`.
+fn steps(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("info workload step="))
+        .filter(|l| l.ends_with(" mem=ok blk=ok"))
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// Boots the workload, pauses it after a few steps, snapshots it and kills it. Returns the
+/// steps printed before the snapshot.
+fn snapshot_running_guest(
+    dir: &TempDir,
+    disk: &Path,
+    extra: &[&str],
+) -> (Vec<u64>, PathBuf, PathBuf) {
+    let cfg = config(dir, disk);
+    let mut args = vec!["--config-file", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let k = api_kiln(dir.path(), "src", &args);
+    k.wait_line("info workload step=3 ", Duration::from_secs(60));
+    assert_eq!(k.api("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    let state = dir.path().join("vm.state");
+    let mem = dir.path().join("vm.mem");
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Full"}}"#,
+        state.display(),
+        mem.display()
+    );
+    let (status, text) = k.api("PUT", "/snapshot/create", Some(&body));
+    assert_eq!(status, 204, "{text}");
+    // The snapshot files are complete on disk before the answer: kill the source hard.
+    kill_hard(k.pid());
+    let out = k.finish(Duration::from_secs(10));
+    (steps(&out.stdout), state, mem)
+}
+
+fn kill_hard(pid: u32) {
+    Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+}
+
+fn load_body(state: &Path, mem: &Path, extra: &str) -> String {
+    format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true{extra}}}"#,
+        state.display(),
+        mem.display()
+    )
+}
+
+/// The steps before and after the restore: each step once, the restored process starting
+/// right after the last step before the snapshot (a line cut by the snapshot may be lost),
+/// the guest finishing cleanly.
+fn check_continuation(before: &[u64], after_out: &common::Output) {
+    assert_eq!(after_out.status, 0, "{after_out}");
+    assert!(
+        !after_out.stdout.contains("fail "),
+        "the restored guest found damage:\n{after_out}"
+    );
+    assert!(
+        after_out
+            .stdout
+            .contains(&format!("ok workload steps={STEPS}")),
+        "{after_out}"
+    );
+    let after = steps(&after_out.stdout);
+    let last_before = *before.last().unwrap();
+    let first_after = after[0];
+    assert!(
+        first_after == last_before + 1 || first_after == last_before + 2,
+        "before the snapshot: {before:?}; after the restore: {after:?}"
+    );
+    let all: BTreeSet<u64> = before.iter().chain(&after).copied().collect();
+    assert_eq!(
+        all.len(),
+        before.len() + after.len(),
+        "a step ran twice: {before:?} / {after:?}"
+    );
+    assert!(all.len() as u64 >= STEPS - 1, "{before:?} / {after:?}");
+}
+
+#[test]
+fn a_full_snapshot_restores_in_a_new_process_and_the_guest_carries_on() {
+    require_kvm();
+    let dir = TempDir::new("snap");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let (before, state, mem) = snapshot_running_guest(&dir, &disk, &[]);
+    assert!(before.len() >= 4, "{before:?}");
+
+    // The memory file has the guest's size and holds only what the guest touched.
+    let meta = std::fs::metadata(&mem).unwrap();
+    assert_eq!(meta.len(), 128 << 20);
+    assert!(
+        meta.blocks() * 512 < 32 << 20,
+        "{} bytes allocated: untouched memory was written",
+        meta.blocks() * 512
+    );
+
+    let k = api_kiln(dir.path(), "dst", &[]);
+    let (status, text) = k.api("PUT", "/snapshot/load", Some(&load_body(&state, &mem, "")));
+    assert_eq!(status, 204, "{text}");
+    let (_, info) = k.api("GET", "/", None);
+    assert!(info.contains(r#""state":"Running""#), "{info}");
+    let (_, cfg) = k.api("GET", "/vm/config", None);
+    assert!(cfg.contains("disk.img"), "{cfg}");
+    let out = k.finish(Duration::from_secs(300));
+    check_continuation(&before, &out);
+}
+
+#[test]
+fn clones_restore_side_by_side_from_one_snapshot_and_from_the_command_line() {
+    require_kvm();
+    let dir = TempDir::new("snap-clones");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let (before, state, mem) = snapshot_running_guest(&dir, &disk, &[]);
+
+    // Two clones through the API, each on its own copy of the disk, plus one through
+    // --restore-snapshot (on the original disk), all at once.
+    let mut clones = Vec::new();
+    for i in 0..2 {
+        let copy = dir.path().join(format!("clone{i}.img"));
+        std::fs::copy(&disk, &copy).unwrap();
+        let k = api_kiln(dir.path(), &format!("clone{i}"), &[]);
+        let extra = format!(
+            r#", "drive_overrides": [{{"drive_id": "scratch", "path_on_host": "{}"}}]"#,
+            copy.display()
+        );
+        let (status, text) = k.api(
+            "PUT",
+            "/snapshot/load",
+            Some(&load_body(&state, &mem, &extra)),
+        );
+        assert_eq!(status, 204, "{text}");
+        clones.push(k);
+    }
+    let cli = common::run_kiln_with(
+        &[
+            "--no-api",
+            "--restore-snapshot",
+            state.to_str().unwrap(),
+            "--restore-mem",
+            mem.to_str().unwrap(),
+        ],
+        None,
+        Duration::from_secs(300),
+    );
+    check_continuation(&before, &cli);
+    for k in clones {
+        check_continuation(&before, &k.finish(Duration::from_secs(300)));
+    }
+}
+
+#[test]
+fn hostile_state_files_are_refused_before_use_and_nothing_is_written() {
+    require_kvm();
+    let dir = TempDir::new("snap-hostile");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let key = dir.file("key", &[0x5a; 32]);
+    let (_, state, mem) =
+        snapshot_running_guest(&dir, &disk, &["--snapshot-key-file", key.to_str().unwrap()]);
+    let good = std::fs::read(&state).unwrap();
+    let disk_before = std::fs::read(&disk).unwrap();
+    let mem_before = std::fs::read(&mem).unwrap();
+
+    // A keyed snapshot re-encoded with its drive pointed elsewhere (as a tamperer without
+    // the key would: the plain checksum recomputed).
+    let payload = &good[kiln::snapshot::format::HEADER_LEN..];
+    let swapped = String::from_utf8(payload.to_vec())
+        .unwrap()
+        .replace("disk.img", "evil.img");
+    dir.file("evil.img", &vec![0u8; 4 << 20]);
+    let mut flipped = good.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x04;
+    let mut version = good.clone();
+    version[8] = 9;
+    let cases: Vec<(&str, Vec<u8>, bool, &str)> = vec![
+        (
+            "truncated",
+            good[..good.len() - 100].to_vec(),
+            true,
+            "truncated",
+        ),
+        ("bit-flipped", flipped, true, "checksum"),
+        ("wrong version", version, true, "version 9"),
+        ("empty", Vec::new(), true, "too short"),
+        (
+            "oversized",
+            kiln::snapshot::format::encode(
+                &vec![b' '; kiln::snapshot::format::MAX_PAYLOAD as usize + 1],
+                Some(&[0x5a; 32]),
+            ),
+            true,
+            "over the",
+        ),
+        (
+            "drive swapped, re-checksummed without the key",
+            kiln::snapshot::format::encode(swapped.as_bytes(), None),
+            true,
+            "not authenticated",
+        ),
+        (
+            "unkeyed file, keyed kiln",
+            good.clone(),
+            false,
+            "authenticated with a key",
+        ),
+    ];
+    for (what, bytes, with_key, expect) in cases {
+        let path = dir.file("bad.state", &bytes);
+        let mut args = vec![];
+        if with_key {
+            args.extend(["--snapshot-key-file", key.to_str().unwrap()]);
+        }
+        let k = api_kiln(dir.path(), "bad", &args);
+        let (status, text) = k.api("PUT", "/snapshot/load", Some(&load_body(&path, &mem, "")));
+        assert_eq!(status, 400, "{what}: {text}");
+        assert!(text.contains(expect), "{what}: {text}");
+        let out = k.finish(Duration::from_secs(10));
+        assert_eq!(
+            out.status, 1,
+            "{what}: a failed load ends kiln with 1\n{out}"
+        );
+    }
+
+    // Fields out of range, in a correctly authenticated file: caught by validation.
+    let key_bytes = [0x5a_u8; 32];
+    let text = String::from_utf8(payload.to_vec()).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["devices"]["blocks"][0]["transport"]["queues"][0]["desc"] = serde_json::json!(1u64 << 40);
+    let far_queue = kiln::snapshot::format::encode(v.to_string().as_bytes(), Some(&key_bytes));
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["vcpus"] = serde_json::json!([]);
+    let no_vcpus = kiln::snapshot::format::encode(v.to_string().as_bytes(), Some(&key_bytes));
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["devices"]["blocks"][0]["transport"]["queues"][0]["size"] = serde_json::json!(512);
+    let big_queue = kiln::snapshot::format::encode(v.to_string().as_bytes(), Some(&key_bytes));
+    for (what, bytes, expect) in [
+        ("a queue outside guest memory", far_queue, "queue 0"),
+        ("no vCPU state", no_vcpus, "vCPU states"),
+        ("a queue over the maximum size", big_queue, "queue 0"),
+    ] {
+        let path = dir.file("bad.state", &bytes);
+        let k = api_kiln(
+            dir.path(),
+            "bad",
+            &["--snapshot-key-file", key.to_str().unwrap()],
+        );
+        let (status, text) = k.api("PUT", "/snapshot/load", Some(&load_body(&path, &mem, "")));
+        assert_eq!(status, 400, "{what}: {text}");
+        assert!(text.contains(expect), "{what}: {text}");
+        assert_eq!(k.finish(Duration::from_secs(10)).status, 1, "{what}");
+    }
+
+    // A memory file that is not the snapshot's (same size, one byte changed).
+    let mut other = mem_before.clone();
+    other[0x10_0000] ^= 1;
+    let other_mem = dir.file("other.mem", &other);
+    let k = api_kiln(
+        dir.path(),
+        "bad",
+        &["--snapshot-key-file", key.to_str().unwrap()],
+    );
+    let (status, text) = k.api(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&state, &other_mem, "")),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("does not match the snapshot"), "{text}");
+    drop(k);
+
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        disk_before,
+        "the disk was written"
+    );
+    assert_eq!(
+        std::fs::read(&mem).unwrap(),
+        mem_before,
+        "the memory file was written"
+    );
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        good,
+        "the state file was written"
+    );
+
+    // The good file, with its key, still restores.
+    let k = api_kiln(
+        dir.path(),
+        "good",
+        &["--snapshot-key-file", key.to_str().unwrap()],
+    );
+    let (status, text) = k.api("PUT", "/snapshot/load", Some(&load_body(&state, &mem, "")));
+    assert_eq!(status, 204, "{text}");
+    let out = k.finish(Duration::from_secs(300));
+    assert_eq!(out.status, 0, "{out}");
+}
+
+#[test]
+fn describe_snapshot_and_refusals_that_need_no_guest() {
+    let dir = TempDir::new("snap-describe");
+    let bogus = dir.file("x.state", b"not a snapshot");
+    let out = common::run_kiln(&["--describe-snapshot", bogus.to_str().unwrap()]);
+    assert_eq!(out.status, 2, "{out}");
+    assert!(
+        out.stderr.contains("bad magic") || out.stderr.contains("too short"),
+        "{out}"
+    );
+    let short_key = dir.file("k", b"short");
+    let out = common::run_kiln(&[
+        "--snapshot-key-file",
+        short_key.to_str().unwrap(),
+        "--describe-snapshot",
+        bogus.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status, 2, "{out}");
+    assert!(out.stderr.contains("--snapshot-key-file"), "{out}");
+    let out = common::run_kiln(&["--restore-snapshot", bogus.to_str().unwrap()]);
+    assert_eq!(out.status, 2, "{out}");
+    assert!(out.stderr.contains("--restore-mem"), "{out}");
+}
