@@ -10,6 +10,16 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// small enough that a whole-memory snapshot is cheap.
 pub const MEM_SIZE: u64 = 256 << 10;
 
+/// `(addr, len)` pairs, as [`Ranges::add`] takes them (so the mock driver's
+/// `QueueLayout::used_writes` fills a `Ranges`).
+impl Extend<(u64, u64)> for Ranges {
+    fn extend<I: IntoIterator<Item = (u64, u64)>>(&mut self, iter: I) {
+        for (addr, len) in iter {
+            self.add(addr, len);
+        }
+    }
+}
+
 thread_local! {
     static MEMORY: GuestMemory =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
