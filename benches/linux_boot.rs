@@ -94,7 +94,10 @@ fn main() {
         for v in &values {
             line.push_str(&format!("{:>9}", secs(*v)));
         }
-        line.push_str(&format!("{:>9}", secs(linux::median(&values))));
+        line.push_str(&format!(
+            "{:>9}",
+            secs(testkit::stats::median_duration(&values))
+        ));
         println!("{line}");
     }
     let mut line = format!("{:<20}", "emulation compl.");
