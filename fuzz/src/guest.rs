@@ -10,16 +10,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 /// small enough that a whole-memory snapshot is cheap.
 pub const MEM_SIZE: u64 = 256 << 10;
 
-/// `(addr, len)` pairs, as [`Ranges::add`] takes them (so the mock driver's
-/// `QueueLayout::used_writes` fills a `Ranges`).
-impl Extend<(u64, u64)> for Ranges {
-    fn extend<I: IntoIterator<Item = (u64, u64)>>(&mut self, iter: I) {
-        for (addr, len) in iter {
-            self.add(addr, len);
-        }
-    }
-}
-
 thread_local! {
     static MEMORY: GuestMemory =
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
@@ -70,6 +60,16 @@ impl Ranges {
     /// Whether any range intersects `[start, end)`.
     pub fn touches(&self, start: u64, end: u64) -> bool {
         self.0.iter().any(|&(s, e)| s < end && start < e)
+    }
+}
+
+/// `(addr, len)` pairs, as [`Ranges::add`] takes them (so the mock driver's
+/// `QueueLayout::used_writes` fills a `Ranges`).
+impl Extend<(u64, u64)> for Ranges {
+    fn extend<I: IntoIterator<Item = (u64, u64)>>(&mut self, iter: I) {
+        for (addr, len) in iter {
+            self.add(addr, len);
+        }
     }
 }
 

@@ -129,3 +129,30 @@ impl Drop for NetNs {
             .status();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_with_a_tap_gone_on_drop() {
+        crate::require_root();
+        let ns = NetNs::new("testkit").expect("a network namespace");
+        ns.add_tap_with("tk0", "10.99.0.1/24", &["mtu", "1400"])
+            .expect("a TAP");
+        let mtu = ns
+            .exec(&["cat", "/sys/class/net/tk0/mtu"])
+            .expect("read the MTU");
+        assert_eq!(mtu.trim(), "1400");
+        assert!(ns.ip(&["link", "set", "nonexistent0", "up"]).is_err());
+        let addr = ns.run_in(|| {
+            std::net::UdpSocket::bind("10.99.0.1:0")
+                .map(|s| s.local_addr().map(|a| a.ip().to_string()))
+        });
+        assert_eq!(addr.ok().and_then(Result::ok).as_deref(), Some("10.99.0.1"));
+        let path = ns.path();
+        assert!(path.exists());
+        drop(ns);
+        assert!(!path.exists());
+    }
+}

@@ -136,3 +136,43 @@ pub fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::process::{Command, Stdio};
+
+    use super::*;
+
+    #[test]
+    fn lines_as_they_come_then_the_rest() {
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "printf 'one\\r\\ntwo\\n'; sleep 0.2; printf 'three'; exit 3",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let start = Instant::now();
+        let lines = LineReader::spawn_with(child.stdout.take().expect("stdout"), str::len);
+        let err = read_all(child.stderr.take().expect("stderr"));
+        let first = lines.recv_timeout(Duration::from_secs(10)).expect("a line");
+        assert_eq!((first.text.as_str(), first.extra), ("one", 3));
+        assert!(first.at >= start);
+        let status = wait_until(&mut child, Instant::now() + Duration::from_secs(10));
+        assert_eq!(status.map(exit_code), Some(3));
+        let rest: Vec<String> = lines.rest().into_iter().map(|l| l.text).collect();
+        assert_eq!(rest, ["two", "three"]);
+        assert_eq!(err.join().expect("stderr reader"), "");
+    }
+
+    #[test]
+    fn a_child_past_its_deadline_is_killed() {
+        let mut child = Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .expect("spawn sleep");
+        assert!(wait_until(&mut child, Instant::now() + Duration::from_millis(50)).is_none());
+    }
+}
