@@ -1,5 +1,5 @@
 //! Booting a real Linux kernel on kiln (issue 9): the harness shared by `tests/linux_boot.rs`
-//! (the slow end-to-end tier) and `benches/linux_boot.rs` (the milestone measurement).
+//! (the slow end-to-end tier) and `tests/linux_boot_bench.rs` (the milestone measurement).
 //!
 //! One boot: an ext4 root image made with `mkfs.ext4 -d` from a directory holding a marker
 //! file, a network namespace with a TAP and dnsmasq serving DHCP on it, and kiln started in
