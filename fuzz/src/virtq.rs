@@ -6,8 +6,8 @@
 use kiln::vstate::memory::GuestMemory;
 
 pub use kiln::devices::virtio::mock::{
-    Driver, F_INDIRECT, F_NEXT, F_WRITE, QueueLayout, Walked, need_event, walk, write_desc,
-    writable_len,
+    Driver, F_INDIRECT, F_NEXT, F_WRITE, QueueLayout, Walked, need_event, walk, writable_len,
+    write_desc,
 };
 
 use crate::guest::MEM_SIZE;
@@ -187,7 +187,12 @@ impl DriverExt for Driver {
             0 => (self.q.desc, d.index % self.q.size),
             n => (indirect_table(n - 1), d.index % 128),
         };
-        write_desc(mem, table, index, (d.addr.resolve(), d.len, d.flags, d.next));
+        write_desc(
+            mem,
+            table,
+            index,
+            (d.addr.resolve(), d.len, d.flags, d.next),
+        );
     }
 }
 
@@ -195,4 +200,3 @@ impl DriverExt for Driver {
 pub fn control_area_touched(r: &crate::guest::Ranges) -> bool {
     r.touches(0, CONTROL_END)
 }
-
