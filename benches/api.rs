@@ -34,8 +34,8 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    KILN, Kind, Mapping, MemSample, Result, Scratch, cell, col, env_usize, ms, parse_smaps, ratio,
-    stats, this_thread_cpu_ns, thread_cpu, timeval, wait4,
+    KILN, Kind, MemSample, Result, Scratch, cell, col, env_usize, ms, ratio, read_memory, stats,
+    this_thread_cpu_ns, thread_cpu, timeval, wait4,
 };
 
 /// Set when this binary re-executes itself as the responder process.
@@ -229,72 +229,6 @@ fn process_cpu(pid: u32) -> Result<Cpu> {
     Ok(cpu)
 }
 
-/// Resident KiB of [start, end) of `pid`'s address space, from /proc/<pid>/pagemap (bit 63:
-/// present).
-fn present_kib(pid: u32, start: u64, end: u64) -> Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let pages = usize::try_from((end - start) / 4096)?;
-    let mut raw = vec![0u8; pages * 8];
-    File::open(format!("/proc/{pid}/pagemap"))?.read_exact_at(&mut raw, start / 4096 * 8)?;
-    let present = raw.chunks_exact(8).filter(|e| e[7] & 0x80 != 0).count();
-    Ok(present as u64 * 4)
-}
-
-/// Parses /proc/<pid>/smaps and /proc/<pid>/status. The guest RAM is the anonymous read-write
-/// private mapping of the guest size (as in benches/boot.rs); with `vm` false there must be
-/// none. The kernel may merge it with an adjacent anonymous read-write mapping (with the API
-/// thread, a malloc arena's heap lands right after it): then the mapping is larger than the
-/// guest, the guest part is at the end that has no arena reserve (`---p`) after it: its
-/// resident pages are counted from /proc/<pid>/pagemap, the rest of the mapping's Rss is the
-/// VMM's private memory.
-fn read_memory(pid: u32, vm: bool) -> Result<MemSample> {
-    let guest_kib = MEM_MIB * 1024;
-    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let mut m = MemSample::from_status(&status);
-    let maps = parse_smaps(&smaps);
-    // Guest RAM, possibly merged with less than an arena (64 MiB) of something else.
-    let is_guest = |m: &Mapping| {
-        m.name.is_empty()
-            && m.perms == "rw-p"
-            && m.size >= guest_kib
-            && m.size < guest_kib + (64 << 10)
-    };
-    let guests: Vec<usize> = (0..maps.len()).filter(|&i| is_guest(&maps[i])).collect();
-    if guests.len() != usize::from(vm) {
-        return Err(format!(
-            "pid {pid}: expected {} anonymous rw-p mapping of {guest_kib} kB (the guest RAM), \
-             found {}",
-            usize::from(vm),
-            guests.len()
-        )
-        .into());
-    }
-    for (i, map) in maps.iter().enumerate() {
-        if guests.contains(&i) {
-            let extra_bytes = (map.size - guest_kib) * 1024;
-            if extra_bytes == 0 {
-                m.guest = map.rss;
-            } else {
-                let reserve_after = maps
-                    .get(i + 1)
-                    .is_some_and(|n| n.start == map.end && n.perms == "---p");
-                let (start, end) = if reserve_after {
-                    (map.start, map.end - extra_bytes)
-                } else {
-                    (map.start + extra_bytes, map.end)
-                };
-                m.guest = present_kib(pid, start, end)?;
-                m.anon += map.rss.saturating_sub(m.guest);
-            }
-            m.merged += map.size - guest_kib;
-        } else {
-            m.add_outside_guest(map);
-        }
-    }
-    Ok(m)
-}
-
 // ---- HTTP client and baseline responder ----------------------------------------------------
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -472,7 +406,7 @@ fn start_kiln(scratch: &Scratch, run: usize) -> Result<StartSample> {
         .map_err(|e| kiln.failure(&format!("GET /: {e}")))?;
     let first_response = t0.elapsed();
     let cpu_response = process_cpu(kiln.pid())?.total();
-    let rss = read_memory(kiln.pid(), false)?.rss;
+    let rss = read_memory(kiln.pid(), MEM_MIB * 1024, false)?.rss;
     Ok(StartSample {
         connect,
         first_response,
@@ -823,7 +757,7 @@ fn mem_run(scratch: &Scratch, config: &Path, api: bool) -> Result<MemSample> {
             client.get()?;
         }
     }
-    read_memory(kiln.pid(), true).map_err(|e| kiln.failure(&e.to_string()))
+    read_memory(kiln.pid(), MEM_MIB * 1024, true).map_err(|e| kiln.failure(&e.to_string()))
 }
 
 fn memory(scratch: &Scratch, runs: usize) -> Result<[Vec<MemSample>; 2]> {

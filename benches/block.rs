@@ -48,6 +48,7 @@ use vmm_sys_util::eventfd::EventFd;
 use common::{
     CpuDelta, FloorVm, KILN, Lines, Result, Scratch, Stats, ThreadCpu, cell, env_usize, field,
     guest_elf, host_tsc_khz, next_line, ratio, spawn_reader, stats, stop, this_thread_cpu_ns,
+    this_thread_switches,
 };
 
 const MEM_MIB: u64 = 128;
@@ -225,14 +226,6 @@ fn collect_run(rx: &Lines, n: u64, size: u64) -> Result<RunSample> {
 struct FloorSample {
     ns: f64,
     switches: f64,
-}
-
-/// This thread's schedstat: times switched in (CLOCK_THREAD_CPUTIME_ID gives the CPU time).
-fn this_thread_switches() -> u64 {
-    fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(2).and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
 }
 
 /// Measures `iters` iterations of `body` on this thread.

@@ -57,8 +57,8 @@ use kiln::vstate::vcpu::Vcpu;
 use kiln::vstate::vm::{Vm, open_kvm};
 
 use common::{
-    KILN, Mapping, MemSample, Result, Scratch, cell, env_usize, field, guest_elf, host_tsc_khz, ms,
-    parse_smaps, ratio, signal, stats, timeval, wait4,
+    KILN, MemSample, Result, Scratch, cell, env_usize, field, guest_elf, host_tsc_khz, ms, ratio,
+    read_memory, signal, stats, timeval, wait4,
 };
 
 /// Selects a baseline role when this binary re-executes itself.
@@ -363,36 +363,6 @@ fn print_startup(samples: &[Vec<Sample>], runs: usize) {
 
 // ---- 2. memory overhead --------------------------------------------------------------------
 
-/// Parses /proc/<pid>/smaps and /proc/<pid>/status. The guest RAM is the anonymous
-/// read-write private mapping of exactly the guest size.
-fn read_memory(pid: u32) -> Result<MemSample> {
-    let guest_kib = MEM_MIB * 1024;
-    let smaps = fs::read_to_string(format!("/proc/{pid}/smaps"))?;
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let mut m = MemSample::from_status(&status);
-    let maps = parse_smaps(&smaps);
-    let is_guest =
-        |map: &Mapping| map.name.is_empty() && map.perms == "rw-p" && map.size == guest_kib;
-    let guests = maps.iter().filter(|map| is_guest(map)).count();
-    if guests != 1 {
-        return Err(format!(
-            "pid {pid}: expected one anonymous rw-p mapping of {guest_kib} kB (the guest RAM), \
-             found {guests}"
-        )
-        .into());
-    }
-    let mut guest_seen = false;
-    for map in &maps {
-        if !guest_seen && is_guest(map) {
-            guest_seen = true;
-            m.guest = map.rss;
-        } else {
-            m.add_outside_guest(map);
-        }
-    }
-    Ok(m)
-}
-
 /// Starts `cmd`, waits for the idle marker, reads its memory, stops it with SIGTERM.
 fn measure_idle(mut cmd: Command, stderr_path: &Path) -> Result<MemSample> {
     let stderr = File::create(stderr_path)?;
@@ -413,8 +383,8 @@ fn measure_idle(mut cmd: Command, stderr_path: &Path) -> Result<MemSample> {
             break true;
         }
     };
-    let mem = if seen {
-        read_memory(child.id())
+    let mem: Result<MemSample> = if seen {
+        read_memory(child.id(), MEM_MIB * 1024, true).map_err(Into::into)
     } else {
         Err("the child ended before idling".into())
     };

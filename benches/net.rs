@@ -56,6 +56,8 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use testkit::NetNs;
+
 use common::{
     CpuDelta, FloorVm, KILN, Lines, Result, Scratch, ThreadCpu, cell, env_usize, field, guest_elf,
     next_line, ratio, spawn_reader, stats, stop, this_thread_cpu_ns,
@@ -84,14 +86,6 @@ const FIRECRACKER_PER_CYCLE_US: (f64, f64) = (18.0, 20.0);
 
 fn main() {
     common::run("net", "boots VMs and makes a network namespace", bench);
-}
-
-fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output()?;
-    if !out.status.success() {
-        return Err(format!("{args:?}: {}", String::from_utf8_lossy(&out.stderr)).into());
-    }
-    Ok(())
 }
 
 fn mac_str(m: &[u8; 6]) -> String {
@@ -147,59 +141,31 @@ impl Shape {
 
 // ---- the namespace -------------------------------------------------------------------------
 
-/// The benchmark's network namespace, removed on drop. Joined by the main thread at once.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new() -> Result<NetNs> {
-        let name = format!("kiln-bench-net-{}", std::process::id());
-        sh(&["ip", "netns", "add", &name])?;
-        let ns = NetNs { name };
-        let exec = |args: &[&str]| {
-            let mut all = vec!["ip", "netns", "exec", &ns.name];
-            all.extend_from_slice(args);
-            sh(&all)
-        };
-        exec(&[
-            "sysctl",
-            "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ])?;
-        exec(&["ip", "tuntap", "add", TAP, "mode", "tap"])?;
-        exec(&["ip", "link", "set", TAP, "address", &mac_str(&HOST_MAC)])?;
-        exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", TAP])?;
-        exec(&["ip", "link", "set", TAP, "up"])?;
-        exec(&[
-            "ip",
-            "neigh",
-            "replace",
-            "10.0.0.2",
-            "lladdr",
-            &mac_str(&GUEST_MAC),
-            "dev",
-            TAP,
-            "nud",
-            "permanent",
-        ])?;
-        let file = File::open(format!("/var/run/netns/{}", ns.name))?;
-        // SAFETY: setns with an open netns fd changes this (still single) thread's network
-        // namespace; threads and processes started later inherit it.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(format!("setns: {}", std::io::Error::last_os_error()).into());
-        }
-        Ok(ns)
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
+/// The benchmark's network namespace with its TAP (10.0.0.1/24, a fixed MAC, a permanent
+/// neighbour entry for the guest, IPv6 off), removed on drop. Joined by the main thread at
+/// once: threads and processes started later inherit it.
+fn net_ns() -> Result<NetNs> {
+    let ns = NetNs::new("bench-net")?;
+    ns.exec(&[
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.all.disable_ipv6=1",
+        "net.ipv6.conf.default.disable_ipv6=1",
+    ])?;
+    ns.add_tap_with(TAP, "10.0.0.1/24", &["address", &mac_str(&HOST_MAC)])?;
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "10.0.0.2",
+        "lladdr",
+        &mac_str(&GUEST_MAC),
+        "dev",
+        TAP,
+        "nud",
+        "permanent",
+    ])?;
+    ns.enter()?;
+    Ok(ns)
 }
 
 // ---- scratch files -------------------------------------------------------------------------
@@ -349,7 +315,7 @@ fn follow_run(rx: &Lines, shape: &Shape, socks: &Sockets) -> Result<RunSample> {
                     let acked = drive_rx(&socks.rx, shape.n, shape.size, shape.batch)?;
                     if acked < shape.n {
                         std::thread::sleep(Duration::from_millis(500));
-                        while let Ok(Ok(l)) = rx.try_recv() {
+                        for l in rx.try_iter() {
                             output.push_str(&l.text);
                             output.push('\n');
                         }
@@ -692,7 +658,7 @@ fn bench() -> Result<()> {
     let n_batch = env_usize("KILN_BENCH_NET_N_BATCH", 8192) as u64;
     let n_single = env_usize("KILN_BENCH_NET_N_SINGLE", 1000) as u64;
     let started = Instant::now();
-    let _ns = NetNs::new()?;
+    let _ns = net_ns()?;
     let scratch = Scratch::new("net")?;
     let socks = Sockets::new()?;
     let vm = FloorVm::new()?;

@@ -11,8 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::api::{ApiKiln, parse_response, request};
-use common::net::NetNs;
-use common::{TempDir, counter, guest, kiln, require_kvm, run_kiln, sigterm};
+use common::{NetNs, TempDir, counter, guest, kiln, require_kvm, run_kiln, sigterm};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -30,8 +29,8 @@ fn api_kiln(dir: &TempDir, netns: Option<&NetNs>, extra: &[&str]) -> ApiKiln {
 fn configure_boot_and_drive_a_vm_through_the_api() {
     require_kvm();
     let dir = TempDir::new("api");
-    let ns = NetNs::new("api");
-    ns.add_tap("kilnapi0", "10.77.0.1/24");
+    let ns = NetNs::new("api").unwrap();
+    ns.add_tap("kilnapi0", "10.77.0.1/24").unwrap();
     let disk = dir.file("disk.img", &vec![0u8; 2 << 20]);
     let metrics = dir.path().join("metrics.json");
     let k = api_kiln(&dir, Some(&ns), &["--id", "api-test-vm"]);

@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -19,6 +18,7 @@ use common::{
     Output, TempDir, blk_pattern, fnv1a, guest, kiln, require_kvm, run_kiln, run_kiln_with,
     wait_with_deadline,
 };
+use testkit::LineReader;
 
 const SECTOR: usize = 512;
 const VERSION_1: u64 = 1 << 32;
@@ -622,29 +622,23 @@ fn flushed_writes_survive_sigkill() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line.clone());
-            all.push(line);
-        }
-        all
-    });
+    let reader = LineReader::spawn(child.stdout.take().unwrap());
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut idle = false;
+    let mut lines = Vec::new();
     while !idle && Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => idle = line == "info idle",
+        match reader.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => {
+                idle = line.text == "info idle";
+                lines.push(line.text);
+            }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
     child.kill().unwrap(); // SIGKILL
     let status = child.wait().unwrap();
-    let lines = reader.join().unwrap();
+    lines.extend(reader.rest().into_iter().map(|l| l.text));
     assert!(idle, "the guest never went idle: {lines:?}");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9));

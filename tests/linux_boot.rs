@@ -25,22 +25,11 @@ use linux::{KernelChoice, Options, check_boot, choose_kernel};
 /// Generous but bounded: a stock kernel needs ~7 minutes here, the microVM kernel far less.
 const TIMEOUT: Duration = Duration::from_secs(15 * 60);
 
-fn require_kvm() {
-    assert!(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
-        "/dev/kvm cannot be opened: the Linux boot tier needs KVM and root"
-    );
-}
-
 /// The kernel to boot, or None (after saying so) when the user skipped the slow tier.
 fn kernel() -> Option<std::path::PathBuf> {
     match choose_kernel() {
         KernelChoice::Kernel(path) => {
-            require_kvm();
+            testkit::require_kvm();
             Some(path)
         }
         KernelChoice::Skipped => {

@@ -19,21 +19,19 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::net::NetNs;
 use common::{
-    Output, TempDir, assert_guest_passed, blk_pattern, counter, exit_code, guest, kiln,
-    require_kvm, wait_until,
+    NetNs, Output, TempDir, assert_guest_passed, blk_pattern, counter, exit_code, guest, kiln,
+    read_all, require_kvm, wait_until,
 };
 use serde_json::Value;
+use testkit::LineReader;
 
 const GUEST_MAC: &str = "aa:fc:00:00:00:01";
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
@@ -78,13 +76,14 @@ const TAP: &str = "tap0";
 /// no unsolicited frames), deleted on drop.
 fn net_ns(opts: TapOpts) -> NetNs {
     require_kvm();
-    let ns = NetNs::new("net");
+    let ns = NetNs::new("net").unwrap();
     ns.exec(&[
         "sysctl",
         "-qw",
         "net.ipv6.conf.all.disable_ipv6=1",
         "net.ipv6.conf.default.disable_ipv6=1",
-    ]);
+    ])
+    .unwrap();
     ns.add_tap_with(
         TAP,
         "10.0.0.1/24",
@@ -94,7 +93,8 @@ fn net_ns(opts: TapOpts) -> NetNs {
             "txqueuelen",
             &opts.txqueuelen.to_string(),
         ],
-    );
+    )
+    .unwrap();
     if opts.static_neigh {
         ns.ip(&[
             "neigh",
@@ -106,7 +106,8 @@ fn net_ns(opts: TapOpts) -> NetNs {
             TAP,
             "nud",
             "permanent",
-        ]);
+        ])
+        .unwrap();
     }
     ns
 }
@@ -114,6 +115,7 @@ fn net_ns(opts: TapOpts) -> NetNs {
 /// The TAP's MAC address.
 fn tap_mac(ns: &NetNs) -> String {
     ns.exec(&["cat", &format!("/sys/class/net/{TAP}/address")])
+        .unwrap()
         .trim()
         .to_string()
 }
@@ -121,6 +123,7 @@ fn tap_mac(ns: &NetNs) -> String {
 /// One of the TAP's statistics (/sys/class/net/tap0/statistics).
 fn tap_stat(ns: &NetNs, name: &str) -> u64 {
     ns.exec(&["cat", &format!("/sys/class/net/{TAP}/statistics/{name}")])
+        .unwrap()
         .trim()
         .parse()
         .unwrap()
@@ -136,9 +139,8 @@ fn udp_socket(ns: &NetNs) -> UdpSocket {
 /// A kiln process whose guest output is followed line by line; killed on drop.
 struct Vm {
     child: Option<Child>,
-    lines: mpsc::Receiver<String>,
+    lines: Option<LineReader>,
     seen: Vec<String>,
-    stdout: Option<JoinHandle<()>>,
     stderr: Option<JoinHandle<String>>,
     start: Instant,
     metrics: PathBuf,
@@ -183,27 +185,12 @@ impl Vm {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let stdout = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut err = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut err, &mut s);
-            s
-        });
+        let lines = LineReader::spawn(child.stdout.take().unwrap());
+        let stderr = read_all(child.stderr.take().unwrap());
         Vm {
             child: Some(child),
-            lines,
+            lines: Some(lines),
             seen: Vec::new(),
-            stdout: Some(stdout),
             stderr: Some(stderr),
             start: Instant::now(),
             metrics,
@@ -220,8 +207,9 @@ impl Vm {
         let deadline = Instant::now() + LINE_TIMEOUT;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
+            match self.lines.as_ref().unwrap().recv_timeout(left) {
                 Ok(line) => {
+                    let line = line.text;
                     self.seen.push(line.clone());
                     if line.starts_with(prefix) {
                         return line;
@@ -248,8 +236,8 @@ impl Vm {
                 self.seen.join("\n")
             );
         };
-        self.stdout.take().unwrap().join().unwrap();
-        self.seen.extend(self.lines.try_iter());
+        let rest = self.lines.take().unwrap().rest();
+        self.seen.extend(rest.into_iter().map(|l| l.text));
         let stderr = self.stderr.take().unwrap().join().unwrap();
         let out = Output {
             status: exit_code(status),
@@ -284,8 +272,7 @@ fn last_metrics(path: &Path, out: &Output) -> Value {
 
 /// CPU time (ns) kiln's main thread (the event loop, where the devices run) has used.
 fn main_thread_cpu_ns(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/schedstat")).unwrap();
-    s.split_whitespace().next().unwrap().parse().unwrap()
+    testkit::procfs::thread_cpu_ns(pid, pid).unwrap()
 }
 
 /// Asserts the lines starting with `prefix`, in order, are exactly `want`.
@@ -580,7 +567,7 @@ fn tap_deleted_while_the_guest_runs() {
         Some(Drive { path: &image }),
     );
     vm.wait_line("info net-tap-gone progress i=10");
-    ns.ip(&["link", "del", TAP]);
+    ns.ip(&["link", "del", TAP]).unwrap();
     vm.wait_line("info net-tap-gone idle ms=1000");
     let pid = vm.pid();
     let (cpu0, t0) = (main_thread_cpu_ns(pid), Instant::now());

@@ -7,8 +7,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::net::NetNs;
-use common::{TempDir, guest, kiln, require_kvm, run_kiln, sigterm, wait_with_deadline};
+use common::{NetNs, TempDir, guest, kiln, require_kvm, run_kiln, sigterm, wait_with_deadline};
 
 fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -33,8 +32,8 @@ fn thread_modes(tap: &str, extra: &[&str]) -> (Vec<(String, String)>, common::Ou
     require_kvm();
     let dir = TempDir::new("seccomp");
     let disk = dir.file("disk.img", &vec![0u8; 1 << 20]);
-    let ns = NetNs::new("seccomp");
-    ns.ip(&["tuntap", "add", tap, "mode", "tap"]);
+    let ns = NetNs::new("seccomp").unwrap();
+    ns.ip(&["tuntap", "add", tap, "mode", "tap"]).unwrap();
     let json = format!(
         r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "kiln.run=idle"}},
             "machine-config": {{"vcpu_count": 2, "mem_size_mib": 64}},

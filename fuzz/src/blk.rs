@@ -32,7 +32,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::guest::{self, Ranges};
-use crate::virtq::{self, Addr, Buf, ChainSpec, Driver, QueueLayout, RawDesc};
+use crate::virtq::{self, Addr, Buf, ChainSpec, Driver, DriverExt, QueueLayout, RawDesc};
 use crate::wire::{self, Enc, U, Wire};
 
 /// Most operations per input.

@@ -63,6 +63,16 @@ impl Ranges {
     }
 }
 
+/// `(addr, len)` pairs, as [`Ranges::add`] takes them (so the mock driver's
+/// `QueueLayout::used_writes` fills a `Ranges`).
+impl Extend<(u64, u64)> for Ranges {
+    fn extend<I: IntoIterator<Item = (u64, u64)>>(&mut self, iter: I) {
+        for (addr, len) in iter {
+            self.add(addr, len);
+        }
+    }
+}
+
 thread_local! {
     static BEFORE: RefCell<Vec<u8>> = RefCell::new(vec![0; MEM_SIZE as usize]);
     static AFTER: RefCell<Vec<u8>> = RefCell::new(vec![0; MEM_SIZE as usize]);

@@ -40,7 +40,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::guest::{self, Ranges};
-use crate::virtq::{self, Addr, Buf, ChainSpec, Driver, QueueLayout, RawDesc, Walked};
+use crate::virtq::{self, Addr, Buf, ChainSpec, Driver, DriverExt, QueueLayout, RawDesc, Walked};
 use crate::wire::{self, Enc, U, Wire};
 
 mod rx;

@@ -13,12 +13,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use testkit::stats::percentile;
+
 const JAILER: &str = env!("CARGO_BIN_EXE_jailer");
 const PROGRAM: &str = env!("CARGO_BIN_EXE_jailer-inspector");
 
 fn main() {
-    // SAFETY: geteuid takes no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
+    if !testkit::is_root() {
         eprintln!("jailer startup benchmark: skipped, needs root");
         return;
     }
@@ -31,8 +32,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    let base = std::env::temp_dir().join(format!("kiln-jailer-bench-{}", std::process::id()));
-    fs::create_dir_all(&base).expect("create the chroot base");
+    let base = testkit::TempDir::new("jailer-bench");
+    let base = base.path();
     let size = fs::metadata(PROGRAM).expect("program").len();
     println!(
         "jailer start -> exec of a static program ({size} bytes, copied into each jail), {runs} runs per mode"
@@ -51,15 +52,13 @@ fn main() {
     results.extend(modes.iter().map(|(name, _)| (*name, Vec::new())));
     // Interleave the modes so that drift affects them alike.
     for i in 0..runs {
-        results[0].1.push(baseline(&base));
+        results[0].1.push(baseline(base));
         for (m, (_, flags)) in modes.iter().enumerate() {
             results[m + 1]
                 .1
-                .push(jailed(&base, &format!("bench-{m}-{i}"), flags));
+                .push(jailed(base, &format!("bench-{m}-{i}"), flags));
         }
     }
-    let _ = fs::remove_dir_all(&base);
-
     let base_median = median(&mut results[0].1.clone());
     println!(
         "{:<34} {:>10} {:>10} {:>10} {:>8}",
@@ -68,7 +67,7 @@ fn main() {
     for (name, samples) in &mut results {
         samples.sort_unstable();
         let m = median(samples);
-        let pct = |p: usize| samples[(samples.len() - 1) * p / 100];
+        let pct = |p: usize| percentile(samples, p).unwrap_or(0);
         let ratio = m as f64 / base_median.max(1) as f64;
         println!(
             "{name:<34} {m:>10} {:>10} {:>10} {ratio:>7.1}x",
@@ -79,14 +78,7 @@ fn main() {
 }
 
 fn monotonic_us() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
-        + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000
+    testkit::procfs::monotonic_ns() / 1000
 }
 
 /// Waits for every child (and reparented orphan) to end.
@@ -160,5 +152,5 @@ fn jailed(base: &Path, id: &str, flags: &[&str]) -> u64 {
 
 fn median(samples: &mut [u64]) -> u64 {
     samples.sort_unstable();
-    samples[samples.len() / 2]
+    percentile(samples, 50).unwrap_or(0)
 }

@@ -645,21 +645,18 @@ mod tests {
     }
 
     /// A scratch file removed on drop.
-    struct Scratch(PathBuf);
+    /// A file with `mode`, in a temporary directory removed on drop.
+    struct Scratch(
+        PathBuf,
+        #[allow(dead_code, reason = "removed on drop")] testkit::TempDir,
+    );
 
     impl Scratch {
         fn new(name: &str, bytes: &[u8], mode: u32) -> Self {
-            let path =
-                std::env::temp_dir().join(format!("jailer-ut-{}-{name}", std::process::id()));
-            std::fs::write(&path, bytes).unwrap();
+            let dir = testkit::TempDir::new("jailer-ut");
+            let path = dir.file(name, bytes);
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            Scratch(path)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
+            Scratch(path, dir)
         }
     }
 

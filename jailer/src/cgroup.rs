@@ -458,17 +458,18 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 
     /// A directory tree standing in for a cgroup v2 mount: plain files
     /// where the kernel would show its interface files.
-    struct FakeHierarchy(PathBuf);
+    struct FakeHierarchy(
+        PathBuf,
+        #[allow(dead_code, reason = "removed on drop")] testkit::TempDir,
+    );
 
     impl FakeHierarchy {
         fn new(name: &str, controllers: &str) -> Self {
-            let root =
-                std::env::temp_dir().join(format!("jailer-ut-cg-{}-{name}", std::process::id()));
-            let _ = fs::remove_dir_all(&root);
-            fs::create_dir_all(&root).unwrap();
+            let dir = testkit::TempDir::new(&format!("jailer-ut-cg-{name}"));
+            let root = dir.path().to_path_buf();
             fs::write(root.join("cgroup.controllers"), controllers).unwrap();
             fs::write(root.join("cgroup.subtree_control"), "").unwrap();
-            FakeHierarchy(root)
+            FakeHierarchy(root, dir)
         }
 
         fn mounts(&self) -> String {
@@ -477,12 +478,6 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 
         fn read(&self, rel: &str) -> String {
             fs::read_to_string(self.0.join(rel)).unwrap()
-        }
-    }
-
-    impl Drop for FakeHierarchy {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
         }
     }
 

@@ -329,21 +329,16 @@ mod tests {
 
     use super::*;
 
-    struct Base(PathBuf);
+    /// A chroot base directory (removed with the temporary directory).
+    struct Base(
+        PathBuf,
+        #[allow(dead_code, reason = "removed on drop")] testkit::TempDir,
+    );
 
     impl Base {
         fn new(name: &str) -> Self {
-            let dir =
-                std::env::temp_dir().join(format!("jailer-ut-jail-{}-{name}", std::process::id()));
-            let _ = fs::remove_dir_all(&dir);
-            fs::create_dir_all(&dir).unwrap();
-            Base(dir)
-        }
-    }
-
-    impl Drop for Base {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
+            let dir = testkit::TempDir::new(&format!("jailer-ut-jail-{name}"));
+            Base(dir.path().to_path_buf(), dir)
         }
     }
 

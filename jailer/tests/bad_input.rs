@@ -93,7 +93,7 @@ fn case2_bad_cgroup_arguments_are_rejected() {
 #[test]
 fn case3_existing_exec_path_is_refused() {
     require_root();
-    let elsewhere = TempDir::new("kiln-jailer-target");
+    let elsewhere = TempDir::new("jailer-target");
     let target = elsewhere.path().join("precious");
     fs::write(&target, b"precious").unwrap();
     for what in ["file", "symlink", "dangling symlink", "hard link"] {
@@ -132,7 +132,7 @@ fn case3_existing_exec_path_is_refused() {
 #[test]
 fn exec_file_must_be_a_static_executable() {
     require_root();
-    let dir = TempDir::new("kiln-jailer-exec");
+    let dir = TempDir::new("jailer-exec");
     let script = dir.path().join("script");
     fs::write(&script, "#!/bin/sh\n").unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
@@ -215,7 +215,7 @@ fn foreign_elf(dir: &Path) -> std::path::PathBuf {
 #[test]
 fn failed_exec_cleans_the_jail_in_every_mode() {
     require_root();
-    let dir = TempDir::new("kiln-jailer-foreign");
+    let dir = TempDir::new("jailer-foreign");
     let foreign = foreign_elf(dir.path());
     for mode in [
         &[][..],

@@ -193,8 +193,10 @@ fn daemonize_in_new_pid_namespace() {
 #[test]
 fn network_namespace() {
     require_root();
-    let netns = NetNs::new();
-    netns.ip(&["tuntap", "add", "dev", "kjt0", "mode", "tap"]);
+    let netns = NetNs::new("jt").expect("a network namespace");
+    netns
+        .ip(&["tuntap", "add", "dev", "kjt0", "mode", "tap"])
+        .expect("a TAP");
     let jailer = Jailer::inspector()
         .arg("--netns")
         .arg(netns.path())

@@ -24,11 +24,8 @@ fn kiln_binary() -> PathBuf {
 #[test]
 fn kiln_boots_the_test_guest_inside_the_jail() {
     require_root();
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "/dev/kvm is missing: this test needs KVM"
-    );
-    let ns = NetNs::new();
+    testkit::require_kvm();
+    let ns = NetNs::new("jt").expect("a network namespace");
     // The TAP belongs to the jailed uid, so kiln can attach to it without privileges.
     ns.ip(&[
         "tuntap",
@@ -38,8 +35,10 @@ fn kiln_boots_the_test_guest_inside_the_jail() {
         "tap",
         "user",
         &UID.to_string(),
-    ]);
-    ns.ip(&["link", "set", "kilnjt0", "up"]);
+    ])
+    .expect("a TAP");
+    ns.ip(&["link", "set", "kilnjt0", "up"])
+        .expect("the TAP up");
 
     let jailer = Jailer::new(kiln_binary())
         .arg("--netns")

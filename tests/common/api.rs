@@ -2,58 +2,27 @@
 //! waited on line by line.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{Output, exit_code, wait_until};
+use testkit::LineReader;
 
-/// One HTTP/1.1 request on a fresh connection; returns (status, body).
-pub fn request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let mut s = UnixStream::connect(sock).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    // The server may answer and close before reading everything (413): keep what it said.
-    let _ = s.write_all(req.as_bytes());
-    let mut resp = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => resp.extend_from_slice(&buf[..n]),
-        }
-    }
-    parse_response(&String::from_utf8_lossy(&resp))
-}
+#[allow(unused_imports)]
+pub use testkit::http::{parse_response, request};
 
-/// Splits a raw response into (status, body).
-pub fn parse_response(resp: &str) -> (u16, String) {
-    let status = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
+use super::{Output, exit_code, read_all, wait_until};
 
 /// A kiln process serving an API socket, its serial output collected line by line.
 pub struct ApiKiln {
     pub sock: PathBuf,
     child: Option<Child>,
-    lines: Arc<Mutex<Vec<String>>>,
+    /// The serial lines read so far.
+    lines: Mutex<Vec<String>>,
     stderr: Option<std::thread::JoinHandle<String>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    reader: Option<LineReader>,
 }
 
 impl ApiKiln {
@@ -67,23 +36,8 @@ impl ApiKiln {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn kiln");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let out = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                match line {
-                    Ok(l) => sink.lock().unwrap().push(l),
-                    Err(_) => break,
-                }
-            }
-        });
-        let mut err = child.stderr.take().unwrap();
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
-        });
+        let reader = LineReader::spawn(child.stdout.take().unwrap());
+        let stderr = read_all(child.stderr.take().unwrap());
         let start = Instant::now();
         while UnixStream::connect(sock).is_err() {
             assert!(
@@ -98,7 +52,7 @@ impl ApiKiln {
         ApiKiln {
             sock: sock.to_path_buf(),
             child: Some(child),
-            lines,
+            lines: Mutex::new(Vec::new()),
             stderr: Some(stderr),
             reader: Some(reader),
         }
@@ -116,23 +70,17 @@ impl ApiKiln {
 
     /// Waits for a serial line starting with `prefix`; returns it.
     pub fn wait_line(&self, prefix: &str, timeout: Duration) -> String {
-        let start = Instant::now();
+        let deadline = Instant::now() + timeout;
+        let reader = self.reader.as_ref().unwrap();
+        let mut lines = self.lines.lock().unwrap();
         loop {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.starts_with(prefix))
-            {
+            if let Some(l) = lines.iter().find(|l| l.starts_with(prefix)) {
                 return l.clone();
             }
-            assert!(
-                start.elapsed() < timeout,
-                "no `{prefix}` line within {timeout:?}; so far: {:?}",
-                self.lines.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(5));
+            match reader.recv_until(deadline) {
+                Ok(line) => lines.push(line.text),
+                Err(_) => panic!("no `{prefix}` line within {timeout:?}; so far: {lines:?}"),
+            }
         }
     }
 
@@ -147,7 +95,11 @@ impl ApiKiln {
                 self.lines.lock().unwrap()
             );
         };
-        let _ = self.reader.take().map(std::thread::JoinHandle::join);
+        let rest = self.reader.take().map(LineReader::rest).unwrap_or_default();
+        self.lines
+            .lock()
+            .unwrap()
+            .extend(rest.into_iter().map(|l| l.text));
         let stderr = self
             .stderr
             .take()

@@ -1,15 +1,17 @@
-//! Helpers shared by kiln's end-to-end tests: running the kiln binary with a deadline and
-//! reading the test guest's report; `api` drives kiln's API socket, `net` makes network
-//! namespaces with TAPs.
+//! kiln-specific helpers of the end-to-end tests: running the kiln binary with a deadline
+//! and reading the test guest's report; `api` drives kiln's API socket. The generic helpers
+//! (temporary directories, the KVM check, network namespaces, waiting for children) are
+//! testkit's, re-exported here.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread::JoinHandle;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+// Each user takes part of it.
+#[allow(unused_imports)]
+pub use testkit::{NetNs, TempDir, exit_code, read_all, require_kvm, wait_until};
 
 /// The kiln binary under test.
 pub fn kiln() -> &'static str {
@@ -19,54 +21,6 @@ pub fn kiln() -> &'static str {
 /// A test guest build output (`kiln-guest.elf`, `kiln-guest-pvh.elf`, `kiln-guest.bzImage`).
 pub fn guest(name: &str) -> PathBuf {
     Path::new(env!("KILN_TEST_GUEST_DIR")).join(name)
-}
-
-/// End-to-end tests need KVM: on a machine without it they fail, they never skip.
-pub fn require_kvm() {
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "/dev/kvm is missing: kiln's end-to-end tests need KVM (run them as root on a host with KVM)"
-    );
-    assert!(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
-        "/dev/kvm cannot be opened: run the tests as root"
-    );
-}
-
-/// A fresh directory under the system temp dir, removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "kiln-test-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-
-    pub fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, contents).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// What a kiln run produced.
@@ -110,34 +64,11 @@ impl std::fmt::Display for Output {
     }
 }
 
-fn reader(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = r.read_to_end(&mut buf);
-        String::from_utf8_lossy(&buf).into_owned()
-    })
-}
-
-/// Waits for `child` to exit until `deadline`; past it, kills and reaps it and returns None.
-pub fn wait_until(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 /// Waits for `child` up to `timeout`, killing it (and failing the test) past the deadline.
 pub fn wait_with_deadline(mut child: Child, timeout: Duration) -> Output {
     let start = Instant::now();
-    let out = reader(child.stdout.take().unwrap());
-    let err = reader(child.stderr.take().unwrap());
+    let out = read_all(child.stdout.take().unwrap());
+    let err = read_all(child.stderr.take().unwrap());
     let Some(status) = wait_until(&mut child, start + timeout) else {
         let stdout = out.join().unwrap();
         let stderr = err.join().unwrap();
@@ -152,20 +83,9 @@ pub fn wait_with_deadline(mut child: Child, timeout: Duration) -> Output {
     }
 }
 
-/// A process's exit status as a shell reports it: the exit code, or 128 + the signal that
-/// killed it.
-pub fn exit_code(status: ExitStatus) -> i32 {
-    status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
-}
-
-/// Sends SIGTERM to `pid` (through kill(1), which keeps the tests free of unsafe).
+/// Sends SIGTERM to `pid`.
 pub fn sigterm(pid: u32) {
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
+    testkit::signal(pid, libc::SIGTERM).unwrap();
 }
 
 /// Runs kiln with `args`, feeding `stdin` (or /dev/null), with a deadline.
@@ -256,4 +176,3 @@ pub fn fnv1a(data: &[u8]) -> u32 {
 }
 
 pub mod api;
-pub mod net;

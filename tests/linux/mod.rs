@@ -1,5 +1,5 @@
 //! Booting a real Linux kernel on kiln (issue 9): the harness shared by `tests/linux_boot.rs`
-//! (the slow end-to-end tier) and `benches/linux_boot.rs` (the milestone measurement).
+//! (the slow end-to-end tier) and `tests/linux_boot_bench.rs` (the milestone measurement).
 //!
 //! One boot: an ext4 root image made with `mkfs.ext4 -d` from a directory holding a marker
 //! file, a network namespace with a TAP and dnsmasq serving DHCP on it, and kiln started in
@@ -18,13 +18,14 @@
 //! `SendCtrlAltDel` once a given console line has come (the i8042 test).
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use testkit::{LineReader, NetNs, TempDir as Scratch, exit_code};
 
 /// Path of the guest kernel (an ELF vmlinux); unset, `guest-kernel/build.sh` provides it.
 pub const KERNEL_ENV: &str = "KILN_LINUX_KERNEL";
@@ -129,33 +130,6 @@ pub fn require_program(program: &str, package: &str) -> PathBuf {
         })
 }
 
-/// A fresh directory, removed on drop.
-pub struct Scratch(PathBuf);
-
-impl Scratch {
-    pub fn new(tag: &str) -> Scratch {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "kiln-linux-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn run_ok(cmd: &mut Command) {
     let out = cmd.stdin(Stdio::null()).output().unwrap();
     assert!(
@@ -193,16 +167,10 @@ pub fn make_root_image(dir: &Path) -> PathBuf {
     image
 }
 
-// The tests' network namespace helper; the tier uses part of it.
-#[allow(dead_code)]
-#[path = "../common/net.rs"]
-mod netns;
-use netns::NetNs;
-
 /// A network namespace with a TAP at `HOST_IP/24`, deleted (TAP and all) on drop.
 fn netns_with_tap() -> NetNs {
-    let ns = NetNs::new("linux");
-    ns.add_tap(TAP, &format!("{HOST_IP}/24"));
+    let ns = NetNs::new("linux").unwrap();
+    ns.add_tap(TAP, &format!("{HOST_IP}/24")).unwrap();
     ns
 }
 
@@ -386,17 +354,7 @@ impl Default for Options<'_> {
 
 /// One HTTP request on kiln's API socket; returns the status line.
 fn api_put(sock: &Path, path: &str, body: &str) -> String {
-    use std::io::Write;
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let req = format!(
-        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).unwrap();
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
+    let resp = testkit::http::request_raw(sock, "PUT", path, Some(body));
     resp.lines().next().unwrap_or("").to_string()
 }
 
@@ -423,7 +381,7 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let echo = opts.echo;
     let timeout = opts.timeout;
-    let dir = Scratch::new("boot");
+    let dir = Scratch::new("linux-boot");
     let image = make_root_image(dir.path());
     let image_sectors = std::fs::metadata(&image).unwrap().len() / 512;
     let ns = netns_with_tap();
@@ -473,33 +431,8 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
         .unwrap();
     let mut child = KillOnDrop(child);
 
-    let (tx, rx) = mpsc::channel::<(Duration, String)>();
-    let stdout = child.0.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let t = start.elapsed();
-                    let line = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\r', '\n'])
-                        .to_string();
-                    if tx.send((t, line)).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    let mut stderr_pipe = child.0.stderr.take().unwrap();
-    let stderr_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = stderr_pipe.read_to_string(&mut s);
-        s
-    });
+    let lines = LineReader::spawn(child.0.stdout.take().unwrap());
+    let stderr_reader = testkit::read_all(child.0.stderr.take().unwrap());
 
     let mut serial = Vec::new();
     let mut milestones = vec![None; MILESTONES.len()];
@@ -512,8 +445,9 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
             let _ = child.0.kill();
             break;
         }
-        match rx.recv_timeout((deadline - now).min(Duration::from_secs(1))) {
-            Ok((t, line)) => {
+        match lines.recv_timeout((deadline - now).min(Duration::from_secs(1))) {
+            Ok(line) => {
+                let (t, line) = (line.at.saturating_duration_since(start), line.text);
                 for (i, (name, needle)) in MILESTONES.iter().enumerate() {
                     if milestones[i].is_none() && line.contains(needle) {
                         milestones[i] = Some(t);
@@ -548,12 +482,9 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
     }
     let status = child.0.wait().unwrap();
     let end = start.elapsed();
-    let _ = reader.join();
+    drop(lines.rest());
     let stderr = stderr_reader.join().unwrap();
-    use std::os::unix::process::ExitStatusExt;
-    let status = status
-        .code()
-        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    let status = exit_code(status);
 
     let metrics = std::fs::read_to_string(&metrics_path)
         .ok()
@@ -686,14 +617,4 @@ pub fn check_boot(b: &Boot) {
         Some(1),
         "kiln did not see one reset through the i8042\n{b}"
     );
-}
-
-/// Median of the `Some` values.
-pub fn median(values: &[Option<Duration>]) -> Option<Duration> {
-    let mut v: Vec<Duration> = values.iter().flatten().copied().collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort();
-    Some(v[v.len() / 2])
 }

@@ -21,15 +21,16 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+// Each user takes part of it.
+#[allow(unused_imports)]
+pub use testkit::{LineReader, NetNs, TempDir, require_root, unique};
 
 pub const JAILER: &str = env!("CARGO_BIN_EXE_jailer");
 pub const INSPECTOR: &str = env!("CARGO_BIN_EXE_jailer-inspector");
@@ -40,43 +41,6 @@ pub const UID: u32 = 40123;
 pub const GID: u32 = 40100;
 /// How long a jailed process may take to report.
 pub const TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Panics unless running as root: the jailer needs CAP_SYS_ADMIN and
-/// CAP_MKNOD, and so do these tests.
-pub fn require_root() {
-    // SAFETY: geteuid takes no arguments and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "the jailer's integration tests must run as root");
-}
-
-/// A name unique to this test process and call: `<prefix>-<pid>-<n>`.
-pub fn unique(prefix: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}-{}-{n}", std::process::id())
-}
-
-/// A directory removed (with its contents) on drop.
-#[derive(Debug)]
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(prefix: &str) -> Self {
-        let dir = std::env::temp_dir().join(unique(prefix));
-        fs::create_dir_all(&dir).expect("create a temporary directory");
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// One jailer command line, in its own chroot base directory.
 #[derive(Debug)]
@@ -99,7 +63,7 @@ impl Jailer {
     /// Jails `exec_file` as [`UID`]:[`GID`] with a fresh id and base.
     pub fn new(exec_file: impl AsRef<Path>) -> Self {
         Jailer {
-            base: TempDir::new("kiln-jailer-base"),
+            base: TempDir::new("jailer-base"),
             id: unique("jt"),
             exec_file: exec_file.as_ref().to_path_buf(),
             uid: UID.to_string(),
@@ -236,22 +200,8 @@ impl Jailer {
         let mut child = cmd.spawn().expect("spawn the jailer under the reaper");
         drop(leaked);
 
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut stderr = child.stderr.take().expect("stderr");
-        let stderr = thread::spawn(move || {
-            let mut text = String::new();
-            let _ = stderr.read_to_string(&mut text);
-            text
-        });
+        let lines = LineReader::spawn(child.stdout.take().expect("stdout"));
+        let stderr = testkit::read_all(child.stderr.take().expect("stderr"));
         Running {
             child,
             lines,
@@ -303,7 +253,7 @@ fn check(ret: libc::c_int) -> std::io::Result<()> {
 #[derive(Debug)]
 pub struct Running {
     child: Child,
-    lines: Receiver<String>,
+    lines: LineReader,
     stderr: Option<JoinHandle<String>>,
     pub jail_root: PathBuf,
     pid_file: PathBuf,
@@ -312,7 +262,7 @@ pub struct Running {
 impl Running {
     /// The next stdout line of the jailed process.
     pub fn recv_line(&mut self, timeout: Duration) -> Option<String> {
-        self.lines.recv_timeout(timeout).ok()
+        self.lines.recv_timeout(timeout).ok().map(|l| l.text)
     }
 
     /// Reads the inspector's report from stdout (up to `end=1`).
@@ -376,7 +326,7 @@ impl Running {
             }
             thread::sleep(Duration::from_millis(5));
         };
-        let stdout: Vec<String> = self.lines.try_iter().collect();
+        let stdout: Vec<String> = self.lines.try_iter().map(|l| l.text).collect();
         let stderr = self
             .stderr
             .take()
@@ -550,47 +500,4 @@ impl Drop for CgroupDirs {
             }
         }
     }
-}
-
-/// A named network namespace (`ip netns add`), deleted on drop.
-#[derive(Debug)]
-pub struct NetNs {
-    pub name: String,
-}
-
-impl NetNs {
-    pub fn new() -> Self {
-        let name = unique("kiln-jt");
-        ip(&["netns", "add", &name]);
-        NetNs { name }
-    }
-
-    /// The handle to pass to `--netns`.
-    pub fn path(&self) -> PathBuf {
-        Path::new("/var/run/netns").join(&self.name)
-    }
-
-    /// `ip -n <name> <args>`.
-    pub fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        ip(&all);
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

@@ -6,6 +6,7 @@
 
 pub mod block;
 pub mod mmio;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod mock;
 pub mod net;
 pub mod queue;

@@ -255,28 +255,12 @@ pub fn configured_queue(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::devices::virtio::mock::{F_INDIRECT, F_NEXT, F_WRITE, write_desc};
     use crate::vstate::memory::create_guest_memory;
-    use virtio_bindings::virtio_ring::{
-        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    };
 
     pub(crate) const DESC: u64 = 0x1000;
     pub(crate) const AVAIL: u64 = 0x2000;
     pub(crate) const USED: u64 = 0x3000;
-
-    pub(crate) fn write_desc(
-        mem: &GuestMemory,
-        table: u64,
-        i: u16,
-        addr: u64,
-        len: u32,
-        flags: u32,
-        next: u16,
-    ) {
-        let d = Descriptor::new(addr, len, flags as u16, next);
-        mem.write_obj(d, GuestAddress(table + u64::from(i) * 16))
-            .unwrap();
-    }
 
     fn setup() -> (GuestMemory, Queue) {
         let mem = create_guest_memory(16).unwrap();
@@ -297,17 +281,9 @@ pub(crate) mod tests {
     #[test]
     fn simple_chain() {
         let (mem, q) = setup();
-        write_desc(&mem, DESC, 0, 0x10000, 16, VRING_DESC_F_NEXT, 5);
-        write_desc(
-            &mem,
-            DESC,
-            5,
-            0x11000,
-            512,
-            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
-            2,
-        );
-        write_desc(&mem, DESC, 2, 0x12000, 1, VRING_DESC_F_WRITE, 0);
+        write_desc(&mem, DESC, 0, (0x10000, 16, F_NEXT, 5));
+        write_desc(&mem, DESC, 5, (0x11000, 512, F_NEXT | F_WRITE, 2));
+        write_desc(&mem, DESC, 2, (0x12000, 1, F_WRITE, 0));
         let b = walk(&mem, &q, 0, false).unwrap();
         assert_eq!(b.len(), 3);
         assert_eq!(
@@ -324,12 +300,12 @@ pub(crate) mod tests {
     #[test]
     fn loops_and_bad_indices() {
         let (mem, q) = setup();
-        write_desc(&mem, DESC, 0, 0x10000, 16, VRING_DESC_F_NEXT, 0);
+        write_desc(&mem, DESC, 0, (0x10000, 16, F_NEXT, 0));
         assert_eq!(walk(&mem, &q, 0, false), Err(ChainError::Loop));
-        write_desc(&mem, DESC, 0, 0x10000, 16, VRING_DESC_F_NEXT, 1);
-        write_desc(&mem, DESC, 1, 0x10000, 16, VRING_DESC_F_NEXT, 0);
+        write_desc(&mem, DESC, 0, (0x10000, 16, F_NEXT, 1));
+        write_desc(&mem, DESC, 1, (0x10000, 16, F_NEXT, 0));
         assert_eq!(walk(&mem, &q, 0, false), Err(ChainError::Loop));
-        write_desc(&mem, DESC, 0, 0x10000, 16, VRING_DESC_F_NEXT, 16);
+        write_desc(&mem, DESC, 0, (0x10000, 16, F_NEXT, 16));
         assert_eq!(
             walk(&mem, &q, 0, false),
             Err(ChainError::NextOutOfRange(16))
@@ -349,8 +325,8 @@ pub(crate) mod tests {
         // Two 3 GiB buffers, each inside RAM, 6 GiB together.
         let mem = create_guest_memory(8192).unwrap();
         let q = configured_queue(16, 16, DESC, AVAIL, USED).unwrap();
-        write_desc(&mem, DESC, 0, 0, 0xc000_0000, VRING_DESC_F_NEXT, 1);
-        write_desc(&mem, DESC, 1, 0x1_0000_0000, 0xc000_0000, 0, 0);
+        write_desc(&mem, DESC, 0, (0, 0xc000_0000, F_NEXT, 1));
+        write_desc(&mem, DESC, 1, (0x1_0000_0000, 0xc000_0000, 0, 0));
         assert_eq!(walk(&mem, &q, 0, false), Err(ChainError::TooLong));
     }
 
@@ -363,14 +339,14 @@ pub(crate) mod tests {
             (u64::MAX, 1),
             (u64::MAX - 4, 16),
         ] {
-            write_desc(&mem, DESC, 0, addr, len, 0, 0);
+            write_desc(&mem, DESC, 0, (addr, len, 0, 0));
             assert!(
                 matches!(walk(&mem, &q, 0, false), Err(ChainError::BadBuffer { .. })),
                 "{addr:#x}"
             );
         }
         // Zero-length buffers touch nothing.
-        write_desc(&mem, DESC, 0, u64::MAX, 0, 0, 0);
+        write_desc(&mem, DESC, 0, (u64::MAX, 0, 0, 0));
         assert_eq!(walk(&mem, &q, 0, false).unwrap().len(), 1);
     }
 
@@ -378,12 +354,12 @@ pub(crate) mod tests {
     fn buffer_crossing_the_mmio_gap() {
         let mem = create_guest_memory(4096).unwrap();
         let q = configured_queue(16, 16, DESC, AVAIL, USED).unwrap();
-        write_desc(&mem, DESC, 0, 0xc000_0000 - 0x800, 0x1000, 0, 0);
+        write_desc(&mem, DESC, 0, (0xc000_0000 - 0x800, 0x1000, 0, 0));
         assert!(matches!(
             walk(&mem, &q, 0, false),
             Err(ChainError::BadBuffer { .. })
         ));
-        write_desc(&mem, DESC, 0, 0x1_0000_0000, 0x1000, 0, 0);
+        write_desc(&mem, DESC, 0, (0x1_0000_0000, 0x1000, 0, 0));
         assert!(walk(&mem, &q, 0, false).is_ok());
     }
 
@@ -401,46 +377,30 @@ pub(crate) mod tests {
     fn indirect_tables() {
         let (mem, q) = setup();
         let table = 0x8000u64;
-        write_desc(&mem, DESC, 3, table, 3 * 16, VRING_DESC_F_INDIRECT, 0);
-        write_desc(&mem, table, 0, 0x10000, 16, VRING_DESC_F_NEXT, 1);
-        write_desc(
-            &mem,
-            table,
-            1,
-            0x11000,
-            4096,
-            VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,
-            2,
-        );
-        write_desc(&mem, table, 2, 0x12000, 1, VRING_DESC_F_WRITE, 0);
+        write_desc(&mem, DESC, 3, (table, 3 * 16, F_INDIRECT, 0));
+        write_desc(&mem, table, 0, (0x10000, 16, F_NEXT, 1));
+        write_desc(&mem, table, 1, (0x11000, 4096, F_NEXT | F_WRITE, 2));
+        write_desc(&mem, table, 2, (0x12000, 1, F_WRITE, 0));
         assert_eq!(
             walk(&mem, &q, 3, false),
             Err(ChainError::IndirectNotNegotiated)
         );
         assert_eq!(walk(&mem, &q, 3, true).unwrap().len(), 3);
         // Nested.
-        write_desc(&mem, table, 2, table, 16, VRING_DESC_F_INDIRECT, 0);
+        write_desc(&mem, table, 2, (table, 16, F_INDIRECT, 0));
         assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
         // Loop inside the table.
-        write_desc(&mem, table, 2, 0x12000, 1, VRING_DESC_F_NEXT, 0);
+        write_desc(&mem, table, 2, (0x12000, 1, F_NEXT, 0));
         assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::Loop));
         // Misaligned length, empty, chained.
-        write_desc(&mem, DESC, 3, table, 20, VRING_DESC_F_INDIRECT, 0);
+        write_desc(&mem, DESC, 3, (table, 20, F_INDIRECT, 0));
         assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
-        write_desc(&mem, DESC, 3, table, 0, VRING_DESC_F_INDIRECT, 0);
+        write_desc(&mem, DESC, 3, (table, 0, F_INDIRECT, 0));
         assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
-        write_desc(
-            &mem,
-            DESC,
-            3,
-            table,
-            16,
-            VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT,
-            4,
-        );
+        write_desc(&mem, DESC, 3, (table, 16, F_INDIRECT | F_NEXT, 4));
         assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
         // Table outside RAM.
-        write_desc(&mem, DESC, 3, 16 << 20, 16, VRING_DESC_F_INDIRECT, 0);
+        write_desc(&mem, DESC, 3, (16 << 20, 16, F_INDIRECT, 0));
         assert_eq!(walk(&mem, &q, 3, true), Err(ChainError::BadIndirect));
     }
 

@@ -1,6 +1,6 @@
 use super::*;
 use crate::devices::IrqLine;
-use crate::devices::virtio::mock::{F_INDIRECT, MockQueue};
+use crate::devices::virtio::mock::{Driver, F_INDIRECT, F_NEXT, QueueLayout, write_desc};
 use crate::vstate::memory::create_guest_memory;
 use std::io::{Read, Seek, Write};
 use vm_memory::GuestAddress;
@@ -12,7 +12,7 @@ const DISK_SECTORS: u64 = 64;
 
 struct Rig {
     mem: GuestMemory,
-    q: MockQueue,
+    q: Driver,
     dev: Block,
     irq: EventFd,
     file: std::fs::File,
@@ -37,12 +37,12 @@ fn rig_with(read_only: bool, cache_type: CacheType, features: u64) -> Rig {
         cache_type,
     };
     let mut dev = Block::new(config, disk).unwrap();
-    let q = MockQueue::new(0x1000, 16);
+    let q = Driver::new(&mem, QueueLayout::at(0x1000, 16));
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(irq.try_clone().unwrap())));
     dev.activate(Activation {
         mem: mem.clone(),
-        queues: vec![q.device_queue()],
+        queues: vec![q.q.device_queue()],
         acked_features: features & dev.avail_features(),
         interrupt,
     })
@@ -233,17 +233,12 @@ fn broken_chains_are_returned_unanswered() {
     let mut r = rig();
     r.header(0, 0);
     // A loop: descriptor 0 -> 0.
-    MockQueue::write_desc(
-        &r.mem,
-        r.q.desc,
-        0,
-        (HDR, 16, crate::devices::virtio::mock::F_NEXT, 0),
-    );
+    write_desc(&r.mem, r.q.q.desc, 0, (HDR, 16, F_NEXT, 0));
     r.q.publish(&r.mem, 0);
     r.dev.process_queue();
     assert_eq!(r.q.used_elem(&r.mem, 0), (0, 0));
     // Address past RAM.
-    r.q = MockQueue::new(0x1000, 16);
+    r.q = Driver::new(&r.mem, QueueLayout::at(0x1000, 16));
     let mut r = rig();
     r.header(0, 0);
     assert_eq!(
@@ -253,7 +248,7 @@ fn broken_chains_are_returned_unanswered() {
     // Indirect descriptor when it was not negotiated.
     let mut r = rig_with(false, CacheType::Writeback, !VIRTIO_RING_F_INDIRECT_DESC);
     r.header(0, 0);
-    MockQueue::write_desc(&r.mem, r.q.desc, 0, (0x8000, 48, F_INDIRECT, 0));
+    write_desc(&r.mem, r.q.q.desc, 0, (0x8000, 48, F_INDIRECT, 0));
     r.q.publish(&r.mem, 0);
     r.dev.process_queue();
     assert_eq!(r.q.used_elem(&r.mem, 0), (0, 0));
@@ -266,10 +261,10 @@ fn indirect_chain_when_negotiated() {
     let mut r = rig();
     r.header(0, 5);
     let table = 0x8000u64;
-    MockQueue::write_desc(&r.mem, table, 0, (HDR, 16, 1, 1));
-    MockQueue::write_desc(&r.mem, table, 1, (DATA, 512, 1 | 2, 2));
-    MockQueue::write_desc(&r.mem, table, 2, (STATUS, 1, 2, 0));
-    MockQueue::write_desc(&r.mem, r.q.desc, 0, (table, 48, F_INDIRECT, 0));
+    write_desc(&r.mem, table, 0, (HDR, 16, 1, 1));
+    write_desc(&r.mem, table, 1, (DATA, 512, 1 | 2, 2));
+    write_desc(&r.mem, table, 2, (STATUS, 1, 2, 0));
+    write_desc(&r.mem, r.q.q.desc, 0, (table, 48, F_INDIRECT, 0));
     r.q.publish(&r.mem, 0);
     r.dev.process_queue();
     assert_eq!(r.q.used_elem(&r.mem, 0), (0, 513));
@@ -360,7 +355,7 @@ fn backing_file_errors_are_ioerr() {
 fn head_outside_the_queue_is_counted_once() {
     let mut r = rig();
     // Avail entry naming descriptor 40 of a 16-entry table: nothing to walk, no used slot.
-    let head_at = r.q.avail + 4;
+    let head_at = r.q.q.avail + 4;
     r.mem.write_obj(40u16, GuestAddress(head_at)).unwrap();
     r.q.set_avail_idx(&r.mem, 1);
     r.dev.process_queue();

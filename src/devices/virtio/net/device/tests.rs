@@ -1,6 +1,6 @@
 use super::*;
 use crate::devices::IrqLine;
-use crate::devices::virtio::mock::MockQueue;
+use crate::devices::virtio::mock::{Driver, QueueLayout};
 use crate::devices::virtio::net::{MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::vstate::memory::create_guest_memory;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -14,8 +14,8 @@ const TX_BUFS: u64 = 0x80_0000;
 
 struct Rig {
     mem: GuestMemory,
-    rx: MockQueue,
-    tx: MockQueue,
+    rx: Driver,
+    tx: Driver,
     dev: Net,
     host: UnixDatagram,
     irq: EventFd,
@@ -32,13 +32,13 @@ fn rig(features: u64) -> Rig {
         guest_mac: Some(MacAddr([0xaa, 0xfc, 0, 0, 0, 1])),
     };
     let mut dev = Net::new(config, tap).unwrap();
-    let rx = MockQueue::new(RXQ, 256);
-    let tx = MockQueue::new(TXQ, 256);
+    let rx = Driver::new(&mem, QueueLayout::at(RXQ, 256));
+    let tx = Driver::new(&mem, QueueLayout::at(TXQ, 256));
     let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(irq.try_clone().unwrap())));
     dev.activate(Activation {
         mem: mem.clone(),
-        queues: vec![rx.device_queue(), tx.device_queue()],
+        queues: vec![rx.q.device_queue(), tx.q.device_queue()],
         acked_features: features & dev.avail_features(),
         interrupt,
     })
@@ -65,7 +65,7 @@ impl Rig {
     /// Posts `n` receive chains of `size` bytes each.
     fn post_rx(&mut self, n: usize, size: u32) {
         for _ in 0..n {
-            let at = RX_BUFS + u64::from(self.rx.avail_count()) * 0x1_0000;
+            let at = RX_BUFS + u64::from(self.rx.avail_idx()) * 0x1_0000;
             let head = self.rx.add_chain(&self.mem, &[(at, size, true)]);
             self.rx.publish(&self.mem, head);
         }
@@ -89,12 +89,6 @@ impl Rig {
 
     fn rx_used(&self, i: u16) -> (u32, u32) {
         self.rx.used_elem(&self.mem, i)
-    }
-}
-
-impl MockQueue {
-    fn avail_count(&self) -> u16 {
-        self.avail_idx_value()
     }
 }
 
@@ -391,7 +385,7 @@ fn too_few_mergeable_buffers_wait_for_more_instead_of_spinning() {
         );
         if features & VIRTIO_RING_F_EVENT_IDX != 0 {
             // avail_event asks for a kick once the driver publishes past index 1.
-            let at = r.rx.used + 4 + 8 * u64::from(r.rx.size);
+            let at = r.rx.q.used + 4 + 8 * u64::from(r.rx.q.size);
             assert_eq!(r.mem.read_obj::<u16>(GuestAddress(at)).unwrap(), 1);
         }
         // A kick without new buffers changes nothing (and does not spin either).

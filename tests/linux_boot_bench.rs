@@ -1,4 +1,4 @@
-//! Linux boot milestones (issue 9): `cargo bench --bench linux_boot`, as root, on a host with
+//! Linux boot milestones (issue 9): `cargo bench --test linux_boot_bench`, as root, on a host with
 //! /dev/kvm.
 //!
 //! Boots the microVM guest kernel (`KILN_LINUX_KERNEL`, else the one `guest-kernel/build.sh`
@@ -14,7 +14,6 @@
 //! e.g. `--no-seccomp` or `--level Debug`).
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/linux/mod.rs"]
 mod linux;
 
 use std::path::PathBuf;
@@ -94,7 +93,10 @@ fn main() {
         for v in &values {
             line.push_str(&format!("{:>9}", secs(*v)));
         }
-        line.push_str(&format!("{:>9}", secs(linux::median(&values))));
+        line.push_str(&format!(
+            "{:>9}",
+            secs(testkit::stats::median_duration(&values))
+        ));
         println!("{line}");
     }
     let mut line = format!("{:<20}", "emulation compl.");
