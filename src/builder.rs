@@ -677,6 +677,13 @@ fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, St
             .as_slice()
             .to_vec(),
     );
+    if let Boot::Snapshot { state, .. } = &boot {
+        let saved = state.vcpus.first().map_or(&[][..], |v| &v.cpuid[..]);
+        let missing = crate::snapshot::cpu::missing_features(saved, supported_cpuid.as_slice());
+        if !missing.is_empty() {
+            return Err(StartError::Snapshot(SnapshotError::CpuFeatures(missing)));
+        }
+    }
     let topology = CpuTopology::new(vcpu_count, machine.smt);
     let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
     let mut vcpus = Vec::with_capacity(usize::from(vcpu_count));

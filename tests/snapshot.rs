@@ -275,7 +275,17 @@ fn hostile_state_files_are_refused_before_use_and_nothing_is_written() {
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["devices"]["blocks"][0]["transport"]["queues"][0]["size"] = serde_json::json!(512);
     let big_queue = kiln::snapshot::format::encode(v.to_string().as_bytes(), Some(&key_bytes));
+    // The guest saw CPU features this host lacks (every leaf-7 EBX bit set).
+    let mut st: kiln::snapshot::MicrovmState = serde_json::from_str(&text).unwrap();
+    for e in &mut st.vcpus[0].cpuid {
+        if e.function == 7 && e.index == 0 {
+            e.ebx = u32::MAX;
+        }
+    }
+    let foreign_cpu =
+        kiln::snapshot::format::encode(&serde_json::to_vec(&st).unwrap(), Some(&key_bytes));
     for (what, bytes, expect) in [
+        ("CPU features the host lacks", foreign_cpu, "lacks CPU features"),
         ("a queue outside guest memory", far_queue, "queue 0"),
         ("no vCPU state", no_vcpus, "vCPU states"),
         ("a queue over the maximum size", big_queue, "queue 0"),
@@ -360,4 +370,41 @@ fn describe_snapshot_and_refusals_that_need_no_guest() {
     let out = common::run_kiln(&["--restore-snapshot", bogus.to_str().unwrap()]);
     assert_eq!(out.status, 2, "{out}");
     assert!(out.stderr.contains("--restore-mem"), "{out}");
+}
+
+#[test]
+fn a_guest_paused_and_resumed_a_thousand_times_loses_no_interrupt() {
+    require_kvm();
+    let dir = TempDir::new("snap-pause");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let cfg = config(&dir, &disk);
+    let k = api_kiln(
+        dir.path(),
+        "pause",
+        &["--config-file", cfg.to_str().unwrap()],
+    );
+    k.wait_line("info workload step=1 ", Duration::from_secs(120));
+    // Pauses land anywhere: in the middle of a block request, between a notification and
+    // its completion, with an interrupt pending. A lost notification or interrupt shows as
+    // the guest's `fail virtio timeout` / `no-interrupt`, or as a step that never comes.
+    for i in 0..1000 {
+        assert_eq!(
+            k.api("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0,
+            204,
+            "pause {i}"
+        );
+        assert_eq!(
+            k.api("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
+            204,
+            "resume {i}"
+        );
+    }
+    let out = k.finish(Duration::from_secs(300));
+    assert_eq!(out.status, 0, "{out}");
+    assert!(!out.stdout.contains("fail "), "{out}");
+    assert!(
+        out.stdout.contains(&format!("ok workload steps={STEPS}")),
+        "{out}"
+    );
+    assert_eq!(steps(&out.stdout), (0..STEPS).collect::<Vec<_>>(), "{out}");
 }

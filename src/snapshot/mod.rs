@@ -9,6 +9,7 @@
 //!   `SnapshotLoadParams`), the saved state, and creating a snapshot from a paused VM.
 //!   Restoring is the builder's other way to make a VM ([`crate::builder::restore`]).
 
+pub mod cpu;
 pub mod format;
 pub mod memory;
 
@@ -234,6 +235,9 @@ pub enum SnapshotError {
     /// A value in the state is out of the range the live code accepts.
     #[error("invalid snapshot state: {0}")]
     Invalid(String),
+    /// This host lacks CPU features the guest saw.
+    #[error("this host lacks CPU features the snapshot's guest uses: {}", .0.join(", "))]
+    CpuFeatures(Vec<String>),
     /// The memory file's digest does not match the state's.
     #[error("{0}: the memory file does not match the snapshot (corrupted or replaced)")]
     MemoryDigest(String),

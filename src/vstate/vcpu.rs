@@ -290,6 +290,9 @@ pub struct Vcpu {
     metrics: Arc<VcpuMetrics>,
     /// KVM's MSR index list: what a saved state holds.
     msr_list: Arc<Vec<u32>>,
+    /// The CPUID kiln gave the vCPU (what the guest sees on a faithful KVM): saved as is,
+    /// since a KVM that emulates CPUID may not read back what it was given.
+    cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 impl Vcpu {
@@ -312,6 +315,7 @@ impl Vcpu {
             exit,
             metrics: Arc::new(VcpuMetrics::default()),
             msr_list: Arc::new(Vec::new()),
+            cpuid: Vec::new(),
         })
     }
 
@@ -321,8 +325,10 @@ impl Vcpu {
     }
 
     /// Restores a saved state (instead of [`Vcpu::configure`]).
-    pub fn restore(&self, state: &VcpuSnapshot) -> Result<(), VcpuError> {
-        vcpu_state::restore(&self.fd, state)
+    pub fn restore(&mut self, state: &VcpuSnapshot) -> Result<(), VcpuError> {
+        vcpu_state::restore(&self.fd, state)?;
+        self.cpuid = state.cpuid.clone();
+        Ok(())
     }
 
     /// The vCPU's index (and APIC id).
@@ -347,7 +353,7 @@ impl Vcpu {
 
     /// Sets CPUID, MSRs, registers, FPU and LAPIC for entry into `kernel`.
     pub fn configure(
-        &self,
+        &mut self,
         mem: &GuestMemory,
         kernel: &LoadedKernel,
         supported_cpuid: &CpuId,
@@ -360,6 +366,7 @@ impl Vcpu {
         self.fd
             .set_cpuid2(&cpuid)
             .map_err(self.step("KVM_SET_CPUID2"))?;
+        self.cpuid = entries;
 
         let msrs = boot_msrs()?;
         let set = self.fd.set_msrs(&msrs).map_err(self.step("KVM_SET_MSRS"))?;
@@ -585,7 +592,8 @@ impl Vcpu {
                 VcpuState::Exited => return,
                 VcpuState::Paused => {
                     if control.wait_while_paused() {
-                        let saved = vcpu_state::save(&self.fd, self.index, &self.msr_list);
+                        let saved =
+                            vcpu_state::save(&self.fd, self.index, &self.msr_list, &self.cpuid);
                         control.finish_save(saved);
                     }
                     continue;

@@ -79,8 +79,14 @@ fn read_msrs(fd: &VcpuFd, cpu: u8, list: &[u32]) -> Result<Vec<kvm_msr_entry>, V
     Ok(out)
 }
 
-/// Saves the state of a vCPU that is outside KVM_RUN. `msr_list` is KVM's MSR index list.
-pub fn save(fd: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuSnapshot, VcpuError> {
+/// Saves the state of a vCPU that is outside KVM_RUN. `msr_list` is KVM's MSR index list;
+/// `cpuid` is what the vCPU was given.
+pub fn save(
+    fd: &VcpuFd,
+    index: u8,
+    msr_list: &[u32],
+    cpuid: &[kvm_cpuid_entry2],
+) -> Result<VcpuSnapshot, VcpuError> {
     let mp_state = fd.get_mp_state().map_err(step(index, "KVM_GET_MP_STATE"))?;
     let regs = fd.get_regs().map_err(step(index, "KVM_GET_REGS"))?;
     let sregs = fd.get_sregs().map_err(step(index, "KVM_GET_SREGS"))?;
@@ -92,11 +98,7 @@ pub fn save(fd: &VcpuFd, index: u8, msr_list: &[u32]) -> Result<VcpuSnapshot, Vc
     let lapic = fd.get_lapic().map_err(step(index, "KVM_GET_LAPIC"))?;
     let msrs = read_msrs(fd, index, msr_list)?;
     let tsc_khz = fd.get_tsc_khz().ok();
-    let cpuid = fd
-        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .map_err(step(index, "KVM_GET_CPUID2"))?
-        .as_slice()
-        .to_vec();
+    let cpuid = cpuid.to_vec();
     let vcpu_events = fd
         .get_vcpu_events()
         .map_err(step(index, "KVM_GET_VCPU_EVENTS"))?;

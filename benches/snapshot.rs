@@ -1,0 +1,234 @@
+//! Snapshot benchmark: `cargo bench --bench snapshot`, as root, on a host with /dev/kvm.
+//!
+//! kiln and Firecracker 1.12.1 (`benches/firecracker.sh` fetches it; "baseline absent" when
+//! it cannot be had) run the same test guest (`kiln.run=workload:...:blk`: a memory pattern
+//! and a block sector per step, progress lines on the serial console), configured through
+//! the same API requests, interleaved run by run. For each guest memory size:
+//! - **create**: `PUT /snapshot/create` (Full) on the paused guest, request → response;
+//! - **load**: in a fresh process, `PUT /snapshot/load` (File backend, `resume_vm`)
+//!   request → response, and request → the guest's next progress line (running again);
+//! - the memory file's allocated size.
+//!
+//! Medians (min–max) over `KILN_BENCH_SNAP_RUNS` runs (default 5) for each size in
+//! `KILN_BENCH_SNAP_MIB` (default `128,1024`), and the ratio kiln / Firecracker.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Result, Scratch, cell, env_usize, guest_elf, ratio, stats};
+use testkit::LineReader;
+use testkit::http::request;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vmm {
+    Kiln,
+    Firecracker,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Sample {
+    create_ms: f64,
+    load_ms: f64,
+    running_ms: f64,
+    mem_alloc_mib: f64,
+}
+
+struct Proc {
+    child: Child,
+    lines: LineReader,
+    sock: PathBuf,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+    }
+}
+
+fn spawn(bin: &Path, sock: &Path) -> Result<Proc> {
+    let _ = std::fs::remove_file(sock);
+    let mut child = Command::new(bin)
+        .arg("--api-sock")
+        .arg(sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let lines = LineReader::spawn(out);
+    let start = Instant::now();
+    while UnixStream::connect(sock).is_err() {
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(format!("{} never served its socket", bin.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(Proc {
+        child,
+        lines,
+        sock: sock.to_path_buf(),
+    })
+}
+
+fn api(p: &Proc, method: &str, path: &str, body: &str) -> Result<()> {
+    let (status, text) = request(&p.sock, method, path, Some(body));
+    if status != 204 {
+        return Err(format!("{method} {path}: {status} {text}").into());
+    }
+    Ok(())
+}
+
+/// Waits for a line starting with `prefix`.
+fn wait_line(p: &Proc, prefix: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match p.lines.recv_until(deadline) {
+            Ok(l) if l.text.starts_with(prefix) => return Ok(l.text),
+            Ok(_) => {}
+            Err(_) => return Err(format!("no `{prefix}` line in {timeout:?}").into()),
+        }
+    }
+}
+
+fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Result<Sample> {
+    let tag = format!("{vmm:?}-{mem_mib}-{run}");
+    let disk = dir.path(&format!("{tag}.img"));
+    std::fs::write(&disk, vec![0u8; 4 << 20])?;
+    let state = dir.path(&format!("{tag}.state"));
+    let mem = dir.path(&format!("{tag}.mem"));
+    let src = spawn(bin, &dir.path(&format!("{tag}-src.sock")))?;
+    api(
+        &src,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 kiln.run=workload:1000000:blk"}}"#,
+            guest_elf().display()
+        ),
+    )?;
+    api(
+        &src,
+        "PUT",
+        "/machine-config",
+        &format!(r#"{{"vcpu_count": 1, "mem_size_mib": {mem_mib}}}"#),
+    )?;
+    api(
+        &src,
+        "PUT",
+        "/drives/scratch",
+        &format!(
+            r#"{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            disk.display()
+        ),
+    )?;
+    api(&src, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)?;
+    wait_line(&src, "info workload step=2 ", Duration::from_secs(60))?;
+    api(&src, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+    let t = Instant::now();
+    api(
+        &src,
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    )?;
+    let create_ms = common::ms(t.elapsed());
+    drop(src);
+    let mem_alloc_mib = std::fs::metadata(&mem)?.blocks() as f64 * 512.0 / f64::from(1 << 20);
+
+    let dst = spawn(bin, &dir.path(&format!("{tag}-dst.sock")))?;
+    let t = Instant::now();
+    api(
+        &dst,
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state.display(),
+            mem.display()
+        ),
+    )?;
+    let load_ms = common::ms(t.elapsed());
+    wait_line(&dst, "info workload step=", Duration::from_secs(60))?;
+    let running_ms = common::ms(t.elapsed());
+    drop(dst);
+    for f in [&disk, &state, &mem] {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(Sample {
+        create_ms,
+        load_ms,
+        running_ms,
+        mem_alloc_mib,
+    })
+}
+
+fn firecracker() -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/firecracker.sh");
+    let out = Command::new(script).stderr(Stdio::inherit()).output().ok()?;
+    let path = String::from_utf8(out.stdout).ok()?;
+    let path = PathBuf::from(path.trim());
+    (out.status.success() && path.is_file()).then_some(path)
+}
+
+fn main() {
+    common::run("snapshot", "boots VMs", || {
+        let runs = env_usize("KILN_BENCH_SNAP_RUNS", 5);
+        let sizes: Vec<usize> = std::env::var("KILN_BENCH_SNAP_MIB")
+            .unwrap_or_else(|_| "128,1024".into())
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        let fc = firecracker();
+        if fc.is_none() {
+            println!("baseline absent: Firecracker could not be fetched (benches/firecracker.sh)");
+        }
+        let kiln = PathBuf::from(common::KILN);
+        let dir = Scratch::new("snapshot")?;
+        println!("snapshot bench: {runs} runs per size, kiln and Firecracker interleaved");
+        for mib in sizes {
+            let mut k = Vec::new();
+            let mut f = Vec::new();
+            for run in 0..runs {
+                k.push(cycle(Vmm::Kiln, &kiln, &dir, mib, run)?);
+                if let Some(bin) = &fc {
+                    f.push(cycle(Vmm::Firecracker, bin, &dir, mib, run)?);
+                }
+            }
+            println!("\n{mib} MiB guest (medians, min-max)");
+            println!("{:<28} {:>22} {:>22} {:>8}", "", "kiln", "firecracker", "ratio");
+            type Get = fn(&Sample) -> f64;
+            let rows: [(&str, Get); 4] = [
+                ("create Full (ms)", |s| s.create_ms),
+                ("load -> response (ms)", |s| s.load_ms),
+                ("load -> guest running (ms)", |s| s.running_ms),
+                ("memory file on disk (MiB)", |s| s.mem_alloc_mib),
+            ];
+            for (name, get) in rows {
+                let ks = stats(&k.iter().map(get).collect::<Vec<_>>());
+                if f.is_empty() {
+                    println!("{name:<28} {:>22} {:>22} {:>8}", cell(ks, 2), "absent", "-");
+                } else {
+                    let fs = stats(&f.iter().map(get).collect::<Vec<_>>());
+                    println!(
+                        "{name:<28} {:>22} {:>22} {:>8}",
+                        cell(ks, 2),
+                        cell(fs, 2),
+                        ratio(ks.median, fs.median)
+                    );
+                }
+            }
+        }
+        Ok(())
+    });
+}
