@@ -11,7 +11,9 @@ use kiln::config::VmConfig;
 use kiln::controller::{ApiChannel, Controller};
 use kiln::devices::boot_timer::process_cpu_us;
 use kiln::exit::{ExitCode, ExitReason};
-use kiln::seccomp::{SeccompFilters, ThreadCategory, install_panic_hook, install_sigsys_handler};
+use kiln::seccomp::{
+    SeccompFilters, ThreadCategory, install_panic_hook, install_sigsys_handler, pin_allocator,
+};
 use kiln::terminal::RawTerminal;
 
 fn fail(code: ExitCode, message: impl std::fmt::Display) -> i32 {
@@ -188,6 +190,10 @@ fn run(start: (Instant, u64)) -> i32 {
 
 fn main() {
     let start = (Instant::now(), process_cpu_us());
+    // Before any thread exists: no allocation may later step outside a seccomp filter.
+    if let Err(e) = pin_allocator() {
+        std::process::exit(fail(ExitCode::StartFailure, e));
+    }
     let code = run(start);
     std::process::exit(code);
 }

@@ -4,6 +4,10 @@
 //! controls. A syscall outside the list traps into a SIGSYS handler that writes one line
 //! naming the thread and the syscall, then ends the process with exit code 148.
 
+mod malloc;
+
+pub use malloc::{MallocError, pin_allocator};
+
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::Path;

@@ -1,0 +1,166 @@
+//! What kiln survives from its operator's side and from valid but heavy traffic (security
+//! cases 26-30 of ../shared/docs/security-tests.md): allocation-heavy work on every thread
+//! under the default seccomp filters, sinks and a console nobody reads, RLIMIT_FSIZE below
+//! a guest write, clients that stall, and oversized or ill-typed operator files.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::api::{ApiKiln, request};
+use common::{TempDir, guest, kiln, require_kvm, sigterm};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn api_kiln(dir: &TempDir, extra: &[&str]) -> ApiKiln {
+    let sock = dir.path().join("api.sock");
+    let mut cmd = Command::new(kiln());
+    cmd.args(["--api-sock", sock.to_str().unwrap()]).args(extra);
+    ApiKiln::spawn(cmd, &sock)
+}
+
+/// Reads HTTP responses from `s` until `n` status lines have been seen (bodies are small
+/// and carry no "HTTP/1.1 " of their own).
+fn read_responses(s: &mut UnixStream, n: usize) -> Vec<u16> {
+    let mut all = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let count = |all: &[u8]| all.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+    while count(&all) < n {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => all.extend_from_slice(&buf[..k]),
+        }
+    }
+    String::from_utf8_lossy(&all)
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .filter_map(|r| r.get(..3).and_then(|c| c.parse().ok()))
+        .collect()
+}
+
+/// The API traffic of security case 26, every piece answered: ten concurrent maximum-size
+/// bodies, 16 KiB of pipelined GETs in one write, a client that pipelines and never
+/// reads (returned, still open), a 50 KB `boot_args`, a body of 50 000 `[`.
+fn allocation_heavy_api_traffic(sock: &std::path::Path, booted: bool) -> UnixStream {
+    // Ten maximum-size (51200-byte) valid bodies at once.
+    let threads: Vec<_> = (0..10)
+        .map(|_| {
+            let sock = sock.to_path_buf();
+            std::thread::spawn(move || {
+                let json = r#"{"vcpu_count": 1, "mem_size_mib": 64}"#;
+                let body = format!("{json}{}", " ".repeat(51200 - json.len()));
+                // A connection the test closed a moment ago may still hold a slot.
+                for _ in 0..100 {
+                    match request(&sock, "PUT", "/machine-config", Some(&body)).0 {
+                        503 => std::thread::sleep(Duration::from_millis(20)),
+                        status => return status,
+                    }
+                }
+                503
+            })
+        })
+        .collect();
+    let want = if booted { 400 } else { 204 };
+    for t in threads {
+        assert_eq!(t.join().unwrap(), want);
+    }
+    // 16 KiB of pipelined GET /vm/config in one write.
+    let one = "GET /vm/config HTTP/1.1\r\n\r\n";
+    let n = 16 * 1024 / one.len();
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(one.repeat(n).as_bytes()).unwrap();
+    let statuses = read_responses(&mut s, n);
+    assert_eq!(statuses.len(), n);
+    assert!(statuses.iter().all(|&c| c == 200), "{statuses:?}");
+    // A client that pipelines and never reads.
+    let mut silent = UnixStream::connect(sock).unwrap();
+    silent.set_nonblocking(true).unwrap();
+    let burst = "GET /vm/config HTTP/1.1\r\n\r\n".repeat(8000);
+    let mut sent = 0;
+    let start = Instant::now();
+    while sent < burst.len() && start.elapsed() < Duration::from_secs(5) {
+        match silent.write(&burst.as_bytes()[sent..]) {
+            Ok(k) => sent += k,
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    // A 50 KB boot_args and a body of 50 000 '[' are refused, not fatal.
+    let args = format!(
+        r#"{{"kernel_image_path": "/nonexistent", "boot_args": "{}"}}"#,
+        "a".repeat(50_000)
+    );
+    assert_eq!(request(sock, "PUT", "/boot-source", Some(&args)).0, 400);
+    let brackets = "[".repeat(50_000);
+    assert_eq!(request(sock, "PUT", "/drives/x", Some(&brackets)).0, 400);
+    silent
+}
+
+/// Security case 26: before and after boot, allocation-heavy API traffic (API thread), a
+/// VM with many drives and a 2 KiB command line whose config is read back and flushed as
+/// metrics again and again (VMM thread), and a guest that floods the serial console, storms
+/// a virtio-blk device's registers and rings and exits on a port in a tight loop (vCPU
+/// threads) — all under the default filters: kiln never dies with 148.
+#[test]
+fn allocation_heavy_work_on_every_thread_stays_inside_its_filter() {
+    require_kvm();
+    let dir = TempDir::new("alloc");
+    let metrics = dir.path().join("metrics.json");
+    let k = api_kiln(&dir, &["--metrics-path", metrics.to_str().unwrap()]);
+    let _silent_before = allocation_heavy_api_traffic(&k.sock, false);
+
+    let kernel = guest("kiln-guest.elf");
+    let padding = "x".repeat(1400);
+    let boot = serde_json::json!({
+        "kernel_image_path": kernel,
+        "boot_args": format!(
+            "console=ttyS0 kiln.pad={padding} \
+             kiln.run=serial-flood:131072,blk-fuzz:7:4:16,pio-bench:20000,idle"
+        ),
+    });
+    assert_eq!(k.api("PUT", "/boot-source", Some(&boot.to_string())).0, 204);
+    assert_eq!(
+        k.api(
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 2, "mem_size_mib": 64}"#)
+        )
+        .0,
+        204
+    );
+    for i in 0..8 {
+        let image = dir.file(&format!("d{i}.img"), &vec![0u8; 1 << 20]);
+        let drive = serde_json::json!({
+            "drive_id": format!("drive{i}"),
+            "path_on_host": image,
+            "is_root_device": i == 0,
+            "is_read_only": false,
+        });
+        let path = format!("/drives/drive{i}");
+        assert_eq!(k.api("PUT", &path, Some(&drive.to_string())).0, 204);
+    }
+    let start = r#"{"action_type": "InstanceStart"}"#;
+    assert_eq!(k.api("PUT", "/actions", Some(start)).0, 204);
+
+    let _silent_after = allocation_heavy_api_traffic(&k.sock, true);
+    let flush = r#"{"action_type": "FlushMetrics"}"#;
+    for _ in 0..20 {
+        assert_eq!(k.api("GET", "/vm/config", None).0, 200);
+        assert_eq!(k.api("PUT", "/actions", Some(flush)).0, 204);
+    }
+    k.wait_line("info serial-flood bytes=131072", LONG);
+    k.wait_line("ok blk-fuzz done", LONG);
+    k.wait_line("bench pio", LONG);
+    k.wait_line("info idle", LONG);
+    // Freed memory is given back (heaps shrink) after the traffic: give it a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(k.api("GET", "/", None).0, 200);
+    sigterm(k.pid());
+    let out = k.finish(LONG);
+    assert_eq!(out.status, 128 + 15, "{out}");
+    assert!(!out.stderr.contains("seccomp"), "{out}");
+}
