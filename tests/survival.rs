@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::api::{ApiKiln, request};
-use common::{TempDir, guest, kiln, require_kvm, sigterm};
+use common::{TempDir, guest, kiln, require_kvm, run_kiln_with, sigterm};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -163,4 +163,76 @@ fn allocation_heavy_work_on_every_thread_stays_inside_its_filter() {
     let out = k.finish(LONG);
     assert_eq!(out.status, 128 + 15, "{out}");
     assert!(!out.stderr.contains("seccomp"), "{out}");
+}
+
+/// Security case 30: an operator file over the 1 MiB limit, as the config file or the
+/// seccomp filter, is refused at start with exit code 2 and a message naming it.
+#[test]
+fn oversized_operator_files_are_refused_naming_the_file() {
+    let dir = TempDir::new("bigfile");
+    let big = dir.file("big.json", &vec![b' '; 2 << 20]);
+    let big = big.to_str().unwrap();
+    for flag in ["--config-file", "--seccomp-filter"] {
+        let out = run_kiln_with(&["--no-api", flag, big], None, Duration::from_secs(20));
+        assert_eq!(out.status, 2, "{flag}:\n{out}");
+        assert!(out.stderr.contains(big), "{flag}:\n{out}");
+        assert!(
+            out.stderr.contains("larger than 1048576 bytes"),
+            "{flag}:\n{out}"
+        );
+        assert!(out.stdout.is_empty(), "{flag}: nothing may boot:\n{out}");
+    }
+}
+
+/// Security case 30: `/dev/zero` as the config file or the seccomp filter is refused
+/// after reading at most the limit, not read until memory runs out.
+#[test]
+fn endless_operator_files_are_refused() {
+    for flag in ["--config-file", "--seccomp-filter"] {
+        let out = run_kiln_with(
+            &["--no-api", flag, "/dev/zero"],
+            None,
+            Duration::from_secs(20),
+        );
+        assert_eq!(out.status, 2, "{flag}:\n{out}");
+        assert!(
+            out.stderr.contains("/dev/zero: larger than 1048576 bytes"),
+            "{flag}:\n{out}"
+        );
+    }
+}
+
+/// Security case 30: the built-in filters with KVM_RUN's request number widened past 32
+/// bits in its `dword` condition are refused at start (exit 2) instead of killing the VM
+/// with 148 at its first KVM_RUN.
+#[test]
+fn a_dword_value_wider_than_32_bits_is_refused_at_start() {
+    require_kvm();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/seccomp-filters/x86_64.json"
+    ))
+    .unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rules = doc["vcpu"]["filter"].as_array_mut().unwrap();
+    let kvm_run = rules
+        .iter_mut()
+        .flat_map(|r| r["args"].as_array_mut().into_iter().flatten())
+        .find(|a| a["val"] == 44672)
+        .unwrap();
+    kvm_run["val"] = serde_json::json!(44672_u64 + (1 << 32));
+    let dir = TempDir::new("dword");
+    let file = dir.file("wide.json", doc.to_string().as_bytes());
+    let out = run_kiln_with(
+        &["--no-api", "--seccomp-filter", file.to_str().unwrap()],
+        None,
+        LONG,
+    );
+    assert_eq!(out.status, 2, "{out}");
+    assert!(
+        out.stderr
+            .contains("`vcpu`, syscall `ioctl`: argument 1 is a dword"),
+        "{out}"
+    );
+    assert!(out.stdout.is_empty(), "nothing may boot:\n{out}");
 }
