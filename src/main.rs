@@ -194,6 +194,9 @@ fn main() {
     if let Err(e) = pin_allocator() {
         std::process::exit(fail(ExitCode::StartFailure, e));
     }
+    if let Err(e) = kiln::signals::ignore_file_size_signal() {
+        std::process::exit(fail(ExitCode::StartFailure, format!("SIGXFSZ: {e}")));
+    }
     let code = run(start);
     std::process::exit(code);
 }

@@ -236,3 +236,48 @@ fn a_dword_value_wider_than_32_bits_is_refused_at_start() {
     );
     assert!(out.stdout.is_empty(), "nothing may boot:\n{out}");
 }
+
+/// Security case 28: under RLIMIT_FSIZE (as the jailer's `--resource-limit fsize=` sets
+/// it) a guest write at an offset past the limit gets IOERR, counted in the drive's
+/// `io_errors`; kiln is not killed by SIGXFSZ and the guest goes on to read and finish.
+#[test]
+fn a_write_past_rlimit_fsize_is_an_ioerr_not_a_kill() {
+    require_kvm();
+    let dir = TempDir::new("fsize");
+    let image = dir.file("disk.img", b"");
+    std::fs::File::options()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let metrics = dir.path().join("metrics.json");
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": guest("kiln-guest.elf"),
+            "boot_args": "console=ttyS0 kiln.run=blk-write:0:0:8,blk-write:0:256:8:expect-ioerr,blk-read:0:0:8",
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        "drives": [{"drive_id": "rootfs", "path_on_host": image, "is_root_device": true, "is_read_only": false}],
+    });
+    let cfg = dir.file("vm.json", config.to_string().as_bytes());
+    // 64 KiB: sectors 0-7 fit, sector 256 (128 KiB) is past the limit.
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--fsize=65536", "--", kiln(), "--no-api"])
+        .args(["--config-file", cfg.to_str().unwrap()])
+        .args(["--metrics-path", metrics.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let out = common::wait_with_deadline(cmd.spawn().unwrap(), LONG);
+    assert_eq!(out.status, 0, "{out}");
+    out.line("ok blk-write dev=0 sector=0 count=8 status=ok");
+    out.line("ok blk-write dev=0 sector=256 count=8 status=ioerr");
+    out.line("ok blk-read dev=0 sector=0 count=8");
+    common::assert_guest_passed(&out);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(
+        common::counter(&last, "block_rootfs", "io_errors") >= 1,
+        "{last}"
+    );
+}
