@@ -7,6 +7,7 @@
 mod common;
 
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -280,4 +281,100 @@ fn a_write_past_rlimit_fsize_is_an_ioerr_not_a_kill() {
         common::counter(&last, "block_rootfs", "io_errors") >= 1,
         "{last}"
     );
+}
+
+/// Makes a FIFO at `path` (through mkfifo(1), which keeps the tests free of unsafe).
+fn mkfifo(path: &std::path::Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success());
+}
+
+/// A running VM (the test guest idling) from a config file, serving the API.
+fn idle_vm(dir: &TempDir, extra: &[&str]) -> ApiKiln {
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": guest("kiln-guest.elf"),
+            "boot_args": "console=ttyS0 kiln.run=idle",
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+    });
+    let cfg = dir.file("vm.json", config.to_string().as_bytes());
+    let mut args = vec!["--config-file", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let k = api_kiln(dir, &args);
+    k.wait_line("info idle", LONG);
+    k
+}
+
+/// Security case 27: log and metrics FIFOs nobody reads never block kiln: hundreds of
+/// FlushMetrics and of logged requests are all answered, the dropped lines are counted,
+/// and SIGTERM ends kiln promptly.
+#[test]
+fn log_and_metrics_fifos_nobody_reads_never_block() {
+    require_kvm();
+    let dir = TempDir::new("fifos");
+    let log = dir.path().join("log.fifo");
+    let metrics = dir.path().join("metrics.fifo");
+    mkfifo(&log);
+    mkfifo(&metrics);
+    let k = idle_vm(
+        &dir,
+        &[
+            "--level",
+            "Debug",
+            "--log-path",
+            log.to_str().unwrap(),
+            "--metrics-path",
+            metrics.to_str().unwrap(),
+        ],
+    );
+    let flush = r#"{"action_type": "FlushMetrics"}"#;
+    for i in 0..200 {
+        assert_eq!(k.api("PUT", "/actions", Some(flush)).0, 204, "flush {i}");
+    }
+    for i in 0..1000 {
+        assert_eq!(k.api("GET", "/machine-config", None).0, 200, "request {i}");
+    }
+    // A reader comes at last: every line it gets is whole, and the drops were counted.
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&metrics)
+        .unwrap();
+    let mut text = Vec::new();
+    let mut drain = |text: &mut Vec<u8>| {
+        let mut buf = vec![0u8; 1 << 16];
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            text.extend_from_slice(&buf[..n]);
+        }
+    };
+    drain(&mut text);
+    let before = text.iter().filter(|b| **b == b'\n').count();
+    assert!(before > 0);
+    assert_eq!(k.api("PUT", "/actions", Some(flush)).0, 204);
+    let waited = Instant::now();
+    while text.iter().filter(|b| **b == b'\n').count() == before {
+        assert!(waited.elapsed() < Duration::from_secs(10), "no new line");
+        std::thread::sleep(Duration::from_millis(10));
+        drain(&mut text);
+    }
+    let text = String::from_utf8(text).unwrap();
+    assert!(text.ends_with('\n'));
+    for line in text.lines() {
+        serde_json::from_str::<serde_json::Value>(line).unwrap();
+    }
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(
+        common::counter(&last, "logger", "missed_metrics_count") > 0,
+        "{last}"
+    );
+    assert!(
+        common::counter(&last, "logger", "missed_log_count") > 0,
+        "{last}"
+    );
+    let start = Instant::now();
+    sigterm(k.pid());
+    let out = k.finish(Duration::from_secs(10));
+    assert_eq!(out.status, 128 + 15, "{out}");
+    assert!(start.elapsed() < Duration::from_secs(5), "{out}");
 }
