@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::api::{ApiKiln, request};
-use common::{TempDir, guest, kiln, require_kvm, run_kiln_with, sigterm};
+use common::{TempDir, exit_code, guest, kiln, require_kvm, run_kiln_with, sigterm};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -377,4 +377,70 @@ fn log_and_metrics_fifos_nobody_reads_never_block() {
     let out = k.finish(Duration::from_secs(10));
     assert_eq!(out.status, 128 + 15, "{out}");
     assert!(start.elapsed() < Duration::from_secs(5), "{out}");
+}
+
+/// Security case 27: a console (stdout) nobody reads never blocks a vCPU: the guest
+/// floods the serial port, what does not fit is dropped and counted (`uart.tx_lost_bytes`),
+/// the VM pauses at once when asked, the API answers, and SIGTERM ends kiln promptly.
+#[test]
+fn a_console_nobody_reads_never_blocks_a_vcpu() {
+    require_kvm();
+    let dir = TempDir::new("console");
+    let metrics = dir.path().join("metrics.json");
+    let sock = dir.path().join("api.sock");
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": guest("kiln-guest.elf"),
+            "boot_args": "console=ttyS0 kiln.run=serial-flood:1048576,idle",
+        },
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+    });
+    let cfg = dir.file("vm.json", config.to_string().as_bytes());
+    let mut child = Command::new(kiln())
+        .args(["--api-sock", sock.to_str().unwrap()])
+        .args(["--config-file", cfg.to_str().unwrap()])
+        .args(["--metrics-path", metrics.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Nobody reads the console; the pipe stays open.
+    let _console = child.stdout.take().unwrap();
+    let start = Instant::now();
+    while UnixStream::connect(&sock).is_err() {
+        assert!(start.elapsed() < LONG, "the API socket never accepted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let flush = r#"{"action_type": "FlushMetrics"}"#;
+    let lost = || {
+        assert_eq!(request(&sock, "PUT", "/actions", Some(flush)).0, 204);
+        let text = std::fs::read_to_string(&metrics).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        common::counter(&last, "uart", "tx_lost_bytes")
+    };
+    let waited = Instant::now();
+    while lost() == 0 {
+        assert!(
+            waited.elapsed() < LONG,
+            "the guest's output was never dropped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The vCPU is not stuck in a write: it pauses, and the API keeps answering.
+    let paused = Instant::now();
+    let patch = r#"{"state": "Paused"}"#;
+    assert_eq!(request(&sock, "PATCH", "/vm", Some(patch)).0, 204);
+    assert!(paused.elapsed() < Duration::from_secs(5));
+    let (status, body) = request(&sock, "GET", "/", None);
+    assert_eq!(status, 200);
+    assert!(body.contains("Paused"), "{body}");
+    let before = lost();
+    assert_eq!(lost(), before, "a paused guest wrote");
+    let stop = Instant::now();
+    sigterm(child.id());
+    let status = common::wait_until(&mut child, stop + Duration::from_secs(10))
+        .expect("SIGTERM did not end kiln within 10 s");
+    assert_eq!(exit_code(status), 128 + 15);
+    assert!(stop.elapsed() < Duration::from_secs(5));
 }

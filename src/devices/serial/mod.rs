@@ -1,9 +1,12 @@
 //! COM1: a 16550A UART (vm-superio's model) on port 0x3f8 / GSI 4, its output going to
-//! stdout or a file, its input fed from stdin by the event loop.
+//! stdout or a file through a bounded buffer the event loop flushes (output.rs), its input
+//! fed from stdin by the event loop (input.rs).
 
 mod input;
+mod output;
 
 pub use input::SerialInput;
+pub use output::{OUTPUT_BUFFER, OutputFlusher, SerialOutput, serial_output};
 
 use std::io::Write;
 use std::sync::Arc;
