@@ -444,3 +444,36 @@ fn a_console_nobody_reads_never_blocks_a_vcpu() {
     assert_eq!(exit_code(status), 128 + 15);
     assert!(stop.elapsed() < Duration::from_secs(5));
 }
+
+/// Security case 29: ten clients that each send half a request and stall lock nobody out:
+/// after 2 s a fresh client takes the place of the oldest, and after 10 s without progress
+/// the others are answered 408 and closed (under the default filters).
+#[test]
+fn stalled_clients_never_lock_a_fresh_client_out() {
+    let dir = TempDir::new("stalled");
+    let k = api_kiln(&dir, &[]);
+    let half = b"PUT /actions HTTP/1.1\r\nContent-Length: 40\r\n\r\n{";
+    let mut stalled: Vec<UnixStream> = (0..10)
+        .map(|_| {
+            let mut s = UnixStream::connect(&k.sock).unwrap();
+            s.write_all(half).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    let (status, body) = k.api("GET", "/", None);
+    assert_eq!(status, 200, "{body}");
+    // The others time out: 408, then end of stream.
+    let mut answered = 0;
+    for s in &mut stalled {
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        if !text.is_empty() {
+            assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+            answered += 1;
+        }
+    }
+    assert_eq!(answered, 9);
+    assert_eq!(k.api("GET", "/", None).0, 200);
+}

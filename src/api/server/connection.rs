@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
+use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, recv, send};
@@ -14,7 +15,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use super::bridge::VmmLink;
 use super::{
     ApiMetrics, ERR_TOO_MANY_CONNECTIONS, ERR_VMM_GONE, LISTENER, MAX_CONNECTIONS,
-    OUTPUT_HIGH_WATER, READ_CHUNK,
+    OUTPUT_HIGH_WATER, READ_CHUNK, Timeouts,
 };
 use crate::api::VmmResponse;
 use crate::api::http::{Event, Request, RequestParser, Response};
@@ -31,6 +32,15 @@ struct Connection {
     closing: bool,
     /// The events it is registered for.
     interest: EventSet,
+    /// When bytes last moved either way (or it was accepted).
+    last_progress: Instant,
+}
+
+impl Connection {
+    /// Nothing pending either way: a keep-alive connection between requests.
+    fn idle(&self) -> bool {
+        self.parser.buffered() == 0 && self.out.is_empty() && !self.closing
+    }
 }
 
 /// The API thread's state.
@@ -46,6 +56,7 @@ pub(super) struct ApiServer {
     vmm_gone: bool,
     max_payload: usize,
     metrics: Arc<ApiMetrics>,
+    timeouts: Timeouts,
 }
 
 impl ApiServer {
@@ -56,6 +67,7 @@ impl ApiServer {
         vmm: VmmLink,
         max_payload: usize,
         metrics: Arc<ApiMetrics>,
+        timeouts: Timeouts,
     ) -> ApiServer {
         ApiServer {
             epoll,
@@ -67,6 +79,7 @@ impl ApiServer {
             vmm_gone: false,
             max_payload,
             metrics,
+            timeouts,
         }
     }
 }
@@ -81,7 +94,7 @@ impl ApiServer {
         let mut chunk = vec![0u8; READ_CHUNK];
         log::debug!("API server listening");
         while !(self.vmm_gone && self.conns.is_empty()) {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let n = match self.epoll.wait(self.wait_ms(), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -96,8 +109,79 @@ impl ApiServer {
                     token => self.serve(token, set, &mut chunk),
                 }
             }
+            self.close_stalled();
         }
         log::debug!("API server stopped");
+    }
+
+    /// How long epoll may sleep: until the first stalled connection's deadline, or for
+    /// ever when no connection has anything pending (an idle server never wakes up).
+    fn wait_ms(&self) -> i32 {
+        let now = Instant::now();
+        self.conns
+            .values()
+            .filter(|c| !c.idle())
+            .map(|c| {
+                let deadline = c.last_progress + self.timeouts.stall;
+                // Rounded up, so the wake-up is not a moment too early.
+                deadline.saturating_duration_since(now).as_millis() + 1
+            })
+            .min()
+            .map_or(-1, |ms| i32::try_from(ms).unwrap_or(i32::MAX))
+    }
+
+    /// Closes every connection with something pending and no progress for the stall
+    /// timeout; a partial request is answered 408 (best effort) first.
+    fn close_stalled(&mut self) {
+        let now = Instant::now();
+        let stalled: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                !c.idle() && now.duration_since(c.last_progress) >= self.timeouts.stall
+            })
+            .map(|(token, _)| *token)
+            .collect();
+        for token in stalled {
+            let Some(conn) = self.conns.remove(&token) else {
+                continue;
+            };
+            self.metrics.connections_timed_out.inc();
+            if conn.parser.buffered() > 0 && conn.out.is_empty() {
+                let response =
+                    Response::fault(408, "The request was not completed in time.").closing();
+                self.metrics.count_status(response.status);
+                let _ = send(
+                    conn.stream.as_raw_fd(),
+                    &response.to_bytes(),
+                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+                );
+            }
+            log::info!(
+                "API: closed a connection stalled for {:?}",
+                self.timeouts.stall
+            );
+            self.close(conn);
+        }
+    }
+
+    /// The connection a new client may replace when all are open: the one idle the
+    /// longest, else the one stalled the longest if that is at least `evict_after`.
+    fn evictable(&self) -> Option<u64> {
+        let now = Instant::now();
+        let oldest = |idle: bool| {
+            self.conns
+                .iter()
+                .filter(|(_, c)| c.idle() == idle)
+                .min_by_key(|(_, c)| c.last_progress)
+                .map(|(token, c)| (*token, now.duration_since(c.last_progress)))
+        };
+        match oldest(true) {
+            Some((token, _)) => Some(token),
+            None => oldest(false)
+                .filter(|(_, quiet)| *quiet >= self.timeouts.evict_after)
+                .map(|(token, _)| token),
+        }
     }
 
     fn accept_all(&mut self) {
@@ -122,6 +206,13 @@ impl ApiServer {
                     return;
                 }
             };
+            if self.conns.len() >= MAX_CONNECTIONS
+                && let Some(conn) = self.evictable().and_then(|t| self.conns.remove(&t))
+            {
+                self.metrics.connections_evicted.inc();
+                log::info!("API: closed the longest idle or stalled connection for a new client");
+                self.close(conn);
+            }
             if self.conns.len() >= MAX_CONNECTIONS {
                 self.metrics.connections_refused.inc();
                 let response = Response::fault(503, ERR_TOO_MANY_CONNECTIONS).closing();
@@ -153,6 +244,7 @@ impl ApiServer {
                     out: Vec::new(),
                     closing: false,
                     interest: EventSet::IN,
+                    last_progress: Instant::now(),
                 },
             );
         }
@@ -194,6 +286,7 @@ impl ApiServer {
                 // The client closed its side: send what is owed, then close.
                 Ok(0) => conn.closing = true,
                 Ok(n) => {
+                    conn.last_progress = Instant::now();
                     for event in conn.parser.feed(&chunk[..n]) {
                         if conn.closing {
                             break;
@@ -319,7 +412,10 @@ fn flush(conn: &mut Connection) -> Result<(), Errno> {
             MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
         ) {
             Ok(0) => break,
-            Ok(n) => sent += n,
+            Ok(n) => {
+                sent += n;
+                conn.last_progress = Instant::now();
+            }
             Err(Errno::EINTR) => {}
             Err(Errno::EAGAIN) => break,
             Err(e) => return Err(e),

@@ -11,7 +11,12 @@
 //! - responses are queued per connection and written when the socket takes them (EPOLLOUT);
 //!   a connection stops being read while more than [`OUTPUT_HIGH_WATER`] bytes of responses
 //!   wait, so a client that does not read cannot grow the queue or block the thread;
-//! - at most [`MAX_CONNECTIONS`] connections are open; one more is answered `503` and closed;
+//! - at most [`MAX_CONNECTIONS`] connections are open; a new client beyond them takes the
+//!   place of the connection idle the longest (a keep-alive connection with nothing
+//!   pending) or stalled the longest (no progress for [`EVICT_AFTER`]), else it is answered
+//!   `503` and closed;
+//! - a connection that holds a partial request, or answers its client does not read,
+//!   without progress for [`STALL_TIMEOUT`] is closed (a partial request is answered 408);
 //! - a complete request is routed ([`route`]); a routing error is answered at once, an
 //!   action goes to the VMM thread over a channel, the bridge's eventfd is written, and the
 //!   thread waits for the VMM's answer. Requests on a connection are answered in order;
@@ -32,6 +37,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -51,6 +57,13 @@ pub const OUTPUT_HIGH_WATER: usize = 64 * 1024;
 pub(crate) const READ_CHUNK: usize = 16 * 1024;
 /// The listener's epoll token; connections count up from 0.
 pub(crate) const LISTENER: u64 = u64::MAX;
+/// How long a connection may hold a partial request, or answers its client does not read,
+/// without any progress before it is closed (a partial request is answered 408).
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// When all [`MAX_CONNECTIONS`] are open, a new client takes the place of the connection
+/// idle the longest (a keep-alive connection with nothing pending, at once) or stalled the
+/// longest (no progress for at least this long); only if there is none is it refused 503.
+pub const EVICT_AFTER: Duration = Duration::from_secs(2);
 /// Firecracker's message to a connection over the limit.
 pub const ERR_TOO_MANY_CONNECTIONS: &str = "Too many open connections";
 /// The message once the VMM thread is gone.
@@ -120,6 +133,11 @@ pub struct ApiMetrics {
     pub connections_refused: Counter,
     /// Accepted connections closed.
     pub connections_closed: Counter,
+    /// Connections closed to make room for a new client (idle, or stalled for
+    /// [`EVICT_AFTER`]).
+    pub connections_evicted: Counter,
+    /// Connections closed after [`STALL_TIMEOUT`] without progress.
+    pub connections_timed_out: Counter,
 }
 
 impl ApiMetrics {
@@ -144,6 +162,8 @@ impl ApiMetrics {
             "connections_accepted": self.connections_accepted.get(),
             "connections_refused": self.connections_refused.get(),
             "connections_closed": self.connections_closed.get(),
+            "connections_evicted": self.connections_evicted.get(),
+            "connections_timed_out": self.connections_timed_out.get(),
         })
     }
 
@@ -217,6 +237,33 @@ pub fn start_api_server(
     seccomp: Arc<SeccompFilters>,
     metrics: Arc<ApiMetrics>,
 ) -> Result<(ApiBridge, JoinHandle<()>), ApiError> {
+    start_with_timeouts(
+        path,
+        max_payload,
+        seccomp,
+        metrics,
+        Timeouts {
+            stall: STALL_TIMEOUT,
+            evict_after: EVICT_AFTER,
+        },
+    )
+}
+
+/// How long connections may stall ([`STALL_TIMEOUT`], [`EVICT_AFTER`]; shorter in tests).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timeouts {
+    pub(crate) stall: Duration,
+    pub(crate) evict_after: Duration,
+}
+
+/// [`start_api_server`] with other timeouts.
+pub(crate) fn start_with_timeouts(
+    path: &Path,
+    max_payload: usize,
+    seccomp: Arc<SeccompFilters>,
+    metrics: Arc<ApiMetrics>,
+    timeouts: Timeouts,
+) -> Result<(ApiBridge, JoinHandle<()>), ApiError> {
     let listener = bind(path)?;
     let cleanup = |e: ApiError| {
         let _ = std::fs::remove_file(path);
@@ -239,7 +286,7 @@ pub fn start_api_server(
         .map_err(ApiError::Setup)
         .map_err(cleanup)?;
     let (bridge, vmm) = bridge::pair(eventfd, api_eventfd);
-    let server = ApiServer::new(epoll, listener, vmm, max_payload, metrics);
+    let server = ApiServer::new(epoll, listener, vmm, max_payload, metrics, timeouts);
     let handle = std::thread::Builder::new()
         .name("kiln_api".into())
         .spawn(move || {

@@ -50,11 +50,32 @@ impl Drop for TestServer {
 /// Starts the API thread on a fresh socket with a fake VMM thread answering through
 /// `recv` (or, with `event_loop`, through the eventfd and `try_recv`).
 fn start(name: &str, filters: SeccompFilters, max_payload: usize, event_loop: bool) -> TestServer {
+    let timeouts = Timeouts {
+        stall: STALL_TIMEOUT,
+        evict_after: EVICT_AFTER,
+    };
+    start_timed(name, filters, max_payload, event_loop, timeouts)
+}
+
+/// `start` with other connection timeouts.
+fn start_timed(
+    name: &str,
+    filters: SeccompFilters,
+    max_payload: usize,
+    event_loop: bool,
+    timeouts: Timeouts,
+) -> TestServer {
     let path = sock_path(name);
     let _ = std::fs::remove_file(&path);
     let metrics = Arc::new(ApiMetrics::default());
-    let (bridge, api) =
-        start_api_server(&path, max_payload, Arc::new(filters), metrics.clone()).unwrap();
+    let (bridge, api) = start_with_timeouts(
+        &path,
+        max_payload,
+        Arc::new(filters),
+        metrics.clone(),
+        timeouts,
+    )
+    .unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
     std::thread::spawn(move || {
@@ -508,7 +529,83 @@ fn check_vmm_gone(s: &mut TestServer) {
     s.api.take().unwrap().join().unwrap();
 }
 
+/// Short timeouts for the tests of stalled and idle connections.
+const SHORT: Timeouts = Timeouts {
+    stall: Duration::from_millis(1500),
+    evict_after: Duration::from_millis(500),
+};
+
+/// Ten keep-alive connections between requests do not lock a new client out: it takes the
+/// place of the one idle the longest, at once.
+fn check_idle_connections_make_room(s: &TestServer) {
+    let mut idle: Vec<Client> = (0..MAX_CONNECTIONS)
+        .map(|_| {
+            let mut c = Client::connect(&s.path);
+            assert_eq!(c.request("GET", "/", None).status, 200);
+            c
+        })
+        .collect();
+    let evicted = s.metrics.connections_evicted.get();
+    let mut fresh = Client::connect(&s.path);
+    assert_eq!(fresh.request("GET", "/version", None).status, 200);
+    assert_eq!(s.metrics.connections_evicted.get(), evicted + 1);
+    // The oldest was closed; the others still work.
+    assert!(idle[0].at_eof());
+    assert_eq!(idle[1].request("GET", "/", None).status, 200);
+    drop(fresh);
+    idle.clear();
+}
+
+/// Security case 29: ten clients that each send half a request and stall lock nobody out
+/// for long: once the oldest has stalled for `evict_after`, a fresh client takes its place;
+/// after `stall` without progress the others are answered 408 and closed.
+fn check_stalled_clients_make_room_then_time_out(s: &TestServer) {
+    let half = b"PUT /actions HTTP/1.1\r\nContent-Length: 40\r\n\r\n{";
+    let mut stalled: Vec<Client> = (0..MAX_CONNECTIONS)
+        .map(|_| {
+            let mut c = Client::connect(&s.path);
+            c.send(half);
+            c
+        })
+        .collect();
+    wait_until("10 connections accepted", || {
+        s.metrics.open_connections() == MAX_CONNECTIONS as u64
+    });
+    std::thread::sleep(SHORT.evict_after);
+    let mut fresh = Client::connect(&s.path);
+    assert_eq!(fresh.request("GET", "/", None).status, 200);
+    assert!(s.metrics.connections_evicted.get() >= 1);
+    // The rest time out: 408 and closed (the evicted one was closed without an answer).
+    let timed_out = stalled
+        .iter_mut()
+        .filter_map(|c| c.reply())
+        .inspect(|r| assert_eq!(r.status, 408))
+        .count();
+    assert_eq!(timed_out, MAX_CONNECTIONS - 1);
+    assert!(stalled.iter_mut().all(|c| c.at_eof()));
+    assert_eq!(
+        s.metrics.connections_timed_out.get(),
+        MAX_CONNECTIONS as u64 - 1
+    );
+    // The fresh client was idle, not stalled: it still works.
+    assert_eq!(fresh.request("GET", "/", None).status, 200);
+}
+
 // ---- tests ---------------------------------------------------------------------------
+
+#[test]
+fn idle_and_stalled_connections_never_lock_a_client_out() {
+    let s = start_timed(
+        "stall",
+        SeccompFilters::disabled(),
+        DEFAULT_MAX_PAYLOAD,
+        false,
+        SHORT,
+    );
+    check_idle_connections_make_room(&s);
+    wait_until("no connection open", || s.metrics.open_connections() == 0);
+    check_stalled_clients_make_room_then_time_out(&s);
+}
 
 #[test]
 fn serves_every_case_without_seccomp() {
