@@ -53,5 +53,6 @@ void scn_net_bench(const char *arg);
 void scn_blk_resize(const char *arg);
 void scn_blk_fuzz(const char *arg);
 void scn_serial_flood(const char *arg);
+void scn_soak(const char *arg);
 
 #endif
