@@ -1,5 +1,6 @@
 //! The kiln binary: arguments → configuration → VM → run → exit code.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +18,9 @@ use kiln::seccomp::{
 use kiln::terminal::RawTerminal;
 
 fn fail(code: ExitCode, message: impl std::fmt::Display) -> i32 {
-    eprintln!("kiln: error: {message}");
+    // Not eprintln!, which panics if stderr fails (e.g. a full pipe made non-blocking
+    // along with the console it shares with stdout).
+    let _ = writeln!(std::io::stderr(), "kiln: error: {message}");
     code.code()
 }
 

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::{self, ErrorKind, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
@@ -207,10 +208,22 @@ impl MutEventSubscriber for OutputFlusher {
     }
 }
 
+/// How long the end of the run waits for a slow console to take the last output.
+const LAST_OUTPUT_WAIT: Duration = Duration::from_millis(500);
+
 impl Drop for OutputFlusher {
     fn drop(&mut self) {
         let mut pending = self.shared.lock();
-        let _ = pending.drain();
+        // The guest's last lines (before a reset, say) may still be queued: give a console
+        // that is reading, if slowly, a moment to take them; one nobody reads costs at most
+        // LAST_OUTPUT_WAIT. (sched_yield: the event loop's filter has no sleep.)
+        let start = Instant::now();
+        while pending.drain().is_ok()
+            && !pending.buf.is_empty()
+            && start.elapsed() < LAST_OUTPUT_WAIT
+        {
+            std::thread::yield_now();
+        }
         if let Some(flags) = self.restore_flags {
             // SAFETY: F_SETFL on the console's fd, which `pending.out` keeps open, puts back
             // the status flags it had before kiln started.
