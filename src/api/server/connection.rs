@@ -165,23 +165,17 @@ impl ApiServer {
         }
     }
 
-    /// The connection a new client may replace when all are open: the one idle the
-    /// longest, else the one stalled the longest if that is at least `evict_after`.
+    /// The connection a new client may replace when all are open: of those quiet (no bytes
+    /// either way) for at least `evict_after`, an idle one (nothing pending) before a
+    /// stalled one, the quiet longest first. A connection just accepted or just served is
+    /// never taken, so its request cannot be cut off in flight.
     fn evictable(&self) -> Option<u64> {
         let now = Instant::now();
-        let oldest = |idle: bool| {
-            self.conns
-                .iter()
-                .filter(|(_, c)| c.idle() == idle)
-                .min_by_key(|(_, c)| c.last_progress)
-                .map(|(token, c)| (*token, now.duration_since(c.last_progress)))
-        };
-        match oldest(true) {
-            Some((token, _)) => Some(token),
-            None => oldest(false)
-                .filter(|(_, quiet)| *quiet >= self.timeouts.evict_after)
-                .map(|(token, _)| token),
-        }
+        self.conns
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.last_progress) >= self.timeouts.evict_after)
+            .min_by_key(|(_, c)| (!c.idle(), c.last_progress))
+            .map(|(token, _)| *token)
     }
 
     fn accept_all(&mut self) {

@@ -12,9 +12,8 @@
 //!   a connection stops being read while more than [`OUTPUT_HIGH_WATER`] bytes of responses
 //!   wait, so a client that does not read cannot grow the queue or block the thread;
 //! - at most [`MAX_CONNECTIONS`] connections are open; a new client beyond them takes the
-//!   place of the connection idle the longest (a keep-alive connection with nothing
-//!   pending) or stalled the longest (no progress for [`EVICT_AFTER`]), else it is answered
-//!   `503` and closed;
+//!   place of one quiet for [`EVICT_AFTER`] (an idle keep-alive connection before a
+//!   stalled one), else it is answered `503` and closed;
 //! - a connection that holds a partial request, or answers its client does not read,
 //!   without progress for [`STALL_TIMEOUT`] is closed (a partial request is answered 408);
 //! - a complete request is routed ([`route`]); a routing error is answered at once, an
@@ -60,9 +59,9 @@ pub(crate) const LISTENER: u64 = u64::MAX;
 /// How long a connection may hold a partial request, or answers its client does not read,
 /// without any progress before it is closed (a partial request is answered 408).
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(10);
-/// When all [`MAX_CONNECTIONS`] are open, a new client takes the place of the connection
-/// idle the longest (a keep-alive connection with nothing pending, at once) or stalled the
-/// longest (no progress for at least this long); only if there is none is it refused 503.
+/// When all [`MAX_CONNECTIONS`] are open, a new client takes the place of a connection
+/// quiet (no bytes either way) for at least this long — an idle keep-alive connection
+/// before a stalled one; only if there is none is it refused 503.
 pub const EVICT_AFTER: Duration = Duration::from_secs(2);
 /// Firecracker's message to a connection over the limit.
 pub const ERR_TOO_MANY_CONNECTIONS: &str = "Too many open connections";
@@ -133,8 +132,7 @@ pub struct ApiMetrics {
     pub connections_refused: Counter,
     /// Accepted connections closed.
     pub connections_closed: Counter,
-    /// Connections closed to make room for a new client (idle, or stalled for
-    /// [`EVICT_AFTER`]).
+    /// Connections closed to make room for a new client (quiet for [`EVICT_AFTER`]).
     pub connections_evicted: Counter,
     /// Connections closed after [`STALL_TIMEOUT`] without progress.
     pub connections_timed_out: Counter,

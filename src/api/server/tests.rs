@@ -535,8 +535,9 @@ const SHORT: Timeouts = Timeouts {
     evict_after: Duration::from_millis(500),
 };
 
-/// Ten keep-alive connections between requests do not lock a new client out: it takes the
-/// place of the one idle the longest, at once.
+/// Ten keep-alive connections between requests do not lock a new client out: once they
+/// have been quiet for `evict_after`, it takes the place of the one idle the longest (and
+/// before that it gets 503, as an 11th active connection does).
 fn check_idle_connections_make_room(s: &TestServer) {
     let mut idle: Vec<Client> = (0..MAX_CONNECTIONS)
         .map(|_| {
@@ -545,6 +546,9 @@ fn check_idle_connections_make_room(s: &TestServer) {
             c
         })
         .collect();
+    let mut early = Client::connect(&s.path);
+    assert_eq!(early.reply().unwrap().status, 503);
+    std::thread::sleep(SHORT.evict_after);
     let evicted = s.metrics.connections_evicted.get();
     let mut fresh = Client::connect(&s.path);
     assert_eq!(fresh.request("GET", "/version", None).status, 200);
