@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Bytes of guest output kiln holds for a console that is not reading.
@@ -76,29 +77,21 @@ pub struct OutputFlusher {
     shared: Arc<Shared>,
     out_fd: RawFd,
     /// The console's flags before kiln made it non-blocking.
-    restore_flags: Option<libc::c_int>,
+    restore_flags: Option<OFlag>,
     /// Whether the console is in the epoll set for EPOLLOUT.
     watching: bool,
 }
 
 /// Makes `out` non-blocking unless it is a regular file; returns the flags to restore.
-fn make_nonblocking(out: &File) -> io::Result<Option<libc::c_int>> {
+fn make_nonblocking(out: &File) -> io::Result<Option<OFlag>> {
     if out.metadata()?.file_type().is_file() {
         return Ok(None);
     }
-    let fd = out.as_raw_fd();
-    // SAFETY: F_GETFL on an open fd only reads its flags.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if flags & libc::O_NONBLOCK != 0 {
+    let flags = OFlag::from_bits_retain(fcntl(out, FcntlArg::F_GETFL)?);
+    if flags.contains(OFlag::O_NONBLOCK) {
         return Ok(None);
     }
-    // SAFETY: F_SETFL on an open fd only changes its status flags.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    fcntl(out, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
     Ok(Some(flags))
 }
 
@@ -225,9 +218,8 @@ impl Drop for OutputFlusher {
             std::thread::yield_now();
         }
         if let Some(flags) = self.restore_flags {
-            // SAFETY: F_SETFL on the console's fd, which `pending.out` keeps open, puts back
-            // the status flags it had before kiln started.
-            unsafe { libc::fcntl(pending.out.as_raw_fd(), libc::F_SETFL, flags) };
+            // Nothing more to do if it fails: kiln is stopping.
+            let _ = fcntl(&pending.out, FcntlArg::F_SETFL(flags));
         }
     }
 }
@@ -265,7 +257,7 @@ mod tests {
         // The reader drains the pipe; the flusher's drop writes out what is queued.
         let mut got = vec![0u8; 1 << 17];
         let mut total = 0;
-        reader.set_nonblocking_for_test();
+        fcntl(&reader, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
         loop {
             match reader.read(&mut got) {
                 Ok(n) if n > 0 => total += n,
@@ -280,20 +272,6 @@ mod tests {
             }
         }
         assert_eq!(total, accepted);
-    }
-
-    trait NonBlocking {
-        fn set_nonblocking_for_test(&self);
-    }
-
-    impl NonBlocking for File {
-        fn set_nonblocking_for_test(&self) {
-            let fd = self.as_raw_fd();
-            // SAFETY: F_GETFL/F_SETFL on an open fd only change its status flags.
-            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-            // SAFETY: as above.
-            unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
-        }
     }
 
     #[test]
