@@ -236,8 +236,8 @@ fn serial_output(
     path: &Option<PathBuf>,
 ) -> Result<(Box<dyn Write + Send>, Option<OutputFlusher>), StartError> {
     let (file, shown) = match path {
-        None => match nix::unistd::dup(std::io::stdout()) {
-            Ok(fd) => (File::from(fd), "stdout".to_string()),
+        None => match crate::devices::serial::open_stdout() {
+            Ok(file) => (file, "stdout".to_string()),
             Err(_) => return Ok((Box::new(std::io::sink()), None)),
         },
         Some(p) => {

@@ -427,6 +427,15 @@ fn a_console_nobody_reads_never_blocks_a_vcpu() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // kiln wrote through a description of its own: the one it shares with this test (its
+    // fd 1) keeps its blocking mode.
+    let fdinfo = std::fs::read_to_string(format!("/proc/{}/fdinfo/1", child.id())).unwrap();
+    let flags = fdinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        .unwrap();
+    assert_eq!(flags & 0o4000, 0, "kiln's fd 1 was made O_NONBLOCK");
     // The vCPU is not stuck in a write: it pauses, and the API keeps answering.
     let paused = Instant::now();
     let patch = r#"{"state": "Paused"}"#;

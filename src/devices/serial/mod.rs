@@ -6,7 +6,7 @@ mod input;
 mod output;
 
 pub use input::SerialInput;
-pub use output::{OUTPUT_BUFFER, OutputFlusher, SerialOutput, serial_output};
+pub use output::{OUTPUT_BUFFER, OutputFlusher, SerialOutput, open_stdout, serial_output};
 
 use std::io::Write;
 use std::sync::Arc;

@@ -95,6 +95,27 @@ fn make_nonblocking(out: &File) -> io::Result<Option<OFlag>> {
     Ok(Some(flags))
 }
 
+/// The console for guest output when it is kiln's stdout. For a pipe, FIFO or terminal this
+/// is, where `/proc` is mounted, a new open file description of the same file, opened
+/// non-blocking, so the flag does not reach the description kiln shares with the process
+/// that started it; otherwise (a jail without `/proc`, a socket, a regular file) a duplicate
+/// of fd 1, whose description [`serial_output`] then makes non-blocking for the run.
+pub fn open_stdout() -> io::Result<File> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let stdout = File::from(nix::unistd::dup(io::stdout())?);
+    let kind = stdout.metadata()?.file_type();
+    if kind.is_fifo() || kind.is_char_device() {
+        let reopened = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
+            .open("/proc/self/fd/1");
+        if let Ok(file) = reopened {
+            return Ok(file);
+        }
+    }
+    Ok(stdout)
+}
+
 /// The two sides of the serial output to `out`, holding at most `capacity` bytes the
 /// console has not taken.
 pub fn serial_output(out: File, capacity: usize) -> io::Result<(SerialOutput, OutputFlusher)> {
