@@ -531,8 +531,8 @@ fn check_vmm_gone(s: &mut TestServer) {
 
 /// Short timeouts for the tests of stalled and idle connections.
 const SHORT: Timeouts = Timeouts {
-    stall: Duration::from_millis(1500),
-    evict_after: Duration::from_millis(500),
+    stall: Duration::from_millis(2500),
+    evict_after: Duration::from_millis(1000),
 };
 
 /// Ten keep-alive connections between requests do not lock a new client out: once they
