@@ -62,6 +62,7 @@ mod seccomp_filters {
             seccompiler::compile_from_json(text.as_bytes(), seccompiler::TargetArch::x86_64)
                 .map_err(|e| e.to_string())?;
         let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        check_dword_values(&doc)?;
         fs::create_dir_all(out).map_err(|e| e.to_string())?;
         for name in CATEGORIES {
             let program = programs
@@ -80,6 +81,27 @@ mod seccomp_filters {
         }
         if let Some(extra) = programs.keys().find(|k| !CATEGORIES.contains(&k.as_str())) {
             return Err(format!("unknown thread category `{extra}`"));
+        }
+        Ok(())
+    }
+
+    /// A `dword` condition's value or mask must fit in 32 bits (kiln refuses a custom
+    /// filter that breaks this at start; the built-in one must not either).
+    fn check_dword_values(doc: &serde_json::Value) -> Result<(), String> {
+        for (name, filter) in doc.as_object().into_iter().flatten() {
+            for rule in filter["filter"].as_array().into_iter().flatten() {
+                for arg in rule["args"].as_array().into_iter().flatten() {
+                    let wide = |v: &serde_json::Value| v.as_u64().is_some_and(|v| v > 0xffff_ffff);
+                    if arg["type"] == "dword"
+                        && (wide(&arg["val"]) || wide(&arg["op"]["masked_eq"]))
+                    {
+                        return Err(format!(
+                            "`{name}`: `{}`: a dword argument's value or mask does not fit in 32 bits",
+                            rule["syscall"].as_str().unwrap_or("?")
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }

@@ -128,7 +128,12 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
             disk.display()
         ),
     )?;
-    api(&src, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#)?;
+    api(
+        &src,
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+    )?;
     wait_line(&src, "info workload step=2 ", Duration::from_secs(60))?;
     api(&src, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
     let t = Instant::now();
@@ -175,7 +180,10 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
 
 fn firecracker() -> Option<PathBuf> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/firecracker.sh");
-    let out = Command::new(script).stderr(Stdio::inherit()).output().ok()?;
+    let out = Command::new(script)
+        .stderr(Stdio::inherit())
+        .output()
+        .ok()?;
     let path = String::from_utf8(out.stdout).ok()?;
     let path = PathBuf::from(path.trim());
     (out.status.success() && path.is_file()).then_some(path)
@@ -206,7 +214,10 @@ fn main() {
                 }
             }
             println!("\n{mib} MiB guest (medians, min-max)");
-            println!("{:<28} {:>22} {:>22} {:>8}", "", "kiln", "firecracker", "ratio");
+            println!(
+                "{:<28} {:>22} {:>22} {:>8}",
+                "", "kiln", "firecracker", "ratio"
+            );
             type Get = fn(&Sample) -> f64;
             let rows: [(&str, Get); 4] = [
                 ("create Full (ms)", |s| s.create_ms),

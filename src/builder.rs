@@ -27,7 +27,9 @@ use crate::devices::boot_timer::{BOOT_TIMER_SIZE, BootTimer};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::i8042::{I8042_BASE, I8042_PORTS, I8042Device};
 use crate::devices::registry::{Device, DeviceRegistry, Location, lock};
-use crate::devices::serial::{COM1_BASE, SerialDevice, SerialInput, UART_PORTS};
+use crate::devices::serial::{
+    COM1_BASE, OUTPUT_BUFFER, OutputFlusher, SerialDevice, SerialInput, UART_PORTS,
+};
 use crate::devices::virtio::block::{Block, BlockConfig, BlockEvents, DiskFile};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::net::{Net, NetConfig, NetEvents, Tap};
@@ -240,9 +242,17 @@ fn base_cmdline(config: &VmConfig) -> Result<Cmdline, StartError> {
     Cmdline::try_from(args, CMDLINE_MAX_SIZE).map_err(|e| StartError::Cmdline(e.to_string()))
 }
 
-fn serial_output(path: &Option<PathBuf>) -> Result<Box<dyn Write + Send>, StartError> {
-    match path {
-        None => Ok(Box::new(std::io::stdout())),
+/// The console: `--serial-out PATH` or (a duplicate of) stdout, behind a bounded buffer
+/// so a console nobody reads never blocks a vCPU. `None` for the flusher when stdout is
+/// closed (output is then discarded, as before).
+fn serial_output(
+    path: &Option<PathBuf>,
+) -> Result<(Box<dyn Write + Send>, Option<OutputFlusher>), StartError> {
+    let (file, shown) = match path {
+        None => match crate::devices::serial::open_stdout() {
+            Ok(file) => (file, "stdout".to_string()),
+            Err(_) => return Ok((Box::new(std::io::sink()), None)),
+        },
         Some(p) => {
             let file = std::fs::OpenOptions::new()
                 .write(true)
@@ -253,9 +263,17 @@ fn serial_output(path: &Option<PathBuf>) -> Result<Box<dyn Write + Send>, StartE
                     path: p.display().to_string(),
                     source,
                 })?;
-            Ok(Box::new(file))
+            (file, p.display().to_string())
         }
-    }
+    };
+    let (out, flusher) =
+        crate::devices::serial::serial_output(file, OUTPUT_BUFFER).map_err(|source| {
+            StartError::SerialOut {
+                path: shown,
+                source,
+            }
+        })?;
+    Ok((Box::new(out), Some(flusher)))
 }
 
 fn stdin_source() -> Option<File> {
@@ -587,9 +605,10 @@ fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, St
         .register_irqfd(&serial_irq, SERIAL_GSI)
         .map_err(|e| event_err("the serial IRQ")(std::io::Error::from_raw_os_error(e.errno())))?;
     let input_ready = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("the serial input"))?;
+    let (serial_out, serial_flusher) = serial_output(&opts.serial_out)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         IrqLine::new(serial_irq),
-        serial_output(&opts.serial_out)?,
+        serial_out,
         input_ready
             .try_clone()
             .map_err(event_err("the serial input"))?,
@@ -721,6 +740,10 @@ fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, St
             SignalWatcher::install(exit.clone()).map_err(event_err("the stop signals"))?,
         ));
         event_manager.add_subscriber(signals);
+    }
+    if let Some(flusher) = serial_flusher {
+        let flusher: Subscriber = Arc::new(Mutex::new(flusher));
+        event_manager.add_subscriber(flusher);
     }
     if opts.serial_in {
         let input: Subscriber = Arc::new(Mutex::new(SerialInput::new(

@@ -22,6 +22,35 @@ pub const DEFAULT_VCPUS: u64 = 1;
 /// Default memory size.
 pub const DEFAULT_MEM_MIB: u64 = 128;
 
+/// Largest operator file kiln reads (a config file, a custom seccomp filter): a whole VM's
+/// config or Firecracker's own filters take a few tens of KiB. Larger (or endless, as
+/// `/dev/zero`) is refused before it fills memory.
+pub const MAX_OPERATOR_FILE: u64 = 1024 * 1024;
+
+/// Why an operator file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FileReadError {
+    /// Opening or reading failed, or the text is not UTF-8.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The file is over the limit.
+    #[error("larger than {0} bytes, the limit for this file; not read")]
+    TooLarge(u64),
+}
+
+/// Reads a text file of at most `limit` bytes, never more than `limit + 1` of it.
+pub fn read_capped(path: &Path, limit: u64) -> Result<String, FileReadError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(FileReadError::TooLarge(limit));
+    }
+    String::from_utf8(bytes)
+        .map_err(|e| FileReadError::Io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
+}
+
 /// Configuration errors. The message starts with the field it concerns.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -31,7 +60,7 @@ pub enum ConfigError {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        source: FileReadError,
     },
     /// The JSON does not match the schema.
     #[error("{path}: {message}")]
@@ -378,7 +407,7 @@ pub fn from_json<'a, T: Deserialize<'a>>(json: &'a str) -> Result<T, ConfigError
 impl VmConfig {
     /// Reads and validates a config file.
     pub fn from_file(path: &Path) -> Result<VmConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_capped(path, MAX_OPERATOR_FILE).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;

@@ -1,13 +1,32 @@
 //! kiln's logger: one line per record, to stderr or a file/FIFO, with the thread name.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock, PoisonError};
 
 use log::{LevelFilter, Log, Metadata, Record};
 
-/// Where log lines go and how they look.
+use crate::metrics::{LineOutcome, LineSink};
+
+/// Log lines dropped because the sink had no room (a FIFO nobody reads).
+static MISSED_LOG_COUNT: AtomicU64 = AtomicU64::new(0);
+/// Log lines that could not be written because writing failed.
+static LOG_FAILS: AtomicU64 = AtomicU64::new(0);
+
+/// Log lines dropped because the sink had no room (Firecracker's `missed_log_count`).
+pub fn missed_log_count() -> u64 {
+    MISSED_LOG_COUNT.load(Ordering::Relaxed)
+}
+
+/// Log lines whose write failed (Firecracker's `log_fails`).
+pub fn log_fails() -> u64 {
+    LOG_FAILS.load(Ordering::Relaxed)
+}
+
+/// Where log lines go and how they look. Lines are written whole or dropped and counted,
+/// never blocking on a sink nobody reads ([`LineSink`]).
 struct Logger {
-    out: Mutex<Box<dyn Write + Send>>,
+    out: Mutex<LineSink<Box<dyn Write + Send>>>,
     show_level: Mutex<bool>,
     show_origin: Mutex<bool>,
     module: Mutex<Option<String>>,
@@ -18,7 +37,7 @@ static LOGGER: OnceLock<Logger> = OnceLock::new();
 
 fn logger() -> &'static Logger {
     LOGGER.get_or_init(|| Logger {
-        out: Mutex::new(Box::new(std::io::stderr())),
+        out: Mutex::new(LineSink::new(Box::new(std::io::stderr()))),
         show_level: Mutex::new(true),
         show_origin: Mutex::new(false),
         module: Mutex::new(None),
@@ -60,8 +79,16 @@ impl Log for Logger {
             ));
         }
         line.push_str(&format!("] {}\n", record.args()));
-        // A log line that cannot be written has nowhere else to go.
-        let _ = lock(&self.out).write_all(line.as_bytes());
+        // A log line that cannot be written has nowhere else to go: it is counted.
+        match lock(&self.out).write_line(line.as_bytes()) {
+            Ok(LineOutcome::Written) => {}
+            Ok(LineOutcome::Dropped) => {
+                MISSED_LOG_COUNT.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                LOG_FAILS.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     fn flush(&self) {
@@ -88,7 +115,7 @@ pub fn configure(
 ) {
     let l = logger();
     if let Some(out) = out {
-        *lock(&l.out) = out;
+        *lock(&l.out) = LineSink::new(out);
     }
     if let Some(level) = level {
         log::set_max_level(level);

@@ -1,5 +1,6 @@
 //! The kiln binary: arguments → configuration → VM → run → exit code.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -13,6 +14,7 @@ use kiln::devices::boot_timer::process_cpu_us;
 use kiln::exit::{ExitCode, ExitReason};
 use kiln::seccomp::{
     SeccompError, SeccompFilters, ThreadCategory, install_panic_hook, install_sigsys_handler,
+    pin_allocator,
 };
 use kiln::snapshot::{Key, SnapshotLoadParams};
 use kiln::terminal::RawTerminal;
@@ -358,14 +360,26 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
     Ok(reason.status())
 }
 
+/// Prints the one error line. Not `eprintln!`, which panics if stderr fails (e.g. a full
+/// pipe made non-blocking along with the console it shares with stdout).
+fn fail(code: ExitCode, message: impl std::fmt::Display) -> i32 {
+    let _ = writeln!(std::io::stderr(), "kiln: error: {message}");
+    code.code()
+}
+
 fn main() {
     let start = (Instant::now(), process_cpu_us());
-    let code = match main_exec(start) {
-        Ok(status) => status,
-        Err(e) => {
-            eprintln!("kiln: error: {e}");
-            e.exit_code().code()
-        }
+    // Before any thread exists: no allocation may later step outside a seccomp filter, and a
+    // guest write past RLIMIT_FSIZE fails (EFBIG, an IOERR for the guest) instead of killing.
+    let prepared = pin_allocator().map_err(|e| e.to_string()).and_then(|()| {
+        kiln::signals::ignore_file_size_signal().map_err(|e| format!("SIGXFSZ: {e}"))
+    });
+    let code = match prepared {
+        Err(e) => fail(ExitCode::StartFailure, e),
+        Ok(()) => match main_exec(start) {
+            Ok(status) => status,
+            Err(e) => fail(e.exit_code(), e),
+        },
     };
     std::process::exit(code);
 }

@@ -37,18 +37,104 @@ pub enum MetricsError {
     Write(#[source] std::io::Error),
 }
 
-/// Opens a file or FIFO for appending lines without blocking on a FIFO with no reader yet.
+/// Opens a file or FIFO for appending lines. A FIFO is opened read-write (so open(2) does
+/// not wait for a reader) and non-blocking (so a reader that stops reading never blocks
+/// kiln: what does not fit is dropped and counted, see [`LineSink`]).
 pub fn open_sink(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let is_fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
     let mut options = std::fs::OpenOptions::new();
+    let mut flags = libc::O_CLOEXEC;
     if is_fifo {
-        // Read-write keeps open(2) from waiting for a reader.
         options.read(true).write(true);
+        flags |= libc::O_NONBLOCK;
     } else {
         options.append(true).create(true);
     }
-    options.custom_flags(libc::O_CLOEXEC).open(path)
+    options.custom_flags(flags).open(path)
+}
+
+/// One write(2) to `out`; `Ok(None)` when it has no room now.
+fn write_some(out: &mut impl Write, bytes: &[u8]) -> std::io::Result<Option<usize>> {
+    loop {
+        match out.write(bytes) {
+            Ok(n) => return Ok(Some(n)),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What became of a line handed to a [`LineSink`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineOutcome {
+    /// Written (or its start written and the rest kept for the next line).
+    Written,
+    /// Not written at all: the sink had no room. The stream is intact.
+    Dropped,
+}
+
+/// An operator's sink (a file or FIFO) written one whole line at a time, never blocking on
+/// a non-blocking FIFO and never corrupting the stream. A line the sink has no room for is
+/// dropped whole (a line up to PIPE_BUF bytes is written to a FIFO all or nothing). If the
+/// sink takes only the start of a longer line, the rest is kept and written before
+/// anything else; while it is still pending, new lines are dropped. So a reader sees every
+/// line it gets complete and in order, and at most one line is held.
+#[derive(Debug)]
+pub struct LineSink<W: Write> {
+    out: W,
+    pending: Vec<u8>,
+}
+
+impl<W: Write> LineSink<W> {
+    /// A sink writing to `out`.
+    pub fn new(out: W) -> Self {
+        LineSink {
+            out,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Bytes of a line started but not yet taken by the sink.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Writes what is left of a partly written line; true when nothing is left.
+    fn drain_pending(&mut self) -> std::io::Result<bool> {
+        while !self.pending.is_empty() {
+            match write_some(&mut self.out, &self.pending)? {
+                Some(n) if n > 0 => drop(self.pending.drain(..n)),
+                _ => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Writes `line` (which ends with a newline) whole, or drops it whole.
+    pub fn write_line(&mut self, line: &[u8]) -> std::io::Result<LineOutcome> {
+        if !self.drain_pending()? {
+            return Ok(LineOutcome::Dropped);
+        }
+        let mut written = 0;
+        while written < line.len() {
+            match write_some(&mut self.out, &line[written..])? {
+                Some(n) if n > 0 => written += n,
+                _ if written == 0 => return Ok(LineOutcome::Dropped),
+                _ => {
+                    self.pending = line[written..].to_vec();
+                    break;
+                }
+            }
+        }
+        Ok(LineOutcome::Written)
+    }
+
+    /// Flushes the writer (for buffered writers; a file or FIFO has nothing to flush).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }
 
 /// A source of named counters (a device, the API server, ...).
@@ -57,9 +143,13 @@ pub type Section = (String, Value);
 /// The metrics destination and the counters of what is not a device.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    sink: Option<File>,
+    sink: Option<LineSink<File>>,
     /// Flushes written.
     pub flushes: AtomicU64,
+    /// Metrics lines dropped because the sink had no room (a FIFO nobody reads).
+    pub missed_metrics_count: AtomicU64,
+    /// Metrics lines that could not be written because writing failed.
+    pub metrics_fails: AtomicU64,
 }
 
 impl Metrics {
@@ -69,7 +159,7 @@ impl Metrics {
             path: path.display().to_string(),
             source,
         })?;
-        self.sink = Some(file);
+        self.sink = Some(LineSink::new(file));
         Ok(())
     }
 
@@ -78,7 +168,9 @@ impl Metrics {
         self.sink.is_some()
     }
 
-    /// Writes one JSON line made of `sections` (plus a timestamp).
+    /// Writes one JSON line made of `sections` (plus a timestamp and the `logger` section:
+    /// lines of logs and metrics dropped or failed, as Firecracker's). A line the sink has no
+    /// room for is dropped and counted in `missed_metrics_count`; this never blocks.
     pub fn flush(&mut self, sections: Vec<Section>) -> Result<(), MetricsError> {
         let Some(sink) = self.sink.as_mut() else {
             return Err(MetricsError::NotConfigured);
@@ -92,12 +184,31 @@ impl Metrics {
         for (name, value) in sections {
             obj.insert(name, value);
         }
+        obj.insert(
+            "logger".into(),
+            json!({
+                "missed_metrics_count": self.missed_metrics_count.load(Ordering::Relaxed),
+                "metrics_fails": self.metrics_fails.load(Ordering::Relaxed),
+                "missed_log_count": crate::logger::missed_log_count(),
+                "log_fails": crate::logger::log_fails(),
+            }),
+        );
         let mut line = Value::Object(obj).to_string();
         line.push('\n');
-        sink.write_all(line.as_bytes())
-            .map_err(MetricsError::Write)?;
-        self.flushes.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        match sink.write_line(line.as_bytes()) {
+            Ok(LineOutcome::Written) => {
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(LineOutcome::Dropped) => {
+                self.missed_metrics_count.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics_fails.fetch_add(1, Ordering::Relaxed);
+                Err(MetricsError::Write(e))
+            }
+        }
     }
 }
 
@@ -296,6 +407,103 @@ mod tests {
         let mut m = Metrics::default();
         m.set_sink(&p).unwrap();
         m.flush(vec![]).unwrap();
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    /// Takes `room` bytes per call, then reports "would block" until given more room.
+    struct Narrow {
+        taken: Vec<u8>,
+        room: usize,
+    }
+
+    impl Write for Narrow {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.room == 0 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.room);
+            self.room -= n;
+            self.taken.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn line_sink_writes_whole_lines_or_drops_them() {
+        let mut sink = LineSink::new(Narrow {
+            taken: Vec::new(),
+            room: 10,
+        });
+        assert_eq!(sink.write_line(b"first\n").unwrap(), LineOutcome::Written);
+        // Only the start fits: the rest is kept, the next line is dropped.
+        assert_eq!(sink.write_line(b"second\n").unwrap(), LineOutcome::Written);
+        assert_eq!(sink.pending(), 3);
+        assert_eq!(sink.write_line(b"third\n").unwrap(), LineOutcome::Dropped);
+        // Room again: the rest goes first, then the new line.
+        sink.out.room = 100;
+        assert_eq!(sink.write_line(b"fourth\n").unwrap(), LineOutcome::Written);
+        assert_eq!(sink.pending(), 0);
+        assert_eq!(sink.out.taken, b"first\nsecond\nfourth\n");
+        // No room at all: dropped whole.
+        sink.out.room = 0;
+        assert_eq!(sink.write_line(b"fifth\n").unwrap(), LineOutcome::Dropped);
+        assert_eq!(sink.out.taken, b"first\nsecond\nfourth\n");
+    }
+
+    /// Security case 27: a metrics FIFO nobody reads never blocks a flush; lines that do
+    /// not fit are dropped and counted, and what the reader finally gets is whole JSON
+    /// lines, even for lines longer than PIPE_BUF.
+    #[test]
+    fn unread_fifo_never_blocks_and_keeps_lines_whole() {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = std::env::temp_dir().join(format!("kiln-metrics-full-{}", std::process::id()));
+        let _ = std::fs::remove_file(&p);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let mut m = Metrics::default();
+        m.set_sink(&p).unwrap();
+        let big = || vec![("pad".to_string(), json!("x".repeat(10_000)))];
+        let start = std::time::Instant::now();
+        for _ in 0..100 {
+            m.flush(big()).unwrap();
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+        let missed = m.missed_metrics_count.load(Ordering::Relaxed);
+        let written = m.flushes.load(Ordering::Relaxed);
+        assert!(missed > 50, "missed {missed}");
+        assert_eq!(missed + written, 100);
+        // A reader drains the FIFO; the next flush completes the line cut short first.
+        let mut reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&p)
+            .unwrap();
+        let mut text = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut drain = |text: &mut Vec<u8>| {
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                text.extend_from_slice(&buf[..n]);
+            }
+        };
+        drain(&mut text);
+        m.flush(vec![]).unwrap();
+        drain(&mut text);
+        let text = String::from_utf8(text).unwrap();
+        assert!(text.ends_with('\n'));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len() as u64, m.flushes.load(Ordering::Relaxed));
+        for line in &lines {
+            let v: Value = serde_json::from_str(line).unwrap();
+            assert!(v["logger"]["missed_metrics_count"].as_u64().is_some());
+        }
+        let last: Value = serde_json::from_str(lines[lines.len() - 1]).unwrap();
+        assert_eq!(last["logger"]["missed_metrics_count"], missed);
         std::fs::remove_file(&p).unwrap();
     }
 }

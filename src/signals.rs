@@ -28,6 +28,18 @@ extern "C" fn on_stop_signal(signum: libc::c_int, _: *mut libc::siginfo_t, _: *m
     }
 }
 
+/// Ignores SIGXFSZ for the whole process, so that a write past RLIMIT_FSIZE (the jailer's
+/// `--resource-limit fsize=`) fails with EFBIG — which virtio-blk answers IOERR and counts —
+/// instead of killing kiln. Must run before any thread starts.
+pub fn ignore_file_size_signal() -> std::io::Result<()> {
+    // SAFETY: sets the disposition of SIGXFSZ to SIG_IGN; no handler code is involved.
+    let previous = unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    if previous == libc::SIG_ERR {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Turns stop signals into [`ExitReason::Signal`].
 #[derive(Debug)]
 pub struct SignalWatcher {

@@ -285,7 +285,11 @@ fn hostile_state_files_are_refused_before_use_and_nothing_is_written() {
     let foreign_cpu =
         kiln::snapshot::format::encode(&serde_json::to_vec(&st).unwrap(), Some(&key_bytes));
     for (what, bytes, expect) in [
-        ("CPU features the host lacks", foreign_cpu, "lacks CPU features"),
+        (
+            "CPU features the host lacks",
+            foreign_cpu,
+            "lacks CPU features",
+        ),
         ("a queue outside guest memory", far_queue, "queue 0"),
         ("no vCPU state", no_vcpus, "vCPU states"),
         ("a queue over the maximum size", big_queue, "queue 0"),

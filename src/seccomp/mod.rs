@@ -4,12 +4,17 @@
 //! controls. A syscall outside the list traps into a SIGSYS handler that writes one line
 //! naming the thread and the syscall, then ends the process with exit code 148.
 
+mod malloc;
+
+pub use malloc::{MallocError, pin_allocator};
+
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::path::Path;
 
 use seccompiler::{BpfProgram, TargetArch, sock_filter};
 
+use crate::config::{FileReadError, MAX_OPERATOR_FILE, read_capped};
 use crate::exit::ExitCode;
 
 /// The kinds of threads, each with its own filter.
@@ -68,7 +73,7 @@ pub enum SeccompError {
         /// The file.
         path: String,
         /// Why.
-        source: std::io::Error,
+        source: FileReadError,
     },
     /// The custom filter file does not compile.
     #[error("--seccomp-filter {path}: {message}")]
@@ -77,6 +82,26 @@ pub enum SeccompError {
         path: String,
         /// seccompiler's message.
         message: String,
+    },
+    /// A condition on a 32-bit (`dword`) argument names a value that does not fit in it.
+    #[error(
+        "--seccomp-filter {path}: category `{category}`, syscall `{syscall}`: argument {index} \
+         is a dword (32 bits) but its {what} {value:#x} does not fit in 32 bits; use \
+         \"type\": \"qword\" or a 32-bit value"
+    )]
+    DwordTooWide {
+        /// The file.
+        path: String,
+        /// The category.
+        category: String,
+        /// The syscall of the rule.
+        syscall: String,
+        /// The argument index.
+        index: u64,
+        /// "value" or "mask".
+        what: &'static str,
+        /// The value.
+        value: u64,
     },
     /// A category is missing from the custom filter file.
     #[error("--seccomp-filter {path}: no filter for thread category `{category}`")]
@@ -143,7 +168,7 @@ impl SeccompFilters {
     /// Filters compiled from a user's JSON file, in the same format.
     pub fn from_file(path: &Path) -> Result<SeccompFilters, SeccompError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| SeccompError::Read {
+        let text = read_capped(path, MAX_OPERATOR_FILE).map_err(|source| SeccompError::Read {
             path: shown.clone(),
             source,
         })?;
@@ -157,6 +182,7 @@ impl SeccompFilters {
                 path: shown.clone(),
                 message: e.to_string(),
             })?;
+        check_dword_values(&doc, &shown)?;
         let mut f = SeccompFilters {
             enabled: true,
             ..Default::default()
@@ -247,6 +273,41 @@ impl SeccompFilters {
             message: e.to_string(),
         })
     }
+}
+
+/// Refuses a `dword` argument condition whose value (or `masked_eq` mask) needs more than
+/// 32 bits: seccompiler accepts it, but a 32-bit argument can never equal it, so the filter
+/// does not say what the file says (at best the rule never matches and the call ends kiln
+/// with 148 while the VM runs; with seccompiler 0.5 the high bits are silently dropped).
+fn check_dword_values(doc: &serde_json::Value, path: &str) -> Result<(), SeccompError> {
+    let Some(categories) = doc.as_object() else {
+        return Ok(());
+    };
+    for (category, filter) in categories {
+        let rules = filter["filter"].as_array().map_or(&[][..], Vec::as_slice);
+        for rule in rules {
+            let args = rule["args"].as_array().map_or(&[][..], Vec::as_slice);
+            for arg in args.iter().filter(|a| a["type"] == "dword") {
+                let values = [
+                    ("value", arg["val"].as_u64()),
+                    ("mask", arg["op"]["masked_eq"].as_u64()),
+                ];
+                for (what, value) in values {
+                    if let Some(value) = value.filter(|v| *v > u64::from(u32::MAX)) {
+                        return Err(SeccompError::DwordTooWide {
+                            path: path.to_string(),
+                            category: category.clone(),
+                            syscall: rule["syscall"].as_str().unwrap_or("?").to_string(),
+                            index: arg["index"].as_u64().unwrap_or(0),
+                            what,
+                            value,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 // ---- the SIGSYS report ---------------------------------------------------------------------

@@ -206,6 +206,55 @@ fn custom_filter_files() {
         assert!(!err.contains('\n'), "{name}: {err}");
     }
     assert!(SeccompFilters::from_file(&dir.join("absent.json")).is_err());
+    // A dword condition whose value or mask needs more than 32 bits (security case 30).
+    for (name, cond) in [
+        (
+            "wide-value.json",
+            r#"{"index": 1, "type": "dword", "op": "eq", "val": 4294967296}"#,
+        ),
+        (
+            "wide-mask.json",
+            r#"{"index": 1, "type": "dword", "op": {"masked_eq": 4294967297}, "val": 1}"#,
+        ),
+    ] {
+        let body = format!(
+            r#"{{"vmm": {{"default_action": "trap", "filter_action": "allow", "filter": []}},
+                "vcpu": {{"default_action": "trap", "filter_action": "allow", "filter": [{{"syscall": "ioctl", "args": [{cond}]}}]}},
+                "api": {{"default_action": "trap", "filter_action": "allow", "filter": []}}}}"#
+        );
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        let err = SeccompFilters::from_file(&p).unwrap_err();
+        assert!(
+            matches!(err, SeccompError::DwordTooWide { .. }),
+            "{name}: {err}"
+        );
+        let err = err.to_string();
+        assert!(err.starts_with("--seccomp-filter "), "{name}: {err}");
+        assert!(err.contains("`vcpu`, syscall `ioctl`: argument 1"), "{err}");
+    }
+    // The same value as a qword is fine.
+    let qword = dir.join("qword.json");
+    std::fs::write(
+        &qword,
+        r#"{"vmm": {"default_action": "trap", "filter_action": "allow", "filter": []},
+            "vcpu": {"default_action": "trap", "filter_action": "allow", "filter": [{"syscall": "ioctl", "args": [{"index": 1, "type": "qword", "op": "eq", "val": 4294967296}]}]},
+            "api": {"default_action": "trap", "filter_action": "allow", "filter": []}}"#,
+    )
+    .unwrap();
+    assert!(SeccompFilters::from_file(&qword).is_ok());
+    // Larger than the limit (or endless): refused without reading it all.
+    let big = dir.join("big.json");
+    std::fs::write(&big, vec![b' '; MAX_OPERATOR_FILE as usize + 1]).unwrap();
+    let err = SeccompFilters::from_file(&big).unwrap_err().to_string();
+    assert!(err.contains("larger than 1048576 bytes"), "{err}");
+    let err = SeccompFilters::from_file(Path::new("/dev/zero"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("--seccomp-filter /dev/zero: larger than"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -127,7 +127,10 @@ mod tests {
 
     #[test]
     fn features_the_host_lacks_are_named() {
-        let host = [entry(1, 0, 1 << 0 | 1 << 9, 1 << 25), entry(7, 1 << 3, 0, 0)];
+        let host = [
+            entry(1, 0, 1 << 0 | 1 << 9, 1 << 25),
+            entry(7, 1 << 3, 0, 0),
+        ];
         let guest = [
             entry(1, 0, 1 << 0 | 1 << 9 | 1 << 28 | 1 << 27 | 1 << 31, 1 << 25),
             entry(7, 1 << 3 | 1 << 5 | 1 << 30, 0, 0),

@@ -1,10 +1,13 @@
 //! COM1: a 16550A UART (vm-superio's model) on port 0x3f8 / GSI 4, its output going to
-//! stdout or a file, its input fed from stdin by the event loop.
+//! stdout or a file through a bounded buffer the event loop flushes (output.rs), its input
+//! fed from stdin by the event loop (input.rs).
 
 mod input;
+mod output;
 mod state;
 
 pub use input::SerialInput;
+pub use output::{OUTPUT_BUFFER, OutputFlusher, SerialOutput, open_stdout, serial_output};
 pub use state::{SerialSnapshot, SerialStateError};
 
 use std::io::Write;

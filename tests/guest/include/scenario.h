@@ -53,5 +53,7 @@ void scn_net_bench(const char *arg);
 void scn_blk_resize(const char *arg);
 void scn_blk_fuzz(const char *arg);
 void scn_workload(const char *arg);
+void scn_serial_flood(const char *arg);
+void scn_soak(const char *arg);
 
 #endif

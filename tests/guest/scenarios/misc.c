@@ -40,6 +40,30 @@ void scn_pio_bench(const char *arg)
     bench("pio", "n=%llu tsc=%llu", n, t1 - t0);
 }
 
+#define SERIAL_FLOOD_DEFAULT_BYTES (256 * 1024)
+
+/*
+ * N bytes (default 256 KiB, rounded up to whole 64-byte lines) of serial
+ * output as fast as the UART takes them: one VM exit per byte, for tests of
+ * a console nobody reads.
+ */
+void scn_serial_flood(const char *arg)
+{
+    static const char line[] =
+        "kiln-guest: flood 0123456789abcdefghijklmnopqrstuvwxyz.........\n";
+    u64 n = SERIAL_FLOOD_DEFAULT_BYTES;
+    if (arg && !parse_u64(arg, strlen(arg), &n)) {
+        fail("serial-flood", "bad-count=%s", arg);
+        return;
+    }
+    u64 sent = 0;
+    while (sent < n) {
+        serial_write(line, sizeof(line) - 1);
+        sent += sizeof(line) - 1;
+    }
+    info("serial-flood", "bytes=%llu", sent);
+}
+
 void scn_triple_fault(const char *arg)
 {
     (void)arg;

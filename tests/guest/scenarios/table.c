@@ -24,6 +24,8 @@ static const struct scenario scenarios[] = {
     { "ctrl-alt-del",      scn_ctrl_alt_del,      false, "wait for Ctrl+Alt+Del on the keyboard" },
     { "boot-timer",        scn_boot_timer,        false, "write 123 to MMIO 0xc0000000 (boot timer)" },
     { "pio-bench",         scn_pio_bench,         true,  "N outs to port 0x80, timed" },
+    { "soak",              scn_soak,              true,  "block and network traffic in a loop, [<rounds>[:<idle_ms>]]" },
+    { "serial-flood",      scn_serial_flood,      true,  "<n> bytes of serial output, 64-byte lines" },
     { "triple-fault",      scn_triple_fault,      false, "shut down by triple fault" },
     { "emulation-failure", scn_emulation_failure, false, "execute an SSE instruction" },
     { "idle",              scn_idle,              false, "sti; hlt forever" },
