@@ -749,10 +749,11 @@ fn missing_or_unusable_images_are_start_up_errors() {
 #[test]
 fn in_guest_fuzzer_never_hurts_kiln_or_the_image() {
     require_kvm();
-    let seeds: Vec<u64> = std::env::var("KILN_FUZZ_SEEDS")
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 2, 3, 4]);
+    let seeds = match std::env::var("KILN_FUZZ_SEEDS") {
+        Ok(list) => parse_fuzz_seeds(&list).unwrap_or_else(|e| panic!("KILN_FUZZ_SEEDS: {e}")),
+        Err(std::env::VarError::NotPresent) => vec![1, 2, 3, 4],
+        Err(e) => panic!("KILN_FUZZ_SEEDS: {e}"),
+    };
     for seed in seeds {
         let dir = TempDir::new("blk-fuzz");
         let original: Vec<u8> = (0..256 * 512u32)
@@ -795,5 +796,31 @@ fn in_guest_fuzzer_never_hurts_kiln_or_the_image() {
             after[..64 * 512] == original[..64 * 512],
             "seed {seed}: sectors the guest never asked to write changed ({repro})"
         );
+    }
+}
+
+/// `KILN_FUZZ_SEEDS`: a comma-separated list of at least one decimal seed. Anything else is an
+/// error, so a typo cannot make the fuzz test run zero seeds and pass.
+fn parse_fuzz_seeds(list: &str) -> Result<Vec<u64>, String> {
+    let seeds = list
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<u64>()
+                .map_err(|e| format!("{x:?} in {list:?} is not a seed ({e})"))
+        })
+        .collect::<Result<Vec<u64>, String>>()?;
+    if seeds.is_empty() {
+        return Err(format!("{list:?} names no seed"));
+    }
+    Ok(seeds)
+}
+
+#[test]
+fn fuzz_seed_list_refuses_garbage() {
+    assert_eq!(parse_fuzz_seeds("7"), Ok(vec![7]));
+    assert_eq!(parse_fuzz_seeds(" 1, 2 ,3"), Ok(vec![1, 2, 3]));
+    for bad in ["", " ", "x", "1,x", "1,,2", "1;2", "-1", "1,"] {
+        assert!(parse_fuzz_seeds(bad).is_err(), "{bad:?} was accepted");
     }
 }
