@@ -21,7 +21,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::sync::mpsc;
@@ -362,6 +362,164 @@ fn send_udp(sock: &UdpSocket, port: u16, payload: &[u8]) {
         .unwrap();
 }
 
+// ---- what reached the TAP -------------------------------------------------------------------
+
+/// One frame seen on the TAP: the packet type (`PACKET_HOST`, `PACKET_OUTGOING`, ...) and the
+/// Ethernet frame.
+struct Captured {
+    pkttype: u8,
+    frame: Vec<u8>,
+}
+
+/// Every frame crossing the TAP, recorded by an `AF_PACKET` socket bound to it in the
+/// namespace: what kiln really wrote to the TAP (or the host sent), seen by the host kernel,
+/// not by kiln's counters.
+struct TapCapture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<JoinHandle<Vec<Captured>>>,
+}
+
+impl TapCapture {
+    fn start(ns: &NetNs) -> TapCapture {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        let fd = ns.run_in(move || {
+            // SAFETY: plain socket creation; the fd is owned right away.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    i32::from(proto),
+                )
+            };
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: fd is a fresh, valid descriptor.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let name = std::ffi::CString::new(TAP).unwrap();
+            // SAFETY: a NUL-terminated name.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert_ne!(ifindex, 0, "no {TAP} in the namespace");
+            // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+            let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = proto;
+            sll.sll_ifindex = i32::try_from(ifindex).unwrap();
+            // SAFETY: binds a valid socket to a valid sockaddr_ll of the size given.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    std::ptr::from_ref(&sll).cast::<libc::sockaddr>(),
+                    size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "bind to {TAP}: {}", std::io::Error::last_os_error());
+            let rcvbuf: libc::c_int = 8 << 20;
+            // SAFETY: SO_RCVBUFFORCE with a c_int value of the size given (we are root).
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    std::ptr::from_ref(&rcvbuf).cast::<libc::c_void>(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+            fd
+        });
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut frames = Vec::new();
+            let mut buf = vec![0u8; 128 * 1024];
+            loop {
+                let mut pfd = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
+                if ready <= 0 {
+                    // Nothing queued: stop once asked to (everything sent before is read).
+                    if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                        return frames;
+                    }
+                    continue;
+                }
+                // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
+                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                let mut from_len = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                // SAFETY: buf and from are valid for the lengths given.
+                let n = unsafe {
+                    libc::recvfrom(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast::<libc::c_void>(),
+                        buf.len(),
+                        libc::MSG_TRUNC,
+                        std::ptr::from_mut(&mut from).cast::<libc::sockaddr>(),
+                        &mut from_len,
+                    )
+                };
+                let n = usize::try_from(n).expect("recvfrom on the TAP capture");
+                assert!(n <= buf.len(), "a {n}-byte frame on the TAP");
+                frames.push(Captured {
+                    pkttype: from.sll_pkttype,
+                    frame: buf[..n].to_vec(),
+                });
+            }
+        });
+        TapCapture {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the capture once no frame has come for 100 ms; what it saw.
+    fn finish(mut self) -> Vec<Captured> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for TapCapture {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The guest MAC as bytes.
+fn guest_mac_bytes() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for (b, part) in mac.iter_mut().zip(GUEST_MAC.split(':')) {
+        *b = u8::from_str_radix(part, 16).unwrap();
+    }
+    mac
+}
+
+/// The frames the guest sent (source MAC the guest's, coming in from the TAP's wire side).
+fn from_guest(frames: &[Captured]) -> Vec<&[u8]> {
+    let mac = guest_mac_bytes();
+    frames
+        .iter()
+        .filter(|c| {
+            c.pkttype != libc::PACKET_OUTGOING && c.frame.len() >= 14 && c.frame[6..12] == mac
+        })
+        .map(|c| c.frame.as_slice())
+        .collect()
+}
+
+/// EtherType of a frame.
+fn ethertype(frame: &[u8]) -> u16 {
+    u16::from_be_bytes([frame[12], frame[13]])
+}
+
 // ---- the tests -----------------------------------------------------------------------------
 
 fn init_line(check: &str, acked: &str, bufs: &str) -> String {
@@ -448,8 +606,10 @@ fn guest_and_host_ping_each_other() {
 fn hostile_transmit_chains() {
     let ns = net_ns(TapOpts::default());
     let dir = TempDir::new("net-hostile");
+    let capture = TapCapture::start(&ns);
     let vm = Vm::start(&ns, &dir, "net-hostile:all", None);
     let (out, m) = vm.finish();
+    let frames = capture.finish();
     assert_guest_passed(&out);
     let cases = [
         ("tx-too-long", ""),
@@ -482,6 +642,42 @@ fn hostile_transmit_chains() {
     assert_eq!(counter(&m, net, "tx_frames"), 12, "{m}");
     assert!(counter(&m, net, "tx_bytes") >= 65550, "{m}");
     assert_eq!(counter(&m, net, "queue_errors"), 0, "{m}");
+
+    // What reached the TAP, seen by the host: the hostile frames (the guest's filler frames,
+    // EtherType 0x88b5, all zeroes) did not arrive, except the one of exactly the maximum
+    // size (65562 bytes with the 12-byte header), which did, whole; the good frames did.
+    let sent = from_guest(&frames);
+    let fillers: Vec<usize> = sent
+        .iter()
+        .filter(|f| ethertype(f) == 0x88b5)
+        .map(|f| f.len())
+        .collect();
+    assert_eq!(
+        fillers,
+        [65562 - 12],
+        "filler frames on the TAP (the too-long, device-writable, GSO and NEEDS_CSUM ones \
+         must not be there; the maximum-size one must)"
+    );
+    let max = sent.iter().find(|f| ethertype(f) == 0x88b5).unwrap();
+    assert!(
+        max[14..].iter().all(|&b| b == 0),
+        "the maximum-size frame was altered"
+    );
+    // Nothing shorter than an Ethernet header (the 11-byte, 0-byte and header-only chains).
+    let runts = frames.iter().filter(|c| c.frame.len() < 14).count();
+    assert_eq!(runts, 0, "runt frames on the TAP");
+    // 10 echo requests (9 recovery pings and the split one) reached the host, each answered.
+    let echo =
+        |f: &&[u8], ty: u8| ethertype(f) == 0x0800 && f.len() > 34 && f[23] == 1 && f[34] == ty;
+    assert_eq!(
+        sent.iter().filter(|f| echo(f, 8)).count(),
+        10,
+        "echo requests on the TAP"
+    );
+    // And nothing else: the ARP request, 10 echo requests, the maximum-size frame.
+    let arps = sent.iter().filter(|f| ethertype(f) == 0x0806).count();
+    assert_eq!(arps, 1, "ARP frames from the guest on the TAP");
+    assert_eq!(sent.len(), 12, "frames from the guest on the TAP");
 }
 
 /// Sends the rx-big burst: `n` datagrams of `size` bytes to PORT_BIG (bytes 0-3 = k, then
@@ -685,10 +881,21 @@ fn receive_queue_and_tap_full_then_drained() {
             format!("ok net-rx-stall {COUNTERS_OK}"),
         ]
     );
-    for seq in out.lines_with("info net-rx-stall seq") {
+    // "Frames queued there arrive": the ring's 32, then every frame the TAP held, without a
+    // gap (the TAP drops only at its tail, so the frames after the ring are consecutive).
+    let seqs = out.lines_with("info net-rx-stall seq");
+    assert_eq!(seqs.len(), 2, "{out}");
+    for (seq, resumed) in seqs.iter().zip(&resumed) {
         assert!(
             seq.starts_with("info net-rx-stall seq ring-last=32 after-first=33 "),
             "{seq}"
+        );
+        let last: u64 = seq.rsplit("after-last=").next().unwrap().parse().unwrap();
+        let n: u64 = resumed.rsplit('=').next().unwrap().parse().unwrap();
+        assert_eq!(
+            last,
+            33 + n - 1,
+            "a gap in the frames after the ring: {seq}, {resumed}"
         );
     }
     let net = "net_eth0";

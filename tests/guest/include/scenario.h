@@ -36,6 +36,7 @@ void scn_ctrl_alt_del(const char *arg);
 void scn_boot_timer(const char *arg);
 void scn_pio_bench(const char *arg);
 void scn_triple_fault(const char *arg);
+void scn_triple_fault_ap(const char *arg);
 void scn_emulation_failure(const char *arg);
 void scn_idle(const char *arg);
 void scn_virtio(const char *arg);

@@ -25,6 +25,7 @@ static const struct scenario scenarios[] = {
     { "boot-timer",        scn_boot_timer,        false, "write 123 to MMIO 0xc0000000 (boot timer)" },
     { "pio-bench",         scn_pio_bench,         true,  "N outs to port 0x80, timed" },
     { "triple-fault",      scn_triple_fault,      false, "shut down by triple fault" },
+    { "triple-fault-ap",   scn_triple_fault_ap,   false, "the first AP shuts down by triple fault" },
     { "emulation-failure", scn_emulation_failure, false, "execute an SSE instruction" },
     { "idle",              scn_idle,              false, "sti; hlt forever" },
     { "virtio",            scn_virtio,            false, "list the virtio-mmio devices" },
