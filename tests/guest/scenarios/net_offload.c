@@ -17,6 +17,8 @@
  *   PORT_RX_CSUM: with GUEST_CSUM the host may leave its checksum to the
  *   guest (NEEDS_CSUM): the guest completes it at csum_start + csum_offset,
  *   then verifies it with the pseudo-header and checks the payload.
+ * - net-offload:rx-tso negotiates GUEST_CSUM, GUEST_TSO4 and MRG_RXBUF instead
+ *   and receives TCP segments larger than the MSS from the host (rx_tso4).
  */
 #include "cpu.h"
 #include "lib.h"
@@ -38,6 +40,9 @@
 #define TCP_RST             0x04
 #define TCP_PSH             0x08
 #define TCP_ACK             0x10
+#define TCP_SYN             0x02
+#define PORT_RX_TSO         7013
+#define RX_TSO_BYTES        12000
 #define WAIT_MS             3000
 #define BUF_BYTES           8192
 
@@ -218,9 +223,134 @@ static void rx_csum(struct net_dev *n)
     fail("net-offload", "rx-csum timeout");
 }
 
+/* A TCP segment from the guest's port PORT_RX_TSO to the peer's, with a full checksum. */
+static void tcp_send(struct net_dev *n, u32 seq, u32 ack, u8 flags, bool mss_option)
+{
+    u8 f[ETH_HLEN + IP_HLEN + TCP_HLEN + 4];
+    u8 *tcp = f + ETH_HLEN + IP_HLEN;
+    u32 tcp_len = TCP_HLEN + (mss_option ? 4 : 0);
+    put16(tcp, PORT_RX_TSO);
+    put16(tcp + 2, PORT_RX_TSO);
+    put32(tcp + 4, seq);
+    put32(tcp + 8, ack);
+    tcp[12] = (u8)((tcp_len / 4) << 4);
+    tcp[13] = flags;
+    put16(tcp + 14, 65535);
+    put16(tcp + 16, 0);
+    put16(tcp + 18, 0);
+    if (mss_option) {
+        tcp[20] = 2;            /* MSS */
+        tcp[21] = 4;
+        put16(tcp + 22, TSO_MSS);
+    }
+    u32 len = ip_build(f, n->mac, net_cfg.peer_mac, IPPROTO_TCP, net_cfg.peer, tcp_len);
+    u32 ps = (net_cfg.ip >> 16) + (net_cfg.ip & 0xffff) + (net_cfg.peer >> 16)
+             + (net_cfg.peer & 0xffff) + IPPROTO_TCP + tcp_len;
+    put16(tcp + 16, inet_csum(tcp, tcp_len, ps));
+    net_send(n, f, len);
+}
+
+/* Waits for a TCP segment from the peer's PORT_RX_TSO; *tcp points at its TCP header. */
+static u32 recv_tcp(struct net_dev *n, u8 **frame, u8 **tcp, u64 ms)
+{
+    u64 deadline = tsc_deadline_ms(ms);
+    while (!tsc_passed(deadline)) {
+        const u8 *cf;
+        u32 len = net_recv(n, &cf, 200);
+        if (!len)
+            continue;
+        struct pkt p;
+        if (net_parse(cf, len, &p, false) != PKT_OTHER) {
+            net_respond(n, cf, len, &p);
+            continue;
+        }
+        u8 *f = (u8 *)cf;
+        if (len < ETH_HLEN + IP_HLEN + TCP_HLEN || get16(f + 12) != ETH_P_IP)
+            continue;
+        u8 *ip = f + ETH_HLEN;
+        u8 *t = ip + (ip[0] & 0xf) * 4;
+        if (ip[9] != IPPROTO_TCP || get32(ip + 12) != net_cfg.peer || get16(t) != PORT_RX_TSO)
+            continue;
+        *frame = f;
+        *tcp = t;
+        return len;
+    }
+    return 0;
+}
+
+/*
+ * rx-tso4: a TCP connection to the host's listener (SYN with MSS 1448, SYN-ACK, ACK), then
+ * the host writes RX_TSO_BYTES; with GUEST_TSO4 and MRG_RXBUF its stack may hand the TAP
+ * segments larger than the MSS (GSO_TCPV4), which the guest receives whole: each is
+ * checked (checksum completed and verified with the pseudo-header, payload) until every
+ * byte came. The guest never acknowledges data; it only counts.
+ */
+static void rx_tso4(struct net_dev *n)
+{
+    const u32 isn = 0x6b696c6e;
+    u8 *f, *t;
+    tcp_send(n, isn, 0, TCP_SYN, true);
+    u32 len = recv_tcp(n, &f, &t, WAIT_MS);
+    if (!len || (t[13] & (TCP_SYN | TCP_ACK)) != (TCP_SYN | TCP_ACK) || get32(t + 8) != isn + 1) {
+        fail("net-offload", "rx-tso4 no-syn-ack len=%u", len);
+        return;
+    }
+    u32 peer_isn = get32(t + 4);
+    tcp_send(n, isn + 1, peer_isn + 1, TCP_ACK, false);
+    info("net-offload", "connected port=%u", PORT_RX_TSO);
+    u32 got = 0, gso_frames = 0, biggest = 0, gso_size = 0;
+    while (got < RX_TSO_BYTES) {
+        len = recv_tcp(n, &f, &t, 5000);
+        if (!len)
+            break;
+        const struct virtio_net_hdr *h = &n->rx_hdr;
+        u8 *ip = f + ETH_HLEN;
+        u32 ip_len = get16(ip + 2), thl = (u32)(t[12] >> 4) * 4;
+        u32 tcp_len = ip_len - (u32)(t - ip);
+        u32 data_len = tcp_len - thl;
+        if (!data_len)
+            continue;
+        if (h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM) {
+            u16 c = inet_csum(f + h->csum_start, len - h->csum_start, 0);
+            put16(f + h->csum_start + h->csum_offset, c);
+        }
+        u32 ps = (net_cfg.peer >> 16) + (net_cfg.peer & 0xffff) + (net_cfg.ip >> 16)
+                 + (net_cfg.ip & 0xffff) + IPPROTO_TCP + tcp_len;
+        if (inet_csum(t, tcp_len, ps) != 0) {
+            fail("net-offload", "rx-tso4 checksum len=%u gso=%u needs-csum=%u", len, h->gso_type,
+                 h->flags & VIRTIO_NET_HDR_F_NEEDS_CSUM);
+            return;
+        }
+        u32 off = get32(t + 4) - (peer_isn + 1);
+        const u8 *d = t + thl;
+        for (u32 i = 0; i < data_len; i++)
+            if (d[i] != (u8)((off + i) * 11 + 7)) {
+                fail("net-offload", "rx-tso4 data offset=%u", off + i);
+                return;
+            }
+        if ((h->gso_type & 0x7f) == VIRTIO_NET_HDR_GSO_TCPV4) {
+            gso_frames++;
+            gso_size = h->gso_size;
+        }
+        if (data_len > biggest)
+            biggest = data_len;
+        if (off + data_len > got)
+            got = off + data_len;
+    }
+    if (got >= RX_TSO_BYTES && gso_frames && biggest > TSO_MSS)
+        ok("net-offload", "rx-tso4 bytes=%u gso-frames>0 gso_size=%u", RX_TSO_BYTES, gso_size);
+    else
+        fail("net-offload", "rx-tso4 bytes=%u/%u gso-frames=%u biggest=%u", got, RX_TSO_BYTES,
+             gso_frames, biggest);
+}
+
 void scn_net_offload(const char *arg)
 {
-    (void)arg;
+    bool tso = arg && strcmp(arg, "rx-tso") == 0;
+    if (arg && !tso) {
+        fail("net-offload", "bad-arg=%s", arg);
+        return;
+    }
     const char *why = "";
     if (!net_cfg_load(&why)) {
         fail("net-offload", "config %s", why);
@@ -231,6 +361,8 @@ void scn_net_offload(const char *arg)
         return;
     }
     u64 wanted = VIRTIO_NET_F_CSUM | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_GUEST_CSUM;
+    if (tso)
+        wanted = VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_MRG_RXBUF;
     struct net_dev *n = net_open(0, wanted, 0, 0, &why);
     if (!n) {
         fail("net-offload", "init %s", why);
@@ -243,6 +375,10 @@ void scn_net_offload(const char *arg)
     info("net-offload", "acked=0x%llx", n->vdev->acked);
     if (!net_resolve_peer(n)) {
         fail("net-offload", "arp timeout");
+        return;
+    }
+    if (tso) {
+        rx_tso4(n);
         return;
     }
     tx_csum(n);

@@ -40,7 +40,7 @@ static const struct scenario scenarios[] = {
     { "net-tap-gone",      scn_net_tap_gone,      true,  "virtio-net: TAP deleted during TX and block I/O" },
     { "net-hostile",       scn_net_hostile,       true,  "virtio-net: malformed transmit chains, <case>|all" },
     { "net-bench",         scn_net_bench,         true,  "virtio-net: <tx|rx>:<n>:<size>:<batch> frames, timed" },
-    { "net-offload",       scn_net_offload,       false, "virtio-net: checksum and TSO offloads against the host stack" },
+    { "net-offload",       scn_net_offload,       true,  "virtio-net: checksum and TSO offloads against the host stack" },
     { "blk-resize",        scn_blk_resize,        true,  "virtio-blk: wait for a backing-file swap, new capacity" },
     { "blk-fuzz",          scn_blk_fuzz,          true,  "virtio-blk: random register/queue/chain abuse, <seed>[:<batches>[:<ops>]]" },
 };
