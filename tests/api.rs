@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::api::{ApiKiln, parse_response, request};
 use common::net::NetNs;
@@ -107,16 +107,20 @@ fn configure_boot_and_drive_a_vm_through_the_api() {
         assert!(b.contains("after starting the microVM"), "{b}");
     }
 
-    // Pause: every vCPU thread parks; resume.
+    // Pause: every vCPU thread parks (out of KVM_RUN, waiting in futex); resume: back in
+    // KVM_RUN (ioctl; the guest waits in hlt, inside KVM_RUN).
+    assert_eq!(vcpu_syscalls(k.pid()).len(), 2, "two vCPU threads");
     assert_eq!(k.api("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
     let (_, b) = k.api("GET", "/", None);
     assert!(b.contains(r#""state":"Paused""#), "{b}");
+    wait_vcpus_in(k.pid(), libc::SYS_futex, "parked");
     assert_eq!(
         k.api("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
         204
     );
     let (_, b) = k.api("GET", "/", None);
     assert!(b.contains(r#""state":"Running""#), "{b}");
+    wait_vcpus_in(k.pid(), libc::SYS_ioctl, "back in KVM_RUN");
 
     // Metrics agree with what the guest did: the `blk` scenario made 4 reads (sector 0,
     // before, read-back, last sector), 1 write, 1 flush, 1 GET_ID.
@@ -305,10 +309,49 @@ fn hostile_clients_get_errors_and_the_vmm_keeps_serving() {
     );
     drop(stalled);
 
-    // The guest never noticed.
+    // The guest never noticed: it is still idle, and said nothing else.
     sigterm(k.pid());
     let out = k.finish(LONG);
     assert_eq!(out.status, 128 + 15, "{out}");
+    assert_eq!(out.lines().last(), Some(&"info idle"), "{out}");
+    assert!(out.lines_with("fail").is_empty(), "{out}");
+}
+
+/// The system call each vCPU thread (`kiln_vcpu<n>`) of `pid` is in (/proc/.../syscall).
+fn vcpu_syscalls(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("kiln_vcpu") {
+            continue;
+        }
+        let call = std::fs::read_to_string(dir.join("syscall")).unwrap_or_default();
+        let nr = call
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1);
+        out.push((comm.trim().to_string(), nr));
+    }
+    out.sort();
+    out
+}
+
+/// Waits (up to 5 s) until every vCPU thread of `pid` sits in system call `nr`.
+fn wait_vcpus_in(pid: u32, nr: i64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let calls = vcpu_syscalls(pid);
+        if !calls.is_empty() && calls.iter().all(|(_, n)| *n == nr) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vCPU threads not {what} (system call {nr}): {calls:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 use std::process::Command;
