@@ -90,7 +90,8 @@ pub struct Prediction {
     pub ok_len: Option<u32>,
     /// Nothing this chain reads or writes overlaps what another chain of the round writes,
     /// nor its own writable bytes its readable ones: its header and data are what the model
-    /// read before the device ran.
+    /// read before the device ran, and its status and data are still there after the round.
+    /// (Only an earlier chain writing over what this one reads makes the image unknown.)
     pub clean: bool,
 }
 
@@ -181,14 +182,20 @@ pub fn predict(
                     && o.addr < e
             })
         });
-        p.clean = !overlaps_itself
-            && bufs.iter().all(|b| {
+        let untouched_by = |earlier_only: bool| {
+            bufs.iter().all(|b| {
                 let (s, e) = (b.addr, b.addr.saturating_add(u64::from(b.len)));
                 !writes
                     .iter()
                     .enumerate()
-                    .any(|(j, w)| j != i && w.touches(s, e))
-            });
+                    .any(|(j, w)| j != i && (!earlier_only || j < i) && w.touches(s, e))
+            })
+        };
+        // What the device reads of this chain is as it is now unless an earlier chain (or
+        // this one) writes over it; what it writes stays for the check after the round
+        // unless any other chain writes there too.
+        let reads_clean = !overlaps_itself && untouched_by(true);
+        p.clean = reads_clean && untouched_by(false);
         p.writable = bufs
             .iter()
             .filter(|b| b.writable)
@@ -224,7 +231,7 @@ pub fn predict(
             out.push(p);
             continue;
         }
-        if !p.clean {
+        if !reads_clean {
             // Its header may change before the device reads it: any answer, any effect
             // on the image (within the capacity).
             p.allowed = vec![
