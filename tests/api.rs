@@ -8,7 +8,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::api::{ApiKiln, parse_response, request};
 use common::{NetNs, TempDir, counter, guest, kiln, require_kvm, run_kiln, sigterm};
@@ -106,16 +106,20 @@ fn configure_boot_and_drive_a_vm_through_the_api() {
         assert!(b.contains("after starting the microVM"), "{b}");
     }
 
-    // Pause: every vCPU thread parks; resume.
+    // Pause: every vCPU thread parks (out of KVM_RUN, waiting in futex); resume: back in
+    // KVM_RUN (ioctl; the guest waits in hlt, inside KVM_RUN).
+    assert_eq!(vcpu_syscalls(k.pid()).len(), 2, "two vCPU threads");
     assert_eq!(k.api("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
     let (_, b) = k.api("GET", "/", None);
     assert!(b.contains(r#""state":"Paused""#), "{b}");
+    wait_vcpus_in(k.pid(), libc::SYS_futex, "parked");
     assert_eq!(
         k.api("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
         204
     );
     let (_, b) = k.api("GET", "/", None);
     assert!(b.contains(r#""state":"Running""#), "{b}");
+    wait_vcpus_in(k.pid(), libc::SYS_ioctl, "back in KVM_RUN");
 
     // Metrics agree with what the guest did: the `blk` scenario made 4 reads (sector 0,
     // before, read-back, last sector), 1 write, 1 flush, 1 GET_ID.
@@ -255,10 +259,36 @@ fn hostile_clients_get_errors_and_the_vmm_keeps_serving() {
     eleventh
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
+    // kiln answers 503 at accept and closes, so the write may find the socket closed already
+    // (and the close, with the request unread, may end the read with ECONNRESET after the
+    // answer); the answer must be there to read, whole. A client left hanging is a failure:
+    // the read must end, not time out.
     let _ = eleventh.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    let mut resp = String::new();
-    let _ = eleventh.read_to_string(&mut resp);
-    assert!(resp.is_empty() || parse_response(&resp).0 == 503, "{resp}");
+    let mut resp = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match eleventh.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => resp.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "the 11th connection was left hanging ({e}); read so far: {:?}",
+                String::from_utf8_lossy(&resp)
+            ),
+        }
+    }
+    let resp = String::from_utf8(resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp:?}");
+    let (status, body) = parse_response(&resp);
+    assert_eq!(status, 503, "{resp}");
+    let length: usize = resp
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Content-Length: {resp:?}"));
+    assert_eq!(body.len(), length, "a truncated answer: {resp:?}");
+    assert!(body.contains("Too many open connections"), "{resp}");
     drop(stalled.pop());
     std::thread::sleep(Duration::from_millis(200));
     let (s, b) = request(&k.sock, "GET", "/", None);
@@ -278,10 +308,49 @@ fn hostile_clients_get_errors_and_the_vmm_keeps_serving() {
     );
     drop(stalled);
 
-    // The guest never noticed.
+    // The guest never noticed: it is still idle, and said nothing else.
     sigterm(k.pid());
     let out = k.finish(LONG);
     assert_eq!(out.status, 128 + 15, "{out}");
+    assert_eq!(out.lines().last(), Some(&"info idle"), "{out}");
+    assert!(out.lines_with("fail").is_empty(), "{out}");
+}
+
+/// The system call each vCPU thread (`kiln_vcpu<n>`) of `pid` is in (/proc/.../syscall).
+fn vcpu_syscalls(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("kiln_vcpu") {
+            continue;
+        }
+        let call = std::fs::read_to_string(dir.join("syscall")).unwrap_or_default();
+        let nr = call
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1);
+        out.push((comm.trim().to_string(), nr));
+    }
+    out.sort();
+    out
+}
+
+/// Waits (up to 5 s) until every vCPU thread of `pid` sits in system call `nr`.
+fn wait_vcpus_in(pid: u32, nr: i64, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let calls = vcpu_syscalls(pid);
+        if !calls.is_empty() && calls.iter().all(|(_, n)| *n == nr) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vCPU threads not {what} (system call {nr}): {calls:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 use std::process::Command;

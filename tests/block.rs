@@ -3,8 +3,9 @@
 //! for line and the image files are checked on the host afterwards (exactly the sectors the
 //! guest wrote changed, read-only images keep their bytes). A hostile driver breaks every
 //! transport, queue and request rule it can (security-tests.md 8-16); a full filesystem
-//! gives the guest IOERR (17); data acknowledged by a FLUSH survives SIGKILL (18-19); bad
-//! image paths are start-up errors naming the field.
+//! gives the guest IOERR (17); a FLUSH syncs the image before it completes (seen in a trace
+//! of kiln's system calls) and what it acknowledged survives SIGKILL (18-19); bad image paths
+//! are start-up errors naming the field.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -18,7 +19,7 @@ use common::{
     Output, TempDir, blk_pattern, fnv1a, guest, kiln, require_kvm, run_kiln, run_kiln_with,
     wait_with_deadline,
 };
-use testkit::LineReader;
+use std::io::{BufRead, BufReader};
 
 const SECTOR: usize = 512;
 const VERSION_1: u64 = 1 << 32;
@@ -603,55 +604,289 @@ fn full_filesystem_gives_the_guest_ioerr() {
     assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 0);
 }
 
+/// One system call of a traced kiln, as strace printed it.
+#[derive(Debug)]
+struct Traced {
+    /// The thread.
+    tid: u32,
+    /// The system call's name.
+    call: String,
+    /// Its arguments as printed (with `-y`, file descriptors carry their path: `7</x/root.img>`).
+    args: String,
+}
+
+/// Parses `strace -f -y -o` output into calls, each placed where it *completed* (a call split
+/// into `<unfinished ...>` and `<... resumed>` lines is placed at its resumed line) — except
+/// eventfd writes (interrupts), placed where they *began*. So "A before B" in the list means
+/// A had finished before B started, for the orderings checked here.
+fn parse_strace(text: &str) -> Vec<Traced> {
+    let mut calls = Vec::new();
+    let mut pending: std::collections::HashMap<u32, (String, String)> = Default::default();
+    for line in text.lines() {
+        let Some((tid, rest)) = line.trim_start().split_once(char::is_whitespace) else {
+            continue;
+        };
+        let Ok(tid) = tid.parse::<u32>() else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        if let Some(resumed) = rest.strip_prefix("<... ") {
+            let name = resumed.split_whitespace().next().unwrap_or("").to_string();
+            if let Some((call, args)) = pending.remove(&tid)
+                && call == name
+                && !args.contains("<anon_inode:[eventfd]>")
+            {
+                calls.push(Traced { tid, call, args });
+            }
+            continue;
+        }
+        let Some((call, args)) = rest.split_once('(') else {
+            continue;
+        };
+        let traced = Traced {
+            tid,
+            call: call.to_string(),
+            args: args.to_string(),
+        };
+        if args.ends_with("<unfinished ...>") {
+            if args.contains("<anon_inode:[eventfd]>") {
+                calls.push(traced);
+            }
+            pending.insert(tid, (call.to_string(), args.to_string()));
+        } else {
+            calls.push(traced);
+        }
+    }
+    calls
+}
+
+/// security-tests.md 18 and 19, seen from outside kiln: kiln runs under strace, which records
+/// the system calls on the image's file descriptor. The guest writes two ranges, then sends a
+/// FLUSH and, once it has seen the FLUSH's status, prints `ok blk-write flush status=ok` and
+/// idles. The trace must show every write to the image, then a sync of the image's fd
+/// (fdatasync or fsync), and only then the interrupt that completes the FLUSH: exactly one
+/// interrupt (the second write's completion) between the last write and the sync, at least one
+/// (the FLUSH's) between the sync and the guest's line. Then kiln is killed with SIGKILL and
+/// the image holds everything written. (Killing a process does not drop the host's page cache,
+/// so the bytes alone could not tell a real sync from none; the trace can.)
 #[test]
-fn flushed_writes_survive_sigkill() {
+fn flush_syncs_the_image_before_completing_and_flushed_writes_survive_sigkill() {
     require_kvm();
-    let dir = TempDir::new("blk-sigkill");
+    let strace = ["/usr/bin/strace", "/bin/strace"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("strace is missing: install the Debian package strace (.ci/run does)");
+    let dir = TempDir::new("blk-flush");
     let image = filler(1 << 20, 8);
     let path = dir.file("root.img", &image);
     let cfg = config(
         &dir,
-        "blk-write:0:16:8:flush,idle",
+        "blk-write:0:16:8,blk-write:0:100:4:flush,idle",
         64,
         &[Drive::new("rootfs", &path, true)],
     );
-    let mut child = Command::new(kiln())
-        .args(["--config-file", cfg.to_str().unwrap(), "--no-api"])
+    let trace = dir.path().join("strace.txt");
+    let mut child = Command::new(strace)
+        .args(["-f", "-qq", "-y", "-s", "64", "-e", "signal=none", "-o"])
+        .arg(&trace)
+        .args([
+            "-e",
+            "trace=pwrite64,pwritev,pwritev2,write,writev,fdatasync,fsync,sync_file_range,syncfs,sync",
+            "--",
+            kiln(),
+            "--config-file",
+            cfg.to_str().unwrap(),
+            "--no-api",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let reader = LineReader::spawn(child.stdout.take().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line.clone());
+            all.push(line);
+        }
+        all
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut idle = false;
-    let mut lines = Vec::new();
     while !idle && Instant::now() < deadline {
-        match reader.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) => {
-                idle = line.text == "info idle";
-                lines.push(line.text);
-            }
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) => idle = line == "info idle",
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    child.kill().unwrap(); // SIGKILL
-    let status = child.wait().unwrap();
-    lines.extend(reader.rest().into_iter().map(|l| l.text));
-    assert!(idle, "the guest never went idle: {lines:?}");
+    // SIGKILL kiln itself (strace's child), then let strace end.
+    let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+        .unwrap_or_default();
+    let kiln_pid: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("no kiln process under strace")
+        });
+    // SAFETY: kill(2) on a pid this test started (strace's child).
+    assert_eq!(unsafe { libc::kill(kiln_pid, libc::SIGKILL) }, 0);
+    let status = wait_until_exit(&mut child, Duration::from_secs(30));
+    let lines = reader.join().unwrap();
+    let mut stderr = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr);
+    assert!(idle, "the guest never went idle: {lines:?}\n{stderr}");
+    // strace reports the tracee's death by SIGKILL as its own.
     use std::os::unix::process::ExitStatusExt;
-    assert_eq!(status.signal(), Some(9));
+    assert_eq!(status.signal().or(status.code().map(|c| c - 128)), Some(9));
     assert_eq!(
         lines,
         [
             "kiln-guest: start variant=elf",
             "ok blk-write dev=0 sector=16 count=8 status=ok",
+            "ok blk-write dev=0 sector=100 count=4 status=ok",
             "ok blk-write flush status=ok",
             "info idle",
         ]
     );
-    assert_image(&path, &with_pattern(&image, 16, 8));
+    // The bytes: everything acknowledged by the FLUSH is in the image.
+    assert_image(&path, &with_pattern(&with_pattern(&image, 16, 8), 100, 4));
+
+    // The order, from the trace.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let calls = parse_strace(&text);
+    let img = format!("<{}>", path.canonicalize().unwrap().display());
+    let on_image = |c: &Traced| {
+        c.args
+            .split([',', ')'])
+            .next()
+            .unwrap_or("")
+            .ends_with(&img)
+    };
+    // The console: kiln writes the guest's serial output to stdout, a byte or a few at a time.
+    // The first byte of the guest's flush line marks when the guest had seen the FLUSH's status.
+    let mut console = Vec::new();
+    let mut byte_call = Vec::new();
+    for (i, c) in calls.iter().enumerate() {
+        if c.call == "write" && c.args.starts_with("1<") {
+            let bytes = strace_string(&c.args);
+            byte_call.extend(std::iter::repeat_n(i, bytes.len()));
+            console.extend(bytes);
+        }
+    }
+    let console = String::from_utf8_lossy(&console).into_owned();
+    let line_at = console
+        .find("ok blk-write flush status=ok")
+        .map(|at| byte_call[at])
+        .unwrap_or_else(|| panic!("no flush line on the traced console:\n{console}\n{text}"));
+    let writes: Vec<usize> = calls[..line_at]
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.call.starts_with("pwrite") && on_image(c))
+        .map(|(i, _)| i)
+        .collect();
+    let offsets: Vec<&str> = writes
+        .iter()
+        .map(|&i| calls[i].args.rsplit(',').next().unwrap_or(""))
+        .collect();
+    assert!(
+        writes.len() >= 2,
+        "fewer than the two writes on the image's fd ({img}) in the trace: {offsets:?}\n{text}"
+    );
+    let last_write = *writes.last().unwrap();
+    let sync = calls[last_write..line_at]
+        .iter()
+        .position(|c| matches!(c.call.as_str(), "fdatasync" | "fsync") && on_image(c))
+        .map(|i| i + last_write)
+        .unwrap_or_else(|| {
+            panic!(
+                "no fdatasync/fsync of the image's fd between its last write and the guest's \
+                 flush line: the FLUSH did not reach the disk\n{text}"
+            )
+        });
+    // Interrupts: eventfd writes (irqfd) by the thread that runs the device (the one that
+    // synced the image).
+    let device = calls[sync].tid;
+    let is_irq = |c: &&Traced| {
+        c.tid == device && c.call == "write" && c.args.contains("<anon_inode:[eventfd]>")
+    };
+    let irqs_before_sync = calls[last_write..sync].iter().filter(is_irq).count();
+    assert_eq!(
+        irqs_before_sync, 1,
+        "interrupts between the last write and the sync: the FLUSH was completed before the \
+         sync, or the write's completion is missing\n{text}"
+    );
+    let irqs_after_sync = calls[sync..line_at].iter().filter(is_irq).count();
+    assert!(
+        irqs_after_sync >= 1,
+        "no interrupt after the sync: the FLUSH completed before it\n{text}"
+    );
+}
+
+/// The bytes of the first string argument strace printed (`"..."`, C escapes), e.g. of
+/// `write(1<pipe:[1]>, "ok\n", 3)`.
+fn strace_string(args: &str) -> Vec<u8> {
+    let Some(start) = args.find('"') else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut it = args[start + 1..].bytes().peekable();
+    while let Some(b) = it.next() {
+        match b {
+            b'"' => break,
+            b'\\' => match it.next() {
+                Some(b'n') => out.push(b'\n'),
+                Some(b't') => out.push(b'\t'),
+                Some(b'r') => out.push(b'\r'),
+                Some(b'v') => out.push(0x0b),
+                Some(b'f') => out.push(0x0c),
+                Some(b'x') => {
+                    let mut v = 0u8;
+                    for _ in 0..2 {
+                        if let Some(d) = it.peek().and_then(|d| (*d as char).to_digit(16)) {
+                            v = v * 16 + d as u8;
+                            it.next();
+                        }
+                    }
+                    out.push(v);
+                }
+                Some(d @ b'0'..=b'7') => {
+                    let mut v = u32::from(d - b'0');
+                    for _ in 0..2 {
+                        if let Some(d) = it.peek().copied().filter(|d| (b'0'..=b'7').contains(d)) {
+                            v = v * 8 + u32::from(d - b'0');
+                            it.next();
+                        }
+                    }
+                    out.push(v as u8);
+                }
+                Some(other) => out.push(other),
+                None => break,
+            },
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Waits (bounded) for `child` to exit.
+fn wait_until_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("strace did not end within {limit:?} after kiln was killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -743,10 +978,11 @@ fn missing_or_unusable_images_are_start_up_errors() {
 #[test]
 fn in_guest_fuzzer_never_hurts_kiln_or_the_image() {
     require_kvm();
-    let seeds: Vec<u64> = std::env::var("KILN_FUZZ_SEEDS")
-        .ok()
-        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1, 2, 3, 4]);
+    let seeds = match std::env::var("KILN_FUZZ_SEEDS") {
+        Ok(list) => parse_fuzz_seeds(&list).unwrap_or_else(|e| panic!("KILN_FUZZ_SEEDS: {e}")),
+        Err(std::env::VarError::NotPresent) => vec![1, 2, 3, 4],
+        Err(e) => panic!("KILN_FUZZ_SEEDS: {e}"),
+    };
     for seed in seeds {
         let dir = TempDir::new("blk-fuzz");
         let original: Vec<u8> = (0..256 * 512u32)
@@ -789,5 +1025,31 @@ fn in_guest_fuzzer_never_hurts_kiln_or_the_image() {
             after[..64 * 512] == original[..64 * 512],
             "seed {seed}: sectors the guest never asked to write changed ({repro})"
         );
+    }
+}
+
+/// `KILN_FUZZ_SEEDS`: a comma-separated list of at least one decimal seed. Anything else is an
+/// error, so a typo cannot make the fuzz test run zero seeds and pass.
+fn parse_fuzz_seeds(list: &str) -> Result<Vec<u64>, String> {
+    let seeds = list
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<u64>()
+                .map_err(|e| format!("{x:?} in {list:?} is not a seed ({e})"))
+        })
+        .collect::<Result<Vec<u64>, String>>()?;
+    if seeds.is_empty() {
+        return Err(format!("{list:?} names no seed"));
+    }
+    Ok(seeds)
+}
+
+#[test]
+fn fuzz_seed_list_refuses_garbage() {
+    assert_eq!(parse_fuzz_seeds("7"), Ok(vec![7]));
+    assert_eq!(parse_fuzz_seeds(" 1, 2 ,3"), Ok(vec![1, 2, 3]));
+    for bad in ["", " ", "x", "1,x", "1,,2", "1;2", "-1", "1,"] {
+        assert!(parse_fuzz_seeds(bad).is_err(), "{bad:?} was accepted");
     }
 }

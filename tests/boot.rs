@@ -302,15 +302,27 @@ fn kvm_internal_error_exit_code() {
 
 #[test]
 fn triple_fault_on_a_secondary_vcpu_stops_everything() {
-    // Two vCPUs: the BSP triple-faults while the AP waits for SIPI; both threads end.
+    // Two vCPUs: the AP (vCPU 1, APIC id 1) is started and triple-faults while the BSP keeps
+    // running; kiln must stop the whole VM, name vCPU 1, and exit 3.
     let out = boot(
         &guest("kiln-guest.elf"),
-        "kiln.run=triple-fault",
+        "kiln.run=triple-fault-ap",
         2,
         64,
         &[],
     );
     assert_eq!(out.status, 3, "{out}");
+    assert_eq!(
+        out.lines().last(),
+        Some(&"info triple-fault-ap apic_id=1 now"),
+        "{out}"
+    );
+    let log: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(log.len(), 1, "{out}");
+    assert!(
+        log[0].contains("ERROR] vCPU 1 triple-faulted (rip="),
+        "{out}"
+    );
 }
 
 #[test]

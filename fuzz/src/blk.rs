@@ -16,7 +16,12 @@
 //! - every head taken is counted in exactly one outcome counter;
 //! - an available index more than a queue ahead puts the device in NEEDS_RESET, takes
 //!   nothing, and raises a configuration interrupt;
-//! - the used-buffer interrupt is raised when EVENT_IDX (or its absence) says it must be.
+//! - the used-buffer interrupt is raised when EVENT_IDX (or its absence) says it must be;
+//! - every request is checked against an independent model of a block device written from
+//!   the virtio 1.2 specification ([`crate::blk_model`]): the image as a byte array, writes
+//!   landing exactly at `sector * 512` with exactly the chain's bytes (and nothing else in the
+//!   image changing), reads delivering exactly the image's bytes into guest memory, the
+//!   status OK / IOERR / UNSUPP where the specification says, and used lengths.
 
 use std::sync::Arc;
 
@@ -31,6 +36,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::blk_model::{self, Device as ModelDevice};
 use crate::guest::{self, Ranges};
 use crate::virtq::{self, Addr, Buf, ChainSpec, Driver, DriverExt, QueueLayout, RawDesc};
 use crate::wire::{self, Enc, U, Wire};
@@ -254,6 +260,8 @@ struct Rig {
     rounds: usize,
     /// Bump allocator in the arena for structured requests.
     cursor: u64,
+    /// The device as the specification model sees it.
+    model: ModelDevice,
 }
 
 impl Rig {
@@ -365,6 +373,7 @@ impl Rig {
         // What the device may write, and what it should answer.
         let mut bufs = Ranges::default();
         let mut expected: Vec<(u16, Option<u64>)> = Vec::new();
+        let mut chains = Vec::new();
         if !self.broken && !jump {
             for i in 0..pending {
                 let head = self.drv.avail_head(mem, self.taken.wrapping_add(i));
@@ -374,7 +383,8 @@ impl Rig {
                         bufs.add(b.addr, u64::from(b.len));
                     }
                 }
-                expected.push((head, chain.map(|c| virtq::writable_len(&c))));
+                expected.push((head, chain.as_deref().map(virtq::writable_len)));
+                chains.push((head, chain));
             }
         }
         // A device-writable buffer over a descriptor table or ring makes the walk above
@@ -409,6 +419,14 @@ impl Rig {
         let used_before = self.used;
         let used_event = self.drv.used_event(mem);
         let disk_before = guest::file_bytes(&self.file);
+        // The specification model's prediction for every chain, from guest memory and the
+        // image as they are now.
+        let mut image: Vec<Option<u8>> = disk_before.iter().copied().map(Some).collect();
+        let (predictions, image_known) = if exact {
+            blk_model::predict(mem, &self.model, &chains, &mut image)
+        } else {
+            (Vec::new(), false)
+        };
         let _ = self.irq.read();
         guest::snapshot(mem);
 
@@ -461,8 +479,18 @@ impl Rig {
             !self.dev.needs_reset(),
             "NEEDS_RESET without a corrupt ring"
         );
+        // The image: exactly the writes the model predicts, nothing else.
+        if image_known {
+            blk_model::assert_image(&disk_after, &image);
+        }
         let used = returned.len() as u16;
         let entries = self.drv.used_entries(mem, used_before, used);
+        let answered = predictions.iter().filter(|p| p.head < q.size);
+        for (p, entry) in answered.zip(self.drv.used_entries(mem, used_before, used)) {
+            if let Some((_, len)) = entry {
+                blk_model::check(mem, p, len);
+            }
+        }
         for (i, ((head, bound), entry)) in returned.iter().zip(entries).enumerate() {
             let Some((id, len)) = entry else {
                 continue;
@@ -524,8 +552,28 @@ pub fn run(input: &Input) {
             CacheType::Unsafe
         },
     };
+    let id_bytes = config.drive_id.as_bytes().to_vec();
     let dev = Block::new(config, disk).expect("a block device");
-    let features = input.features & dev.avail_features();
+    let offered = dev.avail_features();
+    // What the configuration must offer (5.2.3): RO for a read-only drive, FLUSH with a
+    // write-back cache, never either otherwise.
+    assert_eq!(
+        offered & blk_model::F_RO != 0,
+        input.read_only,
+        "VIRTIO_BLK_F_RO offered"
+    );
+    assert_eq!(
+        offered & blk_model::F_FLUSH != 0,
+        input.writeback,
+        "VIRTIO_BLK_F_FLUSH offered"
+    );
+    let features = input.features & offered;
+    let model = ModelDevice {
+        capacity: sectors,
+        read_only: input.read_only,
+        flush: features & blk_model::F_FLUSH != 0,
+        id: id_bytes,
+    };
     let size = 1u16 << (input.size_log % 9);
     let drv = Driver::new(&mem, QueueLayout { size, ..QUEUE });
     let mut rig = Rig {
@@ -542,6 +590,7 @@ pub fn run(input: &Input) {
         broken: false,
         rounds: 0,
         cursor: 0,
+        model,
     };
     rig.activate();
     for op in &input.ops {

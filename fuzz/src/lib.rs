@@ -12,6 +12,7 @@ pub mod wire;
 
 pub mod api;
 pub mod blk;
+pub mod blk_model;
 pub mod config;
 pub mod i8042;
 pub mod jailer;

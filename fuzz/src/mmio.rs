@@ -5,8 +5,9 @@
 //! Invariants, after every access:
 //! - the status register only ever holds a state the driver-initialisation order reaches
 //!   (0, A, A|D, A|D|FEATURES_OK, A|D|FEATURES_OK|DRIVER_OK, each possibly with
-//!   DEVICE_NEEDS_RESET and/or FAILED), and every status write does what the transition
-//!   table says;
+//!   DEVICE_NEEDS_RESET and/or FAILED), and every status write does what the virtio 1.2
+//!   specification says ([`spec_status`], a table written in this harness from 2.1, 3.1.1
+//!   and 4.2.2, independent of kiln's own transition table);
 //! - a queue reads ready only if the configuration the driver wrote is valid (size a power
 //!   of two within the maximum, aligned rings inside RAM), and a valid one is accepted;
 //! - DRIVER_OK is set only with the device activated; a reset clears status, interrupts
@@ -24,7 +25,7 @@ use kiln::devices::IrqLine;
 use kiln::devices::bus::BusDevice;
 use kiln::devices::virtio::block::{Block, BlockConfig, DiskFile};
 use kiln::devices::virtio::features::VIRTIO_F_VERSION_1;
-use kiln::devices::virtio::mmio::{MmioTransport, StatusAction, status_action};
+use kiln::devices::virtio::mmio::MmioTransport;
 use kiln::devices::virtio::net::{Net, NetConfig, Tap};
 use kiln::devices::virtio::status::{
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
@@ -204,6 +205,62 @@ impl Shadow {
     }
 }
 
+/// What a write to the Status register must do, from the virtio 1.2 specification (written
+/// here, not taken from kiln's `status_action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SpecStatus {
+    /// 4.2.2: writing 0 resets the device; Status reads 0.
+    Reset,
+    /// The written value is the new status.
+    Becomes(u32),
+    /// The device does not take the write (Status unchanged).
+    Ignored,
+    /// 3.1.1 step 8: DRIVER_OK makes the device live (or, if it cannot work with what the
+    /// driver set up, it sets DEVICE_NEEDS_RESET, 2.1).
+    Activation,
+}
+
+/// The driver initialisation sequence of 3.1.1, one step per row: from the status on the
+/// left the driver sets the bit that makes the status on the right (steps 2, 3, 5 and 8;
+/// steps 4, 6 and 7 write no status).
+const INIT_STEPS: [(u32, u32); 4] = [
+    (0, ACKNOWLEDGE),
+    (ACKNOWLEDGE, ACKNOWLEDGE | DRIVER),
+    (ACKNOWLEDGE | DRIVER, ACKNOWLEDGE | DRIVER | FEATURES_OK),
+    (
+        ACKNOWLEDGE | DRIVER | FEATURES_OK,
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+    ),
+];
+
+/// The transition for writing `new` over `current`:
+/// - 4.2.2: 0 resets;
+/// - 2.1 / 3.1.1: the driver may set FAILED at any time (it gave up on the device);
+/// - 2.1.1: after FAILED, and with DEVICE_NEEDS_RESET set, the driver must reset: nothing
+///   else is taken;
+/// - 3.1.1: otherwise only the next step of the initialisation sequence is taken, one bit at
+///   a time; anything else clears a bit (2.1.1: the driver must not), skips a step or sets a
+///   bit the driver does not own (DEVICE_NEEDS_RESET) and is ignored;
+/// - 3.1.1 step 5-6 with 2.2.2 and 6.1: FEATURES_OK stays set only if the device accepts the
+///   features, and a modern (version 2) virtio-mmio device needs VIRTIO_F_VERSION_1.
+fn spec_status(current: u32, new: u32, acked_version_1: bool) -> SpecStatus {
+    if new == 0 {
+        return SpecStatus::Reset;
+    }
+    if new == current | FAILED {
+        return SpecStatus::Becomes(new);
+    }
+    if current & (FAILED | DEVICE_NEEDS_RESET) != 0 {
+        return SpecStatus::Ignored;
+    }
+    match INIT_STEPS.iter().position(|&step| step == (current, new)) {
+        Some(2) if !acked_version_1 => SpecStatus::Ignored,
+        Some(3) => SpecStatus::Activation,
+        Some(_) => SpecStatus::Becomes(new),
+        None => SpecStatus::Ignored,
+    }
+}
+
 /// Whether `s` is a state the initialisation order can reach.
 fn reachable(s: u32) -> bool {
     const A: u32 = ACKNOWLEDGE;
@@ -256,16 +313,11 @@ impl Rig {
         match offset {
             STATUS => {
                 let after = self.t.status();
-                let want = match status_action(before_status, v) {
-                    StatusAction::Reset => Some(0),
-                    StatusAction::Set => Some(v),
-                    StatusAction::Reject => Some(before_status),
-                    StatusAction::NegotiateFeatures => Some(if self.acked_version_1 {
-                        before_status | FEATURES_OK
-                    } else {
-                        before_status
-                    }),
-                    StatusAction::Activate => None,
+                let want = match spec_status(before_status, v, self.acked_version_1) {
+                    SpecStatus::Reset => Some(0),
+                    SpecStatus::Becomes(s) => Some(s),
+                    SpecStatus::Ignored => Some(before_status),
+                    SpecStatus::Activation => None,
                 };
                 match want {
                     Some(w) => {

@@ -19,7 +19,9 @@
 //!   chains the device holds between calls and its place in the ring (ahead of the chains
 //!   used by the chains held), and why the device stopped (TAP empty: the TAP watched; too
 //!   few buffers: nothing delivered, a kick asked for, the TAP no longer watched; end of
-//!   file; a corrupt ring);
+//!   file; a corrupt ring); and, independently of that model, against the virtio 1.2 rules
+//!   for received packets (`rx::spec_check`: `num_buffers`, buffers used completely but the
+//!   last, header flags and `gso_type` against the negotiated features);
 //! - for both: the used-buffer interrupt is raised whenever EVENT_IDX requires it;
 //! - no livelock: a call that does not return is a libFuzzer timeout (`-timeout=10`).
 

@@ -191,18 +191,57 @@ impl Drop for RestoreSubtreeControl {
     }
 }
 
+/// cgroup v2 with only the core's files (`cgroup.*`, present in every cgroup whatever
+/// controllers the host offers): this runs on any host with a cgroup2 hierarchy, so the v2
+/// path is always exercised for real.
+#[test]
+fn v2_core_setting_in_private_mount_namespace() {
+    require_root();
+    let v2 = common::cgroup2_mount().expect("a cgroup2 hierarchy");
+    let parent = unique("kiln-jt-v2core");
+    let jailer = Jailer::inspector()
+        .private_cgroup2()
+        .arg("--cgroup-version")
+        .arg("2")
+        .arg("--parent-cgroup")
+        .arg(&parent)
+        .arg("--cgroup")
+        .arg("cgroup.max.descendants=3")
+        .exec_args(["--hold"]);
+    let relative = Path::new(&parent).join(&jailer.id);
+    let mut dirs = CgroupDirs::default();
+    dirs.add(&v2, &relative);
+
+    let mut run = jailer.spawn();
+    run.read_report();
+    assert_eq!(cgroup_in(run.pid(), ""), format!("/{}", relative.display()));
+    assert_eq!(read(v2.join(&relative).join("cgroup.max.descendants")), "3");
+    // The parent level keeps the kernel's default: the setting went to the leaf only.
+    assert_eq!(read(v2.join(&parent).join("cgroup.max.descendants")), "max");
+    // No controller was asked for, so none was enabled on the way down.
+    assert_eq!(read(v2.join(&parent).join("cgroup.subtree_control")), "");
+    run.kill();
+    assert_eq!(run.finish().code, 128 + libc::SIGKILL);
+}
+
+/// A v2 controller enabled down the hierarchy. Its precondition (the hugetlb controller with
+/// 2 MB pages in the host's cgroup2 hierarchy, as on the project's machines) is checked and
+/// its absence fails the test: a host without it must not make this test pass unseen.
 #[test]
 fn v2_hugetlb_in_private_mount_namespace() {
     require_root();
     let v2 = common::cgroup2_mount().expect("a cgroup2 hierarchy");
-    let usable = read(v2.join("cgroup.controllers"))
-        .split_whitespace()
-        .any(|c| c == "hugetlb")
-        && Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists();
-    if !usable {
-        eprintln!("skipped: no hugetlb controller with 2 MB pages in the cgroup v2 hierarchy");
-        return;
-    }
+    let controllers = read(v2.join("cgroup.controllers"));
+    assert!(
+        controllers.split_whitespace().any(|c| c == "hugetlb"),
+        "precondition: {}/cgroup.controllers lists no hugetlb ({controllers:?}); this test \
+         needs a host whose cgroup2 hierarchy offers it",
+        v2.display()
+    );
+    assert!(
+        Path::new("/sys/kernel/mm/hugepages/hugepages-2048kB").exists(),
+        "precondition: the host has no 2 MB huge pages (/sys/kernel/mm/hugepages/hugepages-2048kB)"
+    );
     let subtree = v2.join("cgroup.subtree_control");
     // Dropped last: the controller can be disabled at the root only once the
     // test's cgroups are gone.

@@ -31,6 +31,8 @@ use testkit::{LineReader, NetNs, TempDir as Scratch, exit_code};
 pub const KERNEL_ENV: &str = "KILN_LINUX_KERNEL";
 /// Set to 1 to leave the slow tier out of a quick local run (never in CI).
 pub const SKIP_ENV: &str = "KILN_SKIP_LINUX";
+/// Set (to anything but empty or `false`) on CI machines: the slow tier may not be skipped.
+pub const CI_ENV: &str = "CI";
 
 /// Guest memory and vCPUs of the boot.
 pub const MEM_MIB: u64 = 256;
@@ -82,9 +84,16 @@ pub enum KernelChoice {
 
 /// The kernel named by `KILN_LINUX_KERNEL`, else the one `guest-kernel/build.sh` prints: it
 /// builds the kernel on the first run (minutes; it installs its build dependencies with apt)
-/// and answers from its cache after that. `KILN_SKIP_LINUX=1` leaves the tier out.
+/// and answers from its cache after that. `KILN_SKIP_LINUX=1` leaves the tier out, except
+/// under CI (`CI` set), where asking to skip it is a failure: a green CI run must have booted
+/// Linux.
 pub fn choose_kernel() -> KernelChoice {
     if std::env::var(SKIP_ENV).is_ok_and(|v| v == "1") {
+        let ci = std::env::var(CI_ENV).unwrap_or_default();
+        assert!(
+            ci.is_empty() || ci.eq_ignore_ascii_case("false") || ci == "0",
+            "{SKIP_ENV}=1 under CI ({CI_ENV}={ci}): the Linux tier may not be skipped in CI"
+        );
         return KernelChoice::Skipped;
     }
     if let Some(path) = std::env::var_os(KERNEL_ENV).filter(|p| !p.is_empty()) {

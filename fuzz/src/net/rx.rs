@@ -35,6 +35,11 @@
 //! - an available index more than a queue ahead of the device's place (behind it counts as
 //!   far ahead) when a chain is to be taken: NEEDS_RESET, nothing taken.
 //!
+//! Independently of that policy, every round is also checked against the virtio 1.2
+//! specification's rules for received packets ([`spec_check`], 5.1.6.3-5.1.6.4), on what kiln
+//! really put in the used ring and guest memory: a wrong rule shared by kiln and the model is
+//! caught there.
+//!
 //! A receive buffer (of a chain in the ring or held) over the rings or descriptor tables
 //! lets the device's writes change what it reads next: the model stops following (until a
 //! reset) and the round is only checked for not hanging and not panicking.
@@ -349,6 +354,116 @@ impl Round<'_> {
     }
 }
 
+/// The virtio 1.2 rules for a received packet (5.1.6.4 "Processing of Incoming Packets",
+/// device requirements), written from the specification and checked on kiln's used entries
+/// `got` and the bytes in guest memory:
+/// - without VIRTIO_NET_F_MRG_RXBUF, `num_buffers` is 1 (a packet is one buffer);
+/// - with it, `num_buffers` is the number of buffers the packet (header included) is spread
+///   over; they are used together, one after the other; every one but the last is used
+///   completely, up to the full length of the buffer;
+/// - a used length (2.7.8) is at most the chain's writable bytes; a packet holds at least its
+///   header (5.1.6: `struct virtio_net_hdr` comes first);
+/// - without VIRTIO_NET_F_GUEST_CSUM, `flags` is 0 (the host frames here carry none of
+///   VIRTIO_NET_HDR_F_DATA_VALID / NEEDS_CSUM); without GUEST_TSO4/TSO6/UFO, `gso_type` is
+///   VIRTIO_NET_HDR_GSO_NONE.
+///
+/// Chains returned unused (length 0) may sit between packets; inside one, a length 0 is only
+/// a zero-length buffer (used completely). `chains`
+/// names the buffers of every head the device could have used; only rounds whose writes do
+/// not overlap (so every packet's bytes are still there) are checked.
+fn spec_check(
+    mem: &GuestMemory,
+    got: &[Option<(u32, u32)>],
+    chains: &[&Chain],
+    features: u64,
+    writes: &[(u64, u64)],
+) {
+    const MRG_RXBUF: u64 = 1 << 15;
+    const GUEST_CSUM: u64 = 1 << 1;
+    const GUEST_TSO4: u64 = 1 << 7;
+    const GUEST_TSO6: u64 = 1 << 8;
+    const GUEST_UFO: u64 = 1 << 10;
+    const HDR_LEN: u64 = 12;
+    let overlap = writes
+        .iter()
+        .enumerate()
+        .any(|(x, a)| writes[x + 1..].iter().any(|b| a.0 < b.1 && b.0 < a.1));
+    if overlap || got.iter().any(Option::is_none) {
+        return;
+    }
+    let entries: Vec<(u32, u32)> = got.iter().flatten().copied().collect();
+    // Each used entry consumes the oldest chain with its head (a head may come back).
+    let mut taken = vec![false; chains.len()];
+    // (An unusable chain returned with length 0 has no entry in `chains`.)
+    let heads: Vec<Option<&Chain>> = entries
+        .iter()
+        .map(|&(head, len)| {
+            let at = (0..chains.len()).find(|&j| !taken[j] && u32::from(chains[j].head) == head);
+            assert!(
+                at.is_some() || len == 0,
+                "used entry ({head}, {len}) names no chain the device could use"
+            );
+            at.map(|at| {
+                taken[at] = true;
+                chains[at]
+            })
+        })
+        .collect();
+    let mrg = features & MRG_RXBUF != 0;
+    let mut i = 0;
+    while i < entries.len() {
+        let (head, len) = entries[i];
+        let Some(first) = heads[i].filter(|_| len > 0) else {
+            i += 1;
+            continue;
+        };
+        assert!(
+            u64::from(len) <= first.cap,
+            "used length {len} > {} writable bytes (head {head})",
+            first.cap
+        );
+        let hdr = gather(mem, &first.bufs, HDR_LEN as usize);
+        assert!(
+            u64::from(len) >= HDR_LEN.min(first.cap) && hdr.len() == HDR_LEN as usize,
+            "a packet of {len} bytes in head {head} does not hold the virtio-net header"
+        );
+        let num_buffers = u16::from_le_bytes([hdr[10], hdr[11]]);
+        if !mrg {
+            assert_eq!(
+                num_buffers, 1,
+                "num_buffers without MRG_RXBUF (5.1.6.4.2: the device MUST set it to 1)"
+            );
+        }
+        assert!(num_buffers >= 1, "num_buffers 0 (head {head})");
+        let n = usize::from(num_buffers);
+        assert!(
+            i + n <= entries.len(),
+            "num_buffers {n} but only {} used entries follow (head {head})",
+            entries.len() - i
+        );
+        for (k, (&(h, l), c)) in entries[i..i + n].iter().zip(&heads[i..i + n]).enumerate() {
+            // (A zero-length buffer used completely has length 0.)
+            let c = c.unwrap_or_else(|| {
+                panic!("an unusable chain inside a packet of {n} buffers (head {h}, length {l})")
+            });
+            if k + 1 < n {
+                assert_eq!(
+                    u64::from(l),
+                    c.cap,
+                    "buffer {k} of {n} of a packet not used completely (head {h}; 5.1.6.4.2)"
+                );
+            }
+        }
+        if features & GUEST_CSUM == 0 {
+            assert_eq!(hdr[0], 0, "header flags without GUEST_CSUM (head {head})");
+        }
+        if features & (GUEST_TSO4 | GUEST_TSO6 | GUEST_UFO) == 0 {
+            assert_eq!(hdr[1], 0, "gso_type without GUEST_TSO4/6/UFO (head {head})");
+        }
+        i += n;
+    }
+}
+
 /// The receive counters the model predicts.
 #[derive(Debug, PartialEq, Eq)]
 struct Counters {
@@ -422,6 +537,14 @@ impl Rig {
             Slot::Usable(c) => Some(c),
             _ => None,
         });
+        // Every chain the device could use this round (for the specification's checks).
+        let usable: Vec<Chain> = self
+            .rx_state
+            .held
+            .iter()
+            .chain(in_ring.clone())
+            .cloned()
+            .collect();
         for c in self.rx_state.held.iter().chain(in_ring) {
             for w in &c.bufs {
                 bufs.add(w.addr, u64::from(w.len));
@@ -487,6 +610,13 @@ impl Rig {
             .zip(&got)
             .map(|(&(h, l), g)| g.map(|_| (u32::from(h), l)))
             .collect();
+        spec_check(
+            &mem,
+            &got,
+            &usable.iter().collect::<Vec<_>>(),
+            self.features,
+            &round.writes,
+        );
         assert_eq!(
             got, want,
             "RX used entries (head, length) vs the model (ended: {end:?})"

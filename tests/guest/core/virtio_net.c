@@ -171,6 +171,7 @@ u32 net_recv(struct net_dev *n, const u8 **frame, u64 timeout_ms)
         }
         u8 *buf = rx_buf(n, id);
         recycle(n, id);
+        memcpy(&n->rx_hdr, buf, NET_HDR_LEN);
         u16 nbufs = ((volatile struct virtio_net_hdr *)buf)->num_buffers;
         if (nbufs == 1) {
             *frame = buf + NET_HDR_LEN;

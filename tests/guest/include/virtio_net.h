@@ -79,6 +79,7 @@ struct net_dev {
     u16 tx_inflight;
     u16 tx_next;
     /* Counters (since the last net_open). */
+    struct virtio_net_hdr rx_hdr;       /* the header of the frame net_recv returned last */
     u32 rx_frames;              /* frames returned by net_recv */
     u32 rx_merged;              /* of which spanned several buffers */
     u32 rx_bad;                 /* used entries refused: id, length, num_buffers */

@@ -36,6 +36,8 @@ struct ap_record {
 
 static struct ap_record aps[MAX_CPUS];
 static volatile u32 ap_index;   /* which record the starting AP fills */
+/* triple-fault-ap: the AP started next waits for ap_fault_go, then triple-faults. */
+static volatile u32 ap_fault_armed, ap_fault_go;
 
 extern char ap_stacks[], ap_trampoline_start[], ap_trampoline_end[];
 
@@ -47,6 +49,11 @@ noreturn void ap_main(void)
     me->cpuid_apic_id = cpu_initial_apic_id();
     barrier();
     me->alive = 1;
+    if (ap_fault_armed) {
+        while (!ap_fault_go)
+            barrier();
+        triple_fault();
+    }
     halt_forever();
 }
 
@@ -162,4 +169,45 @@ void scn_smp(const char *arg)
     format_ids(list, sizeof(list), started_ids, started);
     if (good)
         ok("smp", "started=%u/%u apic_ids=%s", started - 1, expected, list);
+}
+
+/*
+ * triple-fault-ap: start the first AP of the MP table, make it (not the BSP)
+ * triple-fault, and keep the BSP running: the VMM must stop the whole VM on
+ * the AP's shutdown exit. If it does not within 5 s, the BSP says so and
+ * resets the machine normally.
+ */
+void scn_triple_fault_ap(const char *arg)
+{
+    (void)arg;
+    const struct mp_info *m = mp_info();
+    if (m->error) {
+        fail("triple-fault-ap", "no-mptable=%s", m->error);
+        return;
+    }
+    if (m->ncpus <= 1) {
+        fail("triple-fault-ap", "cpus=1");
+        return;
+    }
+    if (!install_trampoline())
+        return;
+    if (!lapic_enable()) {
+        fail("triple-fault-ap", "no-xapic");
+        return;
+    }
+    u32 bsp = lapic_id(), id = bsp;
+    for (u32 i = 0; i < m->ncpus && id == bsp; i++)
+        id = m->apic_ids[i];
+    ap_fault_armed = 1;
+    ap_fault_go = 0;
+    mb();
+    if (!start_ap(0, id)) {
+        fail("triple-fault-ap", "not-started apic_id=%u", id);
+        return;
+    }
+    info("triple-fault-ap", "apic_id=%u now", id);
+    ap_fault_go = 1;
+    mb();
+    delay_us(5000000);
+    fail("triple-fault-ap", "still-running apic_id=%u", id);
 }
