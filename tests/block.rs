@@ -705,6 +705,13 @@ fn flush_syncs_the_image_before_completing_and_flushed_writes_survive_sigkill() 
         .unwrap();
     let (tx, rx) = mpsc::channel();
     let stdout = child.stdout.take().unwrap();
+    // The console pipe as strace -y names it (kiln writes the console through an fd of its
+    // own, a duplicate of its stdout).
+    let console_pipe = {
+        use std::os::fd::AsRawFd;
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", stdout.as_raw_fd())).unwrap();
+        format!("<{}>", link.display())
+    };
     let reader = std::thread::spawn(move || {
         let mut all = Vec::new();
         for line in BufReader::new(stdout).lines() {
@@ -768,12 +775,14 @@ fn flush_syncs_the_image_before_completing_and_flushed_writes_survive_sigkill() 
             .unwrap_or("")
             .ends_with(&img)
     };
-    // The console: kiln writes the guest's serial output to stdout, a byte or a few at a time.
+    // The console: kiln writes the guest's serial output to its stdout pipe, a byte or a few
+    // at a time.
     // The first byte of the guest's flush line marks when the guest had seen the FLUSH's status.
     let mut console = Vec::new();
     let mut byte_call = Vec::new();
     for (i, c) in calls.iter().enumerate() {
-        if c.call == "write" && c.args.starts_with("1<") {
+        let fd_end = c.args.find('<').unwrap_or(0);
+        if c.call == "write" && c.args[fd_end..].starts_with(&console_pipe) {
             let bytes = strace_string(&c.args);
             byte_call.extend(std::iter::repeat_n(i, bytes.len()));
             console.extend(bytes);
