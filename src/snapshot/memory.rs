@@ -203,8 +203,17 @@ mod tests {
     use crate::vstate::memory::create_guest_memory;
     use vm_memory::Bytes;
 
-    fn scratch(tag: &str) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("kiln-snapmem-{tag}-{}", std::process::id()))
+    /// An empty read-write scratch file, and its path (removed by the test).
+    fn scratch(tag: &str) -> (File, std::path::PathBuf) {
+        let path = std::env::temp_dir().join(format!("kiln-snapmem-{tag}-{}", std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        (file, path)
     }
 
     #[test]
@@ -213,14 +222,7 @@ mod tests {
         mem.write_obj(0xdead_beef_u64, GuestAddress(0x5000))
             .unwrap();
         mem.write_obj(0x1234_u64, GuestAddress(0xff_f000)).unwrap();
-        let path = scratch("holes");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let (file, path) = scratch("holes");
         let written = save(&mem, &file, None).unwrap();
         assert_eq!(written, 2 * PAGE as u64, "only the two touched pages");
         assert_eq!(file.metadata().unwrap().len(), 16 << 20);
@@ -240,14 +242,7 @@ mod tests {
         file.read_exact_at(&mut b, 0x5000).unwrap();
         assert_eq!(u64::from_le_bytes(b), 0xdead_beef);
         // A snapshot of the restored (file-backed) memory keeps every page.
-        let path2 = scratch("again");
-        let file2 = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path2)
-            .unwrap();
+        let (file2, path2) = scratch("again");
         save(&restored, &file2, None).unwrap();
         let again = map(&file2, &layout(&mem)).unwrap();
         assert_eq!(again.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 7);
@@ -261,14 +256,7 @@ mod tests {
 
     #[test]
     fn a_short_file_or_a_foreign_layout_is_refused() {
-        let path = scratch("short");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let (file, path) = scratch("short");
         file.set_len(4096).unwrap();
         let regions = vec![RegionInfo {
             guest_addr: 0,
