@@ -30,11 +30,41 @@ use crate::config::{
     NetConfig, from_json,
 };
 
-/// A routing error: HTTP status and `fault_message`.
-pub type RouteError = (u16, String);
+/// Why a request gets no action: answered with its HTTP status and `fault_message`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// 400: an unknown path or method, a bad body, a bad or mismatched id.
+    #[error("{0}")]
+    BadRequest(String),
+    /// A fault in the byte stream found by the HTTP parser (400, 413, ...).
+    #[error("{message}")]
+    Http {
+        /// The status to answer.
+        status: u16,
+        /// The `fault_message`.
+        message: String,
+    },
+}
+
+impl RouteError {
+    /// The HTTP status to answer.
+    pub fn status(&self) -> u16 {
+        match self {
+            RouteError::BadRequest(_) => 400,
+            RouteError::Http { status, .. } => *status,
+        }
+    }
+
+    /// The `fault_message`.
+    pub fn message(&self) -> &str {
+        match self {
+            RouteError::BadRequest(m) | RouteError::Http { message: m, .. } => m,
+        }
+    }
+}
 
 fn bad(message: impl Into<String>) -> RouteError {
-    (400, message.into())
+    RouteError::BadRequest(message.into())
 }
 
 /// `PUT /actions` body.
@@ -216,7 +246,7 @@ mod tests {
 
     fn err(method: &str, path: &str, body: &str) -> String {
         match route(method, path, body.as_bytes()) {
-            Err((400, message)) => message,
+            Err(RouteError::BadRequest(message)) => message,
             other => panic!("{method} {path} {body}: {other:?}"),
         }
     }
@@ -574,7 +604,7 @@ mod tests {
         // Not UTF-8.
         let r = route("PUT", "/boot-source", b"{\"kernel_image_path\": \"\xff\"}");
         assert!(
-            matches!(r, Err((400, ref m)) if m.starts_with(prefix)),
+            matches!(r, Err(RouteError::BadRequest(ref m)) if m.starts_with(prefix)),
             "{r:?}"
         );
     }

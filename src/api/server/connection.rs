@@ -359,13 +359,14 @@ impl ApiServer {
         log::debug!("API request: {} {}", request.method, request.path);
         let action = match route(&request.method, &request.path, &request.body) {
             Ok(action) => action,
-            Err((status, message)) => {
+            Err(e) => {
                 log::info!(
-                    "API: {} {}: {status} {message}",
+                    "API: {} {}: {} {e}",
                     request.method,
-                    request.path
+                    request.path,
+                    e.status()
                 );
-                return Response::fault(status, &message);
+                return Response::fault(e.status(), e.message());
             }
         };
         if self.vmm_gone {

@@ -306,7 +306,7 @@ pub fn handle_bytes(input: &[u8], max_payload: usize) -> Vec<Result<VmmAction, R
     for event in RequestParser::new(max_payload).feed(input) {
         match event {
             Event::Continue => {}
-            Event::Fault { status, message } => out.push(Err((status, message))),
+            Event::Fault { status, message } => out.push(Err(RouteError::Http { status, message })),
             Event::Request(request) => {
                 out.push(route(&request.method, &request.path, &request.body));
                 if !request.keep_alive {
