@@ -11,8 +11,8 @@
 //! program, so the kernel's exec fails with ENOEXEC, which it can only say after reading the
 //! file's first bytes from the mounted root (a missing file would give ENOENT). The kernel
 //! then panics ("Requested init ... failed") and `panic=1 reboot=k` resets the machine through
-//! the i8042, which ends kiln with status 0. User mode is never entered: on the emulated KVM of
-//! the development machines it cannot run (see guest-kernel/README.md).
+//! the i8042, which ends kiln with status 0. User mode is never entered in this boot; the
+//! user-space workload (workload.rs) is a boot of its own.
 //!
 //! `Options` can leave the DHCP server out and serve kiln's API instead of `--no-api`, sending
 //! `SendCtrlAltDel` once a given console line has come (the i8042 test).
@@ -192,6 +192,8 @@ pub fn make_root_image(dir: &Path) -> PathBuf {
     );
     image
 }
+
+pub mod workload;
 
 // The tests' network namespace helper; the tier uses part of it.
 #[allow(dead_code)]
@@ -471,8 +473,89 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut child = KillOnDrop(child);
 
+    let mut milestones = vec![None; MILESTONES.len()];
+    let console = drive_console(child, start, timeout, echo, &mut |t, line| {
+        for (i, (name, needle)) in MILESTONES.iter().enumerate() {
+            if milestones[i].is_none() && line.contains(needle) {
+                milestones[i] = Some(t);
+                if echo {
+                    eprintln!(">>> {name} at {:.1} s", t.as_secs_f64());
+                }
+            }
+        }
+        if let Some(needle) = opts.ctrl_alt_del_on
+            && ctrl_alt_del_sent.is_none()
+            && line.contains(needle)
+        {
+            let status = api_put(
+                &api_sock,
+                "/actions",
+                r#"{"action_type": "SendCtrlAltDel"}"#,
+            );
+            if echo {
+                eprintln!(">>> SendCtrlAltDel: {status}");
+            }
+            ctrl_alt_del_sent = Some(status);
+        }
+    });
+    let Console {
+        status,
+        serial,
+        stderr,
+        end,
+        timed_out,
+    } = console;
+
+    let metrics = std::fs::read_to_string(&metrics_path)
+        .ok()
+        .and_then(|s| s.lines().last().map(str::to_string))
+        .and_then(|l| serde_json::from_str(&l).ok());
+    let boot = Boot {
+        status,
+        serial,
+        stderr,
+        milestones,
+        end,
+        dnsmasq_log: dnsmasq.as_ref().map(Dnsmasq::log_text).unwrap_or_default(),
+        dnsmasq_leases: dnsmasq
+            .as_ref()
+            .and_then(|d| std::fs::read_to_string(&d.leases).ok())
+            .unwrap_or_default(),
+        metrics,
+        image_sectors,
+        ctrl_alt_del: ctrl_alt_del_sent,
+    };
+    drop(dnsmasq);
+    drop(ns);
+    assert!(!timed_out, "kiln did not end within {timeout:?}\n{boot}");
+    boot
+}
+
+/// What a VMM run printed, and how it ended.
+pub struct Console {
+    /// Exit status (128 + N for signal N).
+    pub status: i32,
+    /// Serial console lines (without line ends), with the time since the spawn.
+    pub serial: Vec<(Duration, String)>,
+    pub stderr: String,
+    /// From the spawn to the exit.
+    pub end: Duration,
+    /// The run was killed at the deadline.
+    pub timed_out: bool,
+}
+
+/// Reads `child`'s stdout (the serial console) line by line until it closes or `timeout`
+/// (from `start`) passes, then kills it; each line is time-stamped from `start`, echoed to
+/// stderr if `echo`, and given to `on_line` as it arrives.
+pub fn drive_console(
+    child: Child,
+    start: Instant,
+    timeout: Duration,
+    echo: bool,
+    on_line: &mut dyn FnMut(Duration, &str),
+) -> Console {
+    let mut child = KillOnDrop(child);
     let (tx, rx) = mpsc::channel::<(Duration, String)>();
     let stdout = child.0.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -502,7 +585,6 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
     });
 
     let mut serial = Vec::new();
-    let mut milestones = vec![None; MILESTONES.len()];
     let deadline = start + timeout;
     let mut timed_out = false;
     loop {
@@ -514,35 +596,14 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
         }
         match rx.recv_timeout((deadline - now).min(Duration::from_secs(1))) {
             Ok((t, line)) => {
-                for (i, (name, needle)) in MILESTONES.iter().enumerate() {
-                    if milestones[i].is_none() && line.contains(needle) {
-                        milestones[i] = Some(t);
-                        if echo {
-                            eprintln!(">>> {name} at {:.1} s", t.as_secs_f64());
-                        }
-                    }
-                }
                 if echo {
                     eprintln!("[{:8.3}] {line}", t.as_secs_f64());
                 }
-                if let Some(needle) = opts.ctrl_alt_del_on
-                    && ctrl_alt_del_sent.is_none()
-                    && line.contains(needle)
-                {
-                    let status = api_put(
-                        &api_sock,
-                        "/actions",
-                        r#"{"action_type": "SendCtrlAltDel"}"#,
-                    );
-                    if echo {
-                        eprintln!(">>> SendCtrlAltDel: {status}");
-                    }
-                    ctrl_alt_del_sent = Some(status);
-                }
+                on_line(t, &line);
                 serial.push((t, line));
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
-            // stdout closed: kiln is ending.
+            // stdout closed: the VMM is ending.
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
@@ -554,30 +615,13 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
     let status = status
         .code()
         .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-
-    let metrics = std::fs::read_to_string(&metrics_path)
-        .ok()
-        .and_then(|s| s.lines().last().map(str::to_string))
-        .and_then(|l| serde_json::from_str(&l).ok());
-    let boot = Boot {
+    Console {
         status,
         serial,
         stderr,
-        milestones,
         end,
-        dnsmasq_log: dnsmasq.as_ref().map(Dnsmasq::log_text).unwrap_or_default(),
-        dnsmasq_leases: dnsmasq
-            .as_ref()
-            .and_then(|d| std::fs::read_to_string(&d.leases).ok())
-            .unwrap_or_default(),
-        metrics,
-        image_sectors,
-        ctrl_alt_del: ctrl_alt_del_sent,
-    };
-    drop(dnsmasq);
-    drop(ns);
-    assert!(!timed_out, "kiln did not end within {timeout:?}\n{boot}");
-    boot
+        timed_out,
+    }
 }
 
 /// The checks of the end-to-end test: the block device with the image's capacity, the ext4
