@@ -389,7 +389,11 @@ impl Default for Options<'_> {
 /// One HTTP request on kiln's API socket; returns the status line.
 fn api_put(sock: &Path, path: &str, body: &str) -> String {
     use std::io::Write;
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    let mut s = match std::os::unix::net::UnixStream::connect(sock) {
+        Ok(s) => s,
+        // kiln may be gone already (a repeated Ctrl+Alt+Del racing the reset).
+        Err(e) => return format!("cannot connect to {}: {e}", sock.display()),
+    };
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let req = format!(
         "PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
@@ -401,6 +405,10 @@ fn api_put(sock: &Path, path: &str, body: &str) -> String {
     let _ = s.read_to_string(&mut resp);
     resp.lines().next().unwrap_or("").to_string()
 }
+
+/// How often, and how far apart, `SendCtrlAltDel` is sent until Linux restarts.
+const CTRL_ALT_DEL_TRIES: u32 = 5;
+const CTRL_ALT_DEL_AGAIN: Duration = Duration::from_secs(3);
 
 /// Boots run one at a time (each keeps a host core busy for its vCPU).
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -475,7 +483,33 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
         .unwrap();
 
     let mut milestones = vec![None; MILESTONES.len()];
+    // Ctrl+Alt+Del is sent again every few seconds until the kernel restarts: keys that
+    // arrive while Linux's AT keyboard driver still waits for the acknowledgements of its
+    // first commands (LEDs, typematic rate) are dropped by the driver.
+    let mut ctrl_alt_del_last: Option<Instant> = None;
+    let mut ctrl_alt_del_count = 0;
+    let mut restarting = false;
     let console = drive_console(child, start, timeout, echo, &mut |t, line| {
+        let Some(line) = line else {
+            if let Some(last) = ctrl_alt_del_last
+                && !restarting
+                && ctrl_alt_del_count < CTRL_ALT_DEL_TRIES
+                && last.elapsed() >= CTRL_ALT_DEL_AGAIN
+            {
+                let status = api_put(
+                    &api_sock,
+                    "/actions",
+                    r#"{"action_type": "SendCtrlAltDel"}"#,
+                );
+                if echo {
+                    eprintln!(">>> SendCtrlAltDel again: {status}");
+                }
+                ctrl_alt_del_last = Some(Instant::now());
+                ctrl_alt_del_count += 1;
+            }
+            return;
+        };
+        restarting |= line.contains("reboot: Restarting system");
         for (i, (name, needle)) in MILESTONES.iter().enumerate() {
             if milestones[i].is_none() && line.contains(needle) {
                 milestones[i] = Some(t);
@@ -497,6 +531,8 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
                 eprintln!(">>> SendCtrlAltDel: {status}");
             }
             ctrl_alt_del_sent = Some(status);
+            ctrl_alt_del_last = Some(Instant::now());
+            ctrl_alt_del_count = 1;
         }
     });
     let Console {
@@ -547,13 +583,14 @@ pub struct Console {
 
 /// Reads `child`'s stdout (the serial console) line by line until it closes or `timeout`
 /// (from `start`) passes, then kills it; each line is time-stamped from `start`, echoed to
-/// stderr if `echo`, and given to `on_line` as it arrives.
+/// stderr if `echo`, and given to `on_line` as it arrives; `on_line` also gets `None` when a
+/// second passes without a line.
 pub fn drive_console(
     child: Child,
     start: Instant,
     timeout: Duration,
     echo: bool,
-    on_line: &mut dyn FnMut(Duration, &str),
+    on_line: &mut dyn FnMut(Duration, Option<&str>),
 ) -> Console {
     let mut child = KillOnDrop(child);
     let (tx, rx) = mpsc::channel::<(Duration, String)>();
@@ -599,10 +636,10 @@ pub fn drive_console(
                 if echo {
                     eprintln!("[{:8.3}] {line}", t.as_secs_f64());
                 }
-                on_line(t, &line);
+                on_line(t, Some(&line));
                 serial.push((t, line));
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Timeout) => on_line(start.elapsed(), None),
             // stdout closed: the VMM is ending.
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }

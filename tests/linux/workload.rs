@@ -496,7 +496,7 @@ pub fn run(kernel: &Path, vcpus: u32, timeout: Duration, echo: bool) -> Run {
         .unwrap();
     let listening = format!("kiln-wl: listening {GUEST_PORT}");
     let console = drive_console(child, start, timeout, echo, &mut |_, line| {
-        if source.is_none() && line.contains(&listening) {
+        if source.is_none() && line.is_some_and(|l| l.contains(&listening)) {
             source = Some(super::workload::source(&ns.name, payload.clone()));
         }
     });
