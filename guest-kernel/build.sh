@@ -6,8 +6,13 @@
 # The result is cached outside the work tree in
 #   ${KILN_KERNEL_CACHE:-/var/cache/kiln/kernels}/<key>/vmlinux   (+ config, build.log, info)
 # (for a user other than root the default is ~/.cache/kiln/kernels), where <key> is a hash
-# of microvm.config, this script, the linux-source package name and version, and the
-# compiler version: a second run with the same inputs only prints the path.
+# of microvm.config, the patches (*.patch next to this script), this script, the
+# linux-source package name and version, and the compiler version: a second run with the
+# same inputs only prints the path.
+#
+# The patches are kiln's own changes to the kernel, applied in name order with `patch -p1`
+# after unpacking; each says at its top when its code runs and why
+# (emulated-syscall.patch: user mode on hosts whose KVM emulates every instruction).
 #
 # Missing build dependencies are installed with apt-get (needs root); see `deps` below.
 #
@@ -24,7 +29,7 @@ set -euo pipefail
 
 # Debian packages the build needs. The config needs no OpenSSL (no module signing, no
 # trusted keyring); libelf-dev is for objtool, which every x86_64 build runs.
-deps=(linux-source gcc make libc6-dev bc flex bison libelf-dev xz-utils)
+deps=(linux-source gcc make libc6-dev bc flex bison libelf-dev xz-utils patch)
 
 log() { echo "guest-kernel: $*" >&2; }
 die() {
@@ -76,6 +81,10 @@ main() {
             ;;
     esac
     [[ -f $fragment ]] || die "config fragment $fragment not found"
+    local patches=()
+    shopt -s nullglob
+    patches=("$here"/*.patch)
+    shopt -u nullglob
 
     if [[ $mode == build ]]; then
         local missing=() p
@@ -104,6 +113,11 @@ main() {
         echo "cc $cc_ver"
         echo "--- config"
         cat "$fragment"
+        local p
+        for p in "${patches[@]}"; do
+            echo "--- patch $(basename "$p")"
+            cat "$p"
+        done
         echo "--- script"
         cat "$script"
     } | sha256sum | cut -c1-16)
@@ -138,6 +152,11 @@ main() {
     log "building $src_pkg $src_ver with $(basename "$fragment") (key $key, make -j$jobs) in $work"
     tar -xJf "$tarball" -C "$work"
     [[ -d $src ]] || die "$tarball did not unpack into $src_pkg/"
+    local p
+    for p in "${patches[@]}"; do
+        log "applying $(basename "$p")"
+        patch -d "$src" -p1 --forward --batch --quiet <"$p" >&2 || die "$(basename "$p") does not apply"
+    done
 
     # allnoconfig (everything off) plus the fragment: options the fragment does not name keep
     # their defaults where they are not user-visible, and are off otherwise.
@@ -162,6 +181,7 @@ main() {
     cp "$src/vmlinux" "$tmp_out/vmlinux"
     cp "$src/.config" "$tmp_out/config"
     cp "$fragment" "$tmp_out/microvm.config"
+    for p in "${patches[@]}"; do cp "$p" "$tmp_out/"; done
     cp "$build_log" "$tmp_out/build.log"
     {
         echo "source=$src_pkg $src_ver"

@@ -10,10 +10,20 @@
 //! `SendCtrlAltDel` (through the API socket) makes the kernel restart, which resets the
 //! machine through the i8042 and ends kiln cleanly.
 //!
+//! Two more boots run a user space (issues 19 and 20, tests/linux/workload.rs): the busybox
+//! root image of `guest-kernel/rootfs.sh`, whose init runs a workload checking processes,
+//! threads and signals, a file written to the root (then checked from the host, content and
+//! `e2fsck -fn`), a data drive's contents, a read-only drive, ping, TCP both ways and an HTTP
+//! download against peers in the test's network namespace, then reboots — with kiln under
+//! the jailer and its default seccomp filters, once with 1 vCPU and once with 2.
+//!
 //! The kernel is `KILN_LINUX_KERNEL`, else the one `guest-kernel/build.sh` builds (once,
-//! several minutes) and caches. Each boot takes about half a minute on the emulated KVM of
-//! the development machines; `KILN_SKIP_LINUX=1` leaves the tier out of a quick local run.
-//! Needs root, /dev/kvm, `ip`, `mkfs.ext4` (e2fsprogs) and `dnsmasq` (dnsmasq-base).
+//! several minutes) and caches; the root image is `KILN_LINUX_ROOTFS`, else
+//! `guest-kernel/rootfs.sh`'s. The marker boots take about half a minute each on the
+//! emulated KVM of the development machines, the workload boots about two minutes;
+//! `KILN_SKIP_LINUX=1` leaves the tier out of a quick local run. Needs root, /dev/kvm, `ip`,
+//! `mkfs.ext4`/`e2fsck`/`debugfs` (e2fsprogs), `dnsmasq` (dnsmasq-base), busybox-static and
+//! the jailer built next to kiln (`cargo test --workspace` builds it).
 #![allow(clippy::unwrap_used)]
 
 mod linux;
@@ -59,6 +69,27 @@ fn linux_boots_to_init_with_virtio_blk_root_and_dhcp() {
         completions.is_some(),
         "no emulation_completions in kiln's metrics\n{boot}"
     );
+}
+
+/// The workload tier (tests/linux/workload.rs): busybox user space runs its checks of
+/// processes, the root file system, a data drive, a read-only drive and the network, then
+/// reboots; kiln runs under the jailer with its default seccomp filters. One boot per vCPU
+/// count.
+fn workload(vcpus: u32) {
+    let Some(kernel) = kernel() else { return };
+    let run = linux::workload::run(&kernel, vcpus, TIMEOUT, true);
+    linux::workload::report(&run);
+    linux::workload::check(&run);
+}
+
+#[test]
+fn linux_user_space_workload_jailed_1_vcpu() {
+    workload(1);
+}
+
+#[test]
+fn linux_user_space_workload_jailed_2_vcpus() {
+    workload(2);
 }
 
 #[test]

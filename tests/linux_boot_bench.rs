@@ -12,6 +12,15 @@
 //! the test checks it. `KILN_LINUX_ECHO=1` prints the serial console as it comes and kiln's
 //! stderr; `KILN_LINUX_KILN_ARGS` adds arguments to kiln's command line (space-separated,
 //! e.g. `--no-seccomp` or `--level Debug`).
+//!
+//! Then the user-space workload of the test tier (tests/linux/workload.rs: busybox root
+//! image, kiln under the jailer, 1 vCPU) `KILN_LINUX_WORKLOAD_RUNS` times (default: as many
+//! as the boots above; 0 leaves it out), each checked as the test checks it, with its
+//! milestones — kernel start, root mounted, first user-space line, workload done, kiln's
+//! exit — and the guest's own timings of a 512 KiB file copy from the data drive onto the
+//! root (synced), 256 KiB over TCP to the host, 256 KiB over TCP from the host and 256 KiB
+//! over HTTP: per run and the median. The jailer must be built in the same profile first:
+//! `cargo build --release -p jailer`.
 #![allow(clippy::unwrap_used)]
 
 mod linux;
@@ -115,4 +124,69 @@ fn main() {
         line.push_str(&format!("{m:>9}"));
     }
     println!("{line}");
+    let wl_runs: usize = std::env::var("KILN_LINUX_WORKLOAD_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(runs);
+    if wl_runs > 0 {
+        workload(&kernel, wl_runs, echo);
+    }
+}
+
+/// The workload runs and their table.
+fn workload(kernel: &std::path::Path, runs: usize, echo: bool) {
+    use linux::workload;
+    let mut all = Vec::new();
+    for run in 1..=runs {
+        eprintln!("workload run {run}/{runs} ...");
+        let r = workload::run(kernel, 1, TIMEOUT, echo);
+        workload::check(&r);
+        workload::report(&r);
+        all.push(r);
+    }
+    let mut header = format!("{:<20}", "workload (s)");
+    for run in 1..=runs {
+        header.push_str(&format!("{:>9}", format!("run {run}")));
+    }
+    header.push_str(&format!("{:>9}", "median"));
+    println!("{header}");
+    let mut rows: Vec<(String, Vec<Option<Duration>>)> = workload::MILESTONES
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            (
+                name.to_string(),
+                all.iter().map(|r| r.milestones()[i]).collect(),
+            )
+        })
+        .collect();
+    rows.push((
+        "kiln exit".to_string(),
+        all.iter().map(|r| Some(r.console.end)).collect(),
+    ));
+    for (check, what) in [
+        ("file-copy", "copy 512 KiB"),
+        ("tcp-out", "TCP out 256 KiB"),
+        ("tcp-in", "TCP in 256 KiB"),
+        ("http", "HTTP 256 KiB"),
+    ] {
+        rows.push((
+            what.to_string(),
+            all.iter()
+                .map(|r| {
+                    r.value(check, "ms")
+                        .and_then(|v| v.parse().ok())
+                        .map(Duration::from_millis)
+                })
+                .collect(),
+        ));
+    }
+    for (name, values) in rows {
+        let mut line = format!("{name:<20}");
+        for v in &values {
+            line.push_str(&format!("{:>9}", secs(*v)));
+        }
+        line.push_str(&format!("{:>9}", secs(testkit::stats::median_duration(&values))));
+        println!("{line}");
+    }
 }
