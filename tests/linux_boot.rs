@@ -92,6 +92,31 @@ fn linux_user_space_workload_jailed_2_vcpus() {
     workload(2);
 }
 
+/// Snapshot Linux mid-boot (its block device probed, before the DHCP lease and the root
+/// mount), kill kiln, restore in a new kiln: the boot finishes there — DHCP lease, root
+/// mounted, init started, a clean reset — with every check of the plain boot.
+#[test]
+fn linux_snapshotted_mid_boot_finishes_booting_in_a_new_process() {
+    let Some(kernel) = kernel() else { return };
+    let boot = linux::boot_with(
+        &kernel,
+        &Options {
+            snapshot_on: Some("[vda] "),
+            timeout: TIMEOUT,
+            echo: true,
+            ..Options::default()
+        },
+    );
+    let probed = boot.milestones[1].unwrap();
+    for (i, (name, _)) in linux::MILESTONES.iter().enumerate().skip(2) {
+        assert!(
+            boot.milestones[i].unwrap() > probed,
+            "{name} came before the snapshot\n{boot}"
+        );
+    }
+    check_boot(&boot);
+}
+
 #[test]
 fn linux_restarts_on_ctrl_alt_del_through_the_i8042() {
     let Some(kernel) = kernel() else { return };

@@ -186,7 +186,10 @@ fn workload(kernel: &std::path::Path, runs: usize, echo: bool) {
         for v in &values {
             line.push_str(&format!("{:>9}", secs(*v)));
         }
-        line.push_str(&format!("{:>9}", secs(testkit::stats::median_duration(&values))));
+        line.push_str(&format!(
+            "{:>9}",
+            secs(testkit::stats::median_duration(&values))
+        ));
         println!("{line}");
     }
 }

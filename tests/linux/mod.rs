@@ -339,6 +339,9 @@ pub struct Options<'a> {
     /// Serve kiln's API on a socket and send `SendCtrlAltDel` through it once a console line
     /// contains this.
     pub ctrl_alt_del_on: Option<&'a str>,
+    /// Once a console line contains this: pause the VM, snapshot it through the API, kill
+    /// kiln, and restore the snapshot in a new kiln that finishes the boot.
+    pub snapshot_on: Option<&'a str>,
     /// Kill kiln and fail past this.
     pub timeout: Duration,
     /// Print serial lines to stderr as they arrive.
@@ -351,14 +354,20 @@ impl Default for Options<'_> {
             extra: &[],
             dhcp_server: true,
             ctrl_alt_del_on: None,
+            snapshot_on: None,
             timeout: Duration::from_secs(15 * 60),
             echo: false,
         }
     }
 }
 
-/// One HTTP request on kiln's API socket; returns the status line.
+/// One PUT on kiln's API socket; returns the status line.
 fn api_put(sock: &Path, path: &str, body: &str) -> String {
+    api_request(sock, "PUT", path, body)
+}
+
+/// One HTTP request on kiln's API socket; returns the status line.
+fn api_request(sock: &Path, method: &str, path: &str, body: &str) -> String {
     use std::io::Write;
     let mut s = match std::os::unix::net::UnixStream::connect(sock) {
         Ok(s) => s,
@@ -367,7 +376,7 @@ fn api_put(sock: &Path, path: &str, body: &str) -> String {
     };
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let req = format!(
-        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -433,9 +442,12 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
     let metrics_path = dir.path().join("metrics.json");
     let api_sock = dir.path().join("kiln.sock");
     let mut api_args: Vec<std::ffi::OsString> = vec!["--no-api".into()];
-    if opts.ctrl_alt_del_on.is_some() {
+    if opts.ctrl_alt_del_on.is_some() || opts.snapshot_on.is_some() {
         api_args = vec!["--api-sock".into(), api_sock.clone().into()];
     }
+    let snapshot_state = dir.path().join("vm.state");
+    let snapshot_mem = dir.path().join("vm.mem");
+    let snapshotted = std::cell::RefCell::new(None::<String>);
     let mut ctrl_alt_del_sent = None;
 
     let start = Instant::now();
@@ -452,6 +464,7 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    let first_pid = child.id();
 
     let mut milestones = vec![None; MILESTONES.len()];
     // Ctrl+Alt+Del is sent again every few seconds until the kernel restarts: keys that
@@ -460,7 +473,7 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
     let mut ctrl_alt_del_last: Option<Instant> = None;
     let mut ctrl_alt_del_count = 0;
     let mut restarting = false;
-    let console = drive_console(child, start, timeout, echo, &mut |t, line| {
+    let mut on_line = |t: Duration, line: Option<&str>| {
         let Some(line) = line else {
             if let Some(last) = ctrl_alt_del_last
                 && !restarting
@@ -505,7 +518,83 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
             ctrl_alt_del_last = Some(Instant::now());
             ctrl_alt_del_count = 1;
         }
-    });
+        if let Some(needle) = opts.snapshot_on
+            && snapshotted.borrow().is_none()
+            && line.contains(needle)
+        {
+            let paused = api_request(&api_sock, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+            let created = api_put(
+                &api_sock,
+                "/snapshot/create",
+                &format!(
+                    r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+                    snapshot_state.display(),
+                    snapshot_mem.display()
+                ),
+            );
+            if echo {
+                eprintln!(">>> pause: {paused}; snapshot: {created}; killing kiln");
+            }
+            // The snapshot is whole on disk before the answer: kill the VMM outright.
+            // SAFETY: kill(2) on the kiln process this function spawned.
+            unsafe { libc::kill(first_pid as libc::pid_t, libc::SIGKILL) };
+            *snapshotted.borrow_mut() = Some(format!("{paused} / {created}"));
+        }
+    };
+    let mut console = drive_console(child, start, timeout, echo, &mut on_line);
+    let answers = snapshotted.borrow().clone();
+    if let Some(answers) = answers {
+        assert!(
+            answers.contains("204") && !answers.contains("400"),
+            "pause or snapshot failed: {answers}"
+        );
+        // A new kiln, in the same namespace (the TAP and the DHCP server are still there),
+        // restores the snapshot and carries on with the boot.
+        let sock = dir.path().join("restored.sock");
+        let child = ns
+            .command(env!("CARGO_BIN_EXE_kiln"))
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--metrics-path")
+            .arg(&metrics_path)
+            .args(opts.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let ready = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(
+                ready.elapsed() < Duration::from_secs(30),
+                "the restoring kiln never served its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let loaded = api_put(
+            &sock,
+            "/snapshot/load",
+            &format!(
+                r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+                snapshot_state.display(),
+                snapshot_mem.display()
+            ),
+        );
+        assert!(loaded.contains("204"), "snapshot load: {loaded}");
+        let second = drive_console(child, start, timeout, echo, &mut on_line);
+        let mut serial = console.serial;
+        serial.extend(second.serial);
+        console = Console {
+            status: second.status,
+            serial,
+            stderr: format!(
+                "{}\n--- the restored kiln\n{}",
+                console.stderr, second.stderr
+            ),
+            end: second.end,
+            timed_out: console.timed_out || second.timed_out,
+        };
+    }
     let Console {
         status,
         serial,
