@@ -21,6 +21,7 @@ use crate::devices::virtio::queue::Buffer;
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
+use crate::rate_limiter::{LimiterUpdate, RateLimiter};
 use crate::vstate::memory::GuestMemory;
 
 /// virtio device id of a network device.
@@ -82,6 +83,12 @@ pub struct Net {
     chain: Vec<Buffer>,
     /// Buffer lists of used receive chains, kept for the next ones.
     rx_spare: Vec<Vec<Buffer>>,
+    /// Limits on frames to the guest. With a limit, frames are read into the bounce buffer
+    /// (their length must be known before they are admitted), and a frame held back waits
+    /// there while the TAP is left unread.
+    rx_limiter: RateLimiter,
+    /// Limits on frames from the guest; a frame held back stays on the ring.
+    tx_limiter: RateLimiter,
 }
 
 impl std::fmt::Debug for Net {
@@ -133,7 +140,45 @@ impl Net {
             rx_seen_avail: 0,
             chain: Vec::with_capacity(64),
             rx_spare: Vec::new(),
+            rx_limiter: RateLimiter::new(None)?,
+            tx_limiter: RateLimiter::new(None)?,
         })
+    }
+
+    /// Limits the interface with `rx` (frames to the guest) and `tx` (frames from it).
+    pub fn set_rate_limiters(&mut self, rx: RateLimiter, tx: RateLimiter) {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+    }
+
+    /// The RX and TX rate limiters.
+    pub fn rate_limiters(&self) -> (&RateLimiter, &RateLimiter) {
+        (&self.rx_limiter, &self.tx_limiter)
+    }
+
+    /// Changes the rate limiters (API `PATCH /network-interfaces`); a held-back frame is
+    /// looked at again at once (its timer fires now).
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: &LimiterUpdate,
+        tx: &LimiterUpdate,
+    ) -> std::io::Result<()> {
+        self.rx_limiter.update(rx)?;
+        self.tx_limiter.update(tx)
+    }
+
+    /// The RX rate limiter's timer fired: the held-back frame may go.
+    pub fn rx_rate_limiter_timer(&mut self) {
+        self.rx_limiter.timer_fired();
+        self.metrics.rx_rate_limiter_event_count.inc();
+        self.process_rx();
+    }
+
+    /// The TX rate limiter's timer fired: the held-back frame may go.
+    pub fn tx_rate_limiter_timer(&mut self) {
+        self.tx_limiter.timer_fired();
+        self.metrics.tx_rate_limiter_event_count.inc();
+        self.process_tx();
     }
 
     /// The counters.
