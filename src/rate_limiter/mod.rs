@@ -110,6 +110,11 @@ pub struct RateLimiter {
     timer: Timer,
     /// The timer is armed: a request waits for it.
     throttled: bool,
+    /// When the held-back request became due (the timer's expiry). The first check after
+    /// the timer fired is made as of then: the time between expiry and the device getting
+    /// to run (timer latency, a busy loop) would otherwise be lost to the bucket's cap —
+    /// with a bucket of one request, every cycle would last refill_time plus that latency.
+    due: Option<u64>,
 }
 
 impl RateLimiter {
@@ -122,6 +127,7 @@ impl RateLimiter {
             ops: bucket(config.and_then(|c| c.ops.as_ref()), now),
             timer: Timer::new()?,
             throttled: false,
+            due: None,
         })
     }
 
@@ -140,18 +146,54 @@ impl RateLimiter {
         (self.bandwidth.as_ref(), self.ops.as_ref())
     }
 
-    /// Whether one operation of `bytes` can go at `now`; else the nanoseconds until it can.
+    /// Whether one operation of `bytes` can go at `now`; else the time (ns, the clock of
+    /// [`now_ns`]) at which it can.
+    ///
+    /// While the device works through a backlog, requests are accounted on a virtual clock:
+    /// the one held back counts as taken when it became due (the timer's expiry), and each
+    /// next one when its tokens existed, as long as that is not later than `now`. The time
+    /// between expiry and the device getting to run (timer latency, a busy host) is then
+    /// not lost to the bucket's cap, which with a bucket of one request would make every
+    /// cycle last refill_time plus that latency. The virtual clock never runs ahead of
+    /// `now`, and [`RateLimiter::idle`] drops it when the backlog is gone, so no more than
+    /// the configured rate is ever admitted.
     pub fn check(&mut self, bytes: u64, now: u64) -> Result<(), u64> {
-        let mut wait = 0;
-        if let Some(b) = &mut self.bandwidth {
-            b.refill(now);
-            wait = wait.max(b.wait_ns(bytes));
+        let mut at = match self.due {
+            Some(due) if due < now => due,
+            _ => now,
+        };
+        // The second round finds the tokens there: the wait is exact.
+        for _ in 0..2 {
+            let mut wait = 0;
+            if let Some(b) = &mut self.bandwidth {
+                b.refill(at);
+                wait = wait.max(b.wait_ns(bytes));
+            }
+            if let Some(o) = &mut self.ops {
+                o.refill(at);
+                wait = wait.max(o.wait_ns(1));
+            }
+            if wait == 0 {
+                self.due = (at < now).then_some(at);
+                return Ok(());
+            }
+            let next = at.saturating_add(wait);
+            if next > now {
+                self.due = None;
+                return Err(next);
+            }
+            at = next;
         }
-        if let Some(o) = &mut self.ops {
-            o.refill(now);
-            wait = wait.max(o.wait_ns(1));
+        self.due = None;
+        Err(now.saturating_add(1))
+    }
+
+    /// The device has nothing more waiting: the next request is accounted at the time it
+    /// comes.
+    pub fn idle(&mut self) {
+        if !self.throttled {
+            self.due = None;
         }
-        if wait == 0 { Ok(()) } else { Err(wait) }
     }
 
     /// Takes one operation of `bytes`, which [`RateLimiter::check`] allowed at the same
@@ -168,11 +210,13 @@ impl RateLimiter {
         }
     }
 
-    /// A request could not go: arms the timer for `now + wait`. Errors arming it are
-    /// returned; the caller should then retry on its next event rather than wait forever.
-    pub fn throttle(&mut self, now: u64, wait: u64) -> std::io::Result<()> {
-        self.timer.arm_at(now.saturating_add(wait).max(1))?;
+    /// A request could not go: arms the timer for `at` (from [`RateLimiter::check`]).
+    /// Errors arming it are returned; the caller then lets the request go rather than
+    /// leave it waiting forever.
+    pub fn throttle(&mut self, at: u64) -> std::io::Result<()> {
+        self.timer.arm_at(at.max(1))?;
         self.throttled = true;
+        self.due = Some(at);
         Ok(())
     }
 
@@ -198,6 +242,7 @@ impl RateLimiter {
         };
         apply(&mut self.bandwidth, &update.bandwidth);
         apply(&mut self.ops, &update.ops);
+        self.due = None;
         if self.throttled {
             self.timer.arm_at(1)?;
         }

@@ -39,11 +39,11 @@ fn both_buckets_must_allow_and_the_wait_is_the_longer() {
     assert_eq!(l.check(600, now), Ok(()));
     l.commit(600);
     // Bandwidth short by 200 bytes (200 ms), ops fine.
-    assert_eq!(l.check(600, now), Err(200_000_000));
+    assert_eq!(l.check(600, now), Err(now + 200_000_000));
     assert_eq!(l.check(400, now), Ok(()));
     l.commit(400);
     // Ops empty (500 ms per op), bandwidth empty for 1 byte (1 ms).
-    assert_eq!(l.check(1, now), Err(500_000_000));
+    assert_eq!(l.check(1, now), Err(now + 500_000_000));
 }
 
 #[test]
@@ -51,16 +51,19 @@ fn throttle_arms_the_timer_exactly() {
     let mut l = limiter(None, Some(tb(1, None, 20)));
     let now = now_ns();
     l.commit(0);
-    let wait = l.check(0, now).unwrap_err();
-    assert!(wait <= 20_000_000);
-    l.throttle(now, wait).expect("arm");
+    let at = l.check(0, now).unwrap_err();
+    assert!(at <= now + 20_000_000);
+    l.throttle(at).expect("arm");
     assert!(l.is_throttled());
     assert!(!timer_fires_within(&l, 5));
     assert!(timer_fires_within(&l, 100));
-    assert!(now_ns() >= now + wait);
+    assert!(now_ns() >= at);
     l.timer_fired();
     assert!(!l.is_throttled());
     assert_eq!(l.check(0, now_ns()), Ok(()));
+    l.commit(0);
+    // That op was accounted at its due time: the next is due exactly 20 ms after it.
+    assert_eq!(l.check(0, now_ns()), Err(at + 20_000_000));
 }
 
 #[test]
@@ -68,8 +71,8 @@ fn update_replaces_disables_or_keeps_and_wakes_a_throttled_device() {
     let mut l = limiter(Some(tb(100, None, 1000)), Some(tb(1, None, 1000)));
     let now = now_ns();
     l.commit(100);
-    let wait = l.check(1, now).unwrap_err();
-    l.throttle(now, wait).expect("arm");
+    let at = l.check(1, now).unwrap_err();
+    l.throttle(at).expect("arm");
     // Only ops disabled; bandwidth kept (still empty).
     let u = LimiterUpdate {
         bandwidth: BucketUpdate::Keep,
@@ -122,4 +125,30 @@ fn save_and_restore() {
     assert!(timer_fires_within(&r, 50));
     r.timer_fired();
     assert_eq!(r.buckets().0.map(TokenBucket::level), Some(57));
+}
+
+#[test]
+fn a_late_device_catches_up_but_never_exceeds_the_rate() {
+    // One op per ms, the device 5 ms late: the held-back op and the four that became due
+    // meanwhile go (accounted when each was due), the sixth waits; after idle(), a request
+    // coming later gets only what the bucket holds.
+    let mut l = limiter(None, Some(tb(1, None, 1)));
+    let t = now_ns();
+    l.commit(0);
+    let at = l.check(0, t).unwrap_err();
+    l.throttle(at).expect("arm");
+    l.timer_fired();
+    let late = at + 5_000_000;
+    let mut admitted = 0;
+    while l.check(0, late).is_ok() {
+        l.commit(0);
+        admitted += 1;
+    }
+    assert_eq!(admitted, 6);
+    assert_eq!(l.check(0, late), Err(at + 6_000_000));
+    l.idle();
+    let much_later = late + 1_000_000_000;
+    assert_eq!(l.check(0, much_later), Ok(()));
+    l.commit(0);
+    assert!(l.check(0, much_later).is_err(), "the cap holds once idle");
 }

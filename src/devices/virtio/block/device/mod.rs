@@ -227,6 +227,7 @@ impl Block {
                 _ => break,
             }
         }
+        self.limiter.idle();
         if used_any && active.queue.needs_notification(&active.mem).unwrap_or(true) {
             self.metrics.interrupts.inc();
             active.interrupt.signal_used_queue();
@@ -282,8 +283,8 @@ impl Block {
         let transfer = matches!(request.kind, RequestType::In | RequestType::Out);
         let bytes = if transfer { request.data_len } else { 0 };
         let now = now_ns();
-        if let Err(wait) = self.limiter.check(bytes, now) {
-            match self.limiter.throttle(now, wait) {
+        if let Err(at) = self.limiter.check(bytes, now) {
+            match self.limiter.throttle(at) {
                 Ok(()) => {
                     self.metrics.rate_limiter_throttled_events.inc();
                     return Handled::Throttled;

@@ -109,6 +109,7 @@ impl Net {
                 Some(Outcome::Corrupt) | None => break,
             }
         }
+        self.rx_limiter.idle();
         let used_any = active.rx_queue.next_used() != used_before;
         if used_any
             && active
@@ -126,10 +127,10 @@ impl Net {
     /// the TAP is left unread and the timer is armed for when the frame can go).
     fn rx_held_back(&mut self, bytes: u64) -> bool {
         let now = crate::rate_limiter::now_ns();
-        let Err(wait) = self.rx_limiter.check(bytes, now) else {
+        let Err(at) = self.rx_limiter.check(bytes, now) else {
             return false;
         };
-        match self.rx_limiter.throttle(now, wait) {
+        match self.rx_limiter.throttle(at) {
             Ok(()) => {
                 self.metrics.rx_rate_limiter_throttled.inc();
                 self.rx_wants_frames = false;

@@ -91,6 +91,7 @@ impl Net {
                 _ => break,
             }
         }
+        self.tx_limiter.idle();
         if active.tx_queue.next_used() != used_before
             && active
                 .tx_queue
@@ -144,8 +145,8 @@ impl Net {
         let limiting = self.tx_limiter.is_limiting();
         if limiting {
             let now = crate::rate_limiter::now_ns();
-            if let Err(wait) = self.tx_limiter.check(bytes, now) {
-                match self.tx_limiter.throttle(now, wait) {
+            if let Err(at) = self.tx_limiter.check(bytes, now) {
+                match self.tx_limiter.throttle(at) {
                     Ok(()) => {
                         self.metrics.tx_rate_limiter_throttled.inc();
                         return Sent::Throttled;
