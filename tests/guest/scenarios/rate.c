@@ -6,10 +6,10 @@
  * lines as they arrive, which makes the rate oracle independent of kiln's
  * counters.
  *
- *   blk-flood:<size>[:<dev>]   reads of `size` bytes (sector 0), 32 in flight
+ *   blk-flood:<size>[:<dev>]   reads of `size` bytes (sector 0), 80 in flight
  *       bench blk-flood n=<reads completed> bytes=<n * size>
  *   net-flood:tx:<size>        UDP frames of `size` bytes to the peer's port
- *                              9000, 32 in flight (the host counts them)
+ *                              9000, 128 in flight (the host counts them)
  *       bench net-flood dir=tx n=<frames completed>
  *   net-flood:rx:<size>        counts UDP frames of `size` bytes to port 9001
  *       bench net-flood dir=rx n=<frames received> bytes=<n * size>
@@ -24,7 +24,10 @@
 #include "virtio_blk.h"
 #include "virtio_net.h"
 
-#define FLOOD_DEPTH     32
+/* Requests in flight: enough for ~0.1 s at the tested rates, so a guest descheduled
+ * for a while on a busy host still leaves the device a backlog. */
+#define BLK_DEPTH       80      /* 3 descriptors each, of 256 */
+#define NET_DEPTH       128
 #define FLOOD_MAX_SIZE  (256 * KiB)
 /* ~0.05-0.2 s between progress lines, whatever the TSC rate. */
 #define REPORT_TSC      200000000ULL
@@ -85,7 +88,7 @@ void scn_blk_flood(const char *arg)
     }
     struct virtq *vq = &b->vdev->vq[0];
     /* Request i: descriptors 3i (header), 3i+1 (data, shared), 3i+2 (status). */
-    for (u16 i = 0; i < FLOOD_DEPTH; i++) {
+    for (u16 i = 0; i < BLK_DEPTH; i++) {
         volatile struct virtio_blk_req_hdr *h = (void *)(meta + 16 * i);
         h->type = VIRTIO_BLK_T_IN;
         h->reserved = 0;
@@ -99,13 +102,13 @@ void scn_blk_flood(const char *arg)
         d[1].len = (u32)size;
         d[1].flags = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE;
         d[1].next = (u16)(3 * i + 2);
-        d[2].addr = virt_to_phys(meta + 16 * FLOOD_DEPTH + i);
+        d[2].addr = virt_to_phys(meta + 16 * BLK_DEPTH + i);
         d[2].len = 1;
         d[2].flags = VIRTQ_DESC_F_WRITE;
         d[2].next = 0;
     }
-    info("blk-flood", "begin dev=%llu size=%llu depth=%u", dev, size, FLOOD_DEPTH);
-    for (u16 i = 0; i < FLOOD_DEPTH; i++)
+    info("blk-flood", "begin dev=%llu size=%llu depth=%u", dev, size, BLK_DEPTH);
+    for (u16 i = 0; i < BLK_DEPTH; i++)
         virtq_post(vq, (u16)(3 * i));
     virtq_kick(vq);
     u64 done = 0, last = rdtsc();
@@ -126,7 +129,7 @@ static void flood_tx(struct net_dev *n, u32 size)
         fail("net-flood", "dir=tx tx-busy");
         return;
     }
-    for (u16 i = 0; i < FLOOD_DEPTH; i++) {
+    for (u16 i = 0; i < NET_DEPTH; i++) {
         u8 *f = net_tx_frame(n, i);
         udp_build(f, n->mac, net_cfg.peer_mac, net_cfg.peer, PORT_TX, PORT_TX,
                   size - UDP_FRAME_LEN(0));
@@ -136,8 +139,8 @@ static void flood_tx(struct net_dev *n, u32 size)
         vq->desc[i].flags = 0;
         vq->desc[i].next = 0;
     }
-    info("net-flood", "begin dir=tx size=%u depth=%u", size, FLOOD_DEPTH);
-    for (u16 i = 0; i < FLOOD_DEPTH; i++)
+    info("net-flood", "begin dir=tx size=%u depth=%u", size, NET_DEPTH);
+    for (u16 i = 0; i < NET_DEPTH; i++)
         virtq_post(vq, i);
     virtq_kick(vq);
     u64 done = 0, last = rdtsc();
