@@ -326,6 +326,14 @@ fn block_rates_are_exact_and_patches_take_effect_at_once() {
         1000.0,
         1,
     );
+    // GET /vm/config shows the patched limiter.
+    let (status, body) = request(&vm.sock, "GET", "/vm/config", None);
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        config["drives"][0]["rate_limiter"],
+        serde_json::json!({"ops": {"size": 1, "refill_time": 1}})
+    );
     if full_matrix() {
         for refill in [1u64, 10, 100, 1000] {
             block_phase(
@@ -361,13 +369,6 @@ fn block_rates_are_exact_and_patches_take_effect_at_once() {
             );
         }
     }
-    let (status, body) = request(&vm.sock, "GET", "/vm/config", None);
-    assert_eq!(status, 200);
-    let config: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        config["drives"][0]["rate_limiter"],
-        serde_json::json!({"ops": {"size": 1, "refill_time": 1}})
-    );
 }
 
 #[test]

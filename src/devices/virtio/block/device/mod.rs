@@ -18,7 +18,7 @@ use crate::devices::virtio::queue::{Buffer, host_buffers, pop_head, return_chain
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
-use crate::rate_limiter::{LimiterUpdate, RateLimiter, now_ns};
+use crate::rate_limiter::{LimiterUpdate, RateLimiter, RateLimiterState, now_ns};
 use crate::vstate::memory::GuestMemory;
 
 /// virtio device id of a block device.
@@ -132,6 +132,17 @@ impl Block {
     /// at once (its timer fires now).
     pub fn update_rate_limiter(&mut self, update: &LimiterUpdate) -> std::io::Result<()> {
         self.limiter.update(update)
+    }
+
+    /// The rate limiter's state, for a snapshot (time spent saved is not credited).
+    pub fn save_rate_limiter(&mut self) -> RateLimiterState {
+        self.limiter.save()
+    }
+
+    /// Restores the rate limiter's state from a snapshot; the queue is looked at again at
+    /// once.
+    pub fn restore_rate_limiter(&mut self, state: &RateLimiterState) -> std::io::Result<()> {
+        self.limiter.restore(state)
     }
 
     /// The rate limiter's timer fired: the held-back request may go.

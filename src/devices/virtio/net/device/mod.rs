@@ -21,7 +21,7 @@ use crate::devices::virtio::queue::Buffer;
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
-use crate::rate_limiter::{LimiterUpdate, RateLimiter};
+use crate::rate_limiter::{LimiterUpdate, RateLimiter, RateLimiterState};
 use crate::vstate::memory::GuestMemory;
 
 /// virtio device id of a network device.
@@ -165,6 +165,23 @@ impl Net {
     ) -> std::io::Result<()> {
         self.rx_limiter.update(rx)?;
         self.tx_limiter.update(tx)
+    }
+
+    /// The RX and TX rate limiters' state, for a snapshot (time spent saved is not
+    /// credited).
+    pub fn save_rate_limiters(&mut self) -> (RateLimiterState, RateLimiterState) {
+        (self.rx_limiter.save(), self.tx_limiter.save())
+    }
+
+    /// Restores the rate limiters' state from a snapshot; held-back frames are looked at
+    /// again at once.
+    pub fn restore_rate_limiters(
+        &mut self,
+        rx: &RateLimiterState,
+        tx: &RateLimiterState,
+    ) -> std::io::Result<()> {
+        self.rx_limiter.restore(rx)?;
+        self.tx_limiter.restore(tx)
     }
 
     /// The RX rate limiter's timer fired: the held-back frame may go.
