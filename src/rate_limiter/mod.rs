@@ -188,6 +188,25 @@ impl RateLimiter {
         Err(now.saturating_add(1))
     }
 
+    /// Whether one operation of `bytes` could go now, without taking anything (the buckets
+    /// are refilled up to the same instant [`RateLimiter::check`] would use).
+    pub fn would_allow(&mut self, bytes: u64, now: u64) -> bool {
+        let at = match self.due {
+            Some(due) if due < now => due,
+            _ => now,
+        };
+        let mut ok = true;
+        if let Some(b) = &mut self.bandwidth {
+            b.refill(at);
+            ok &= b.can_take(bytes);
+        }
+        if let Some(o) = &mut self.ops {
+            o.refill(at);
+            ok &= o.can_take(1);
+        }
+        ok
+    }
+
     /// The device has nothing more waiting: the next request is accounted at the time it
     /// comes.
     pub fn idle(&mut self) {

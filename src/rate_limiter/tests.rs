@@ -55,8 +55,11 @@ fn throttle_arms_the_timer_exactly() {
     assert!(at <= now + 20_000_000);
     l.throttle(at).expect("arm");
     assert!(l.is_throttled());
-    assert!(!timer_fires_within(&l, 5));
-    assert!(timer_fires_within(&l, 100));
+    // It fires at `at`, never before (a loaded machine may deliver it late).
+    if timer_fires_within(&l, 5) {
+        assert!(now_ns() >= at, "fired early");
+    }
+    assert!(timer_fires_within(&l, 200));
     assert!(now_ns() >= at);
     l.timer_fired();
     assert!(!l.is_throttled());
@@ -79,7 +82,7 @@ fn update_replaces_disables_or_keeps_and_wakes_a_throttled_device() {
         ops: BucketUpdate::Disable,
     };
     l.update(&u).expect("update");
-    assert!(timer_fires_within(&l, 50), "re-evaluated at once");
+    assert!(timer_fires_within(&l, 1000), "re-evaluated at once");
     l.timer_fired();
     assert!(l.buckets().1.is_none());
     assert!(l.check(1, now_ns()).is_err());
@@ -122,7 +125,7 @@ fn save_and_restore() {
     let mut r = RateLimiter::new(None).expect("limiter");
     r.restore(&s).expect("restore");
     assert!(r.is_throttled());
-    assert!(timer_fires_within(&r, 50));
+    assert!(timer_fires_within(&r, 1000));
     r.timer_fired();
     assert_eq!(r.buckets().0.map(TokenBucket::level), Some(57));
 }

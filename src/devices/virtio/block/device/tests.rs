@@ -423,7 +423,7 @@ fn throttled_requests_stay_on_the_ring_until_the_limit_allows() {
         ops: crate::rate_limiter::BucketUpdate::Disable,
     };
     r.dev.update_rate_limiter(&update).unwrap();
-    assert!(timer_fires(&r.dev, 100));
+    assert!(timer_fires(&r.dev, 1000));
     r.dev.rate_limiter_timer();
     assert_eq!(r.q.used_idx(&r.mem), 4);
     assert_eq!(m.rate_limiter_event_count.get(), 1);
@@ -440,10 +440,13 @@ fn a_request_larger_than_the_bucket_goes_then_the_timer_is_exact() {
     let t0 = now_ns();
     r.dev.process_queue();
     assert_eq!(r.q.used_idx(&r.mem), 1);
-    assert!(!timer_fires(&r.dev, 300));
-    assert!(timer_fires(&r.dev, 200));
-    let waited = now_ns() - t0;
-    assert!((350_000_000..450_000_000).contains(&waited), "{waited}");
+    let t1 = now_ns();
+    assert!(timer_fires(&r.dev, 2000));
+    // Armed for exactly 350 ms after the first read was processed (between t0 and t1); a
+    // loaded machine may deliver it late, never early.
+    let fired = now_ns();
+    assert!(fired >= t0 + 350_000_000, "{}", fired - t0);
+    assert!(fired < t1 + 1_000_000_000, "{}", fired - t1);
     r.dev.rate_limiter_timer();
     assert_eq!(r.q.used_idx(&r.mem), 2);
     assert_eq!(r.dev.metrics().rate_limiter_admitted_bytes.get(), 4608);

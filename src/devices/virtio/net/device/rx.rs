@@ -320,8 +320,18 @@ impl Net {
             return Some(Outcome::NoRoom);
         }
         // With an RX limit, a frame's length must be known before it is admitted: it is read
-        // aside first.
-        if active.rx_held_capacity >= MAX_FRAME_LEN && !self.rx_limiter.is_limiting() {
+        // aside first, unless the limiter would admit the largest frame now (then whatever
+        // comes is admitted, and charged once its length is known).
+        let limited = self.rx_limiter.is_limiting();
+        let now = if limited {
+            crate::rate_limiter::now_ns()
+        } else {
+            0
+        };
+        let largest = (MAX_FRAME_LEN - VNET_HDR_LEN) as u64;
+        if active.rx_held_capacity >= MAX_FRAME_LEN
+            && (!limited || self.rx_limiter.would_allow(largest, now))
+        {
             let bufs: Vec<Buffer> = active
                 .rx_held
                 .iter()
@@ -342,6 +352,14 @@ impl Net {
                 Ok(n) if n >= VNET_HDR_LEN => {
                     self.metrics.rx_zero_copy.inc();
                     self.complete(active, n);
+                    if limited {
+                        let bytes = (n - VNET_HDR_LEN) as u64;
+                        // Allowed: the largest frame was.
+                        let _ = self.rx_limiter.check(bytes, now);
+                        self.rx_limiter.commit(bytes);
+                        self.metrics.rx_rate_limiter_admitted_frames.inc();
+                        self.metrics.rx_rate_limiter_admitted_bytes.add(bytes);
+                    }
                     Some(Outcome::Delivered)
                 }
                 Ok(_) => {
