@@ -20,8 +20,9 @@
 //! host is busy it can fall near 1000/s, and a window in which the guest's 80 requests in
 //! flight run out measures the guest, not the limiter.
 //!
-//! Environment: `KILN_BENCH_RL_RUNS` (runs per cell, default 3), `KILN_BENCH_RL_WINDOW_MS`
-//! (measured window, default 4000).
+//! Environment: `KILN_BENCH_RL_RUNS` (runs per cell, default 3), `KILN_BENCH_RL_COST_RUNS`
+//! (run pairs of the cost table, default the same), `KILN_BENCH_RL_WINDOW_MS` (measured
+//! window, default 4000).
 
 mod common;
 
@@ -258,6 +259,7 @@ fn bucket(size: u64, refill: u64) -> String {
 
 fn bench() -> Result<()> {
     let runs = env_usize("KILN_BENCH_RL_RUNS", 3);
+    let cost_runs = env_usize("KILN_BENCH_RL_COST_RUNS", runs);
     let window = Duration::from_millis(env_usize("KILN_BENCH_RL_WINDOW_MS", 4000) as u64);
     let fc = firecracker();
     let scratch = Scratch::new("rate-limit")?;
@@ -300,7 +302,7 @@ fn bench() -> Result<()> {
     let mut cost: BTreeMap<(Vmm, bool), Vec<f64>> = BTreeMap::new();
     let mut capacity: BTreeMap<Vmm, Vec<f64>> = BTreeMap::new();
     let mut ratios: BTreeMap<Vmm, Vec<f64>> = BTreeMap::new();
-    for _ in 0..runs {
+    for _ in 0..cost_runs {
         for &vmm in &vmms {
             let mut pair = [0.0; 2];
             for (i, limited) in [false, true].into_iter().enumerate() {

@@ -126,6 +126,17 @@ impl TokenBucket {
         // dt, size < 2^64: the product is below 2^128.
         let units = u128::from(dt) * u128::from(self.size);
         let r = self.refill_ns;
+        // Fast path, no division: enough for a full bucket (the usual case of a limit that
+        // does not bind). missing <= 2^65 and r < 2^84: the product may not fit, then it is
+        // not reached (units < 2^128).
+        let missing = u128::try_from(size - self.level).unwrap_or(u128::MAX);
+        if let Some(needed) = missing.checked_mul(r)
+            && units.saturating_add(self.frac) >= needed
+        {
+            self.level = size;
+            self.frac = 0;
+            return;
+        }
         // p % r and frac are both below r < 2^84: their sum cannot overflow.
         let carry = units % r + self.frac;
         let whole = units / r + carry / r;

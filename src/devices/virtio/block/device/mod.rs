@@ -60,6 +60,8 @@ pub struct Block {
     chain: Vec<Buffer>,
     /// Bandwidth (data bytes) and ops (requests) limits.
     limiter: RateLimiter,
+    /// The clock read once per run of the queue (the limiter's time for all its requests).
+    batch_now: Option<u64>,
 }
 
 /// What became of one chain.
@@ -115,6 +117,7 @@ impl Block {
             broken: false,
             chain: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             limiter: RateLimiter::new(None)?,
+            batch_now: None,
         })
     }
 
@@ -192,6 +195,7 @@ impl Block {
         let Some(mut active) = self.active.take() else {
             return;
         };
+        self.batch_now = None;
         let event_idx = active.features & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut used_any = false;
         'outer: loop {
@@ -293,7 +297,7 @@ impl Block {
     fn limited(&mut self, active: &Active, request: &Request) -> Handled {
         let transfer = matches!(request.kind, RequestType::In | RequestType::Out);
         let bytes = if transfer { request.data_len } else { 0 };
-        let now = now_ns();
+        let now = *self.batch_now.get_or_insert_with(now_ns);
         if let Err(at) = self.limiter.check(bytes, now) {
             match self.limiter.throttle(at) {
                 Ok(()) => {

@@ -89,6 +89,8 @@ pub struct Net {
     rx_limiter: RateLimiter,
     /// Limits on frames from the guest; a frame held back stays on the ring.
     tx_limiter: RateLimiter,
+    /// The clock read once per run of a queue (the limiters' time for all its frames).
+    batch_now: Option<u64>,
 }
 
 impl std::fmt::Debug for Net {
@@ -142,6 +144,7 @@ impl Net {
             rx_spare: Vec::new(),
             rx_limiter: RateLimiter::new(None)?,
             tx_limiter: RateLimiter::new(None)?,
+            batch_now: None,
         })
     }
 
@@ -149,6 +152,13 @@ impl Net {
     pub fn set_rate_limiters(&mut self, rx: RateLimiter, tx: RateLimiter) {
         self.rx_limiter = rx;
         self.tx_limiter = tx;
+    }
+
+    /// The limiters' clock for the current run of a queue (read once per run).
+    fn limiter_now(&mut self) -> u64 {
+        *self
+            .batch_now
+            .get_or_insert_with(crate::rate_limiter::now_ns)
     }
 
     /// The RX and TX rate limiters.

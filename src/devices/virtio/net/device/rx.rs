@@ -52,6 +52,7 @@ impl Net {
         let Some(mut active) = self.active.take() else {
             return;
         };
+        self.batch_now = None;
         let used_before = active.rx_queue.next_used();
         loop {
             if let Some(len) = self.pending_rx {
@@ -126,7 +127,7 @@ impl Net {
     /// Whether the RX rate limiter holds back the frame waiting in the bounce buffer (then
     /// the TAP is left unread and the timer is armed for when the frame can go).
     fn rx_held_back(&mut self, bytes: u64) -> bool {
-        let now = crate::rate_limiter::now_ns();
+        let now = self.limiter_now();
         let Err(at) = self.rx_limiter.check(bytes, now) else {
             return false;
         };
@@ -323,11 +324,7 @@ impl Net {
         // aside first, unless the limiter would admit the largest frame now (then whatever
         // comes is admitted, and charged once its length is known).
         let limited = self.rx_limiter.is_limiting();
-        let now = if limited {
-            crate::rate_limiter::now_ns()
-        } else {
-            0
-        };
+        let now = if limited { self.limiter_now() } else { 0 };
         let largest = (MAX_FRAME_LEN - VNET_HDR_LEN) as u64;
         if active.rx_held_capacity >= MAX_FRAME_LEN
             && (!limited || self.rx_limiter.would_allow(largest, now))

@@ -51,6 +51,7 @@ impl Net {
         let Some(mut active) = self.active.take() else {
             return;
         };
+        self.batch_now = None;
         let event_idx = active.has(VIRTIO_RING_F_EVENT_IDX);
         let used_before = active.tx_queue.next_used();
         'outer: loop {
@@ -144,7 +145,7 @@ impl Net {
         let bytes = (len - VNET_HDR_LEN) as u64;
         let limiting = self.tx_limiter.is_limiting();
         if limiting {
-            let now = crate::rate_limiter::now_ns();
+            let now = self.limiter_now();
             if let Err(at) = self.tx_limiter.check(bytes, now) {
                 match self.tx_limiter.throttle(at) {
                     Ok(()) => {
