@@ -257,6 +257,32 @@ fn bucket(size: u64, refill: u64) -> String {
     format!(r#"{{"size": {size}, "refill_time": {refill}}}"#)
 }
 
+/// ns per admitted request of the limiter's own work (check + commit on both buckets, a
+/// limit that does not bind, the clock 1 µs further each time), measured in this process.
+fn limiter_ns_per_request() -> f64 {
+    let config: kiln::config::RateLimiterConfig = match serde_json::from_str(
+        r#"{"ops": {"size": 1000000000, "refill_time": 1000},
+            "bandwidth": {"size": 1125899906842624, "refill_time": 1000}}"#,
+    ) {
+        Ok(c) => c,
+        Err(_) => return f64::NAN,
+    };
+    let Ok(mut l) = kiln::rate_limiter::RateLimiter::new(Some(&config)) else {
+        return f64::NAN;
+    };
+    let n = 2_000_000u64;
+    let mut now = kiln::rate_limiter::now_ns();
+    let t = Instant::now();
+    for _ in 0..n {
+        now += 1000;
+        if l.check(std::hint::black_box(READ), now).is_ok() {
+            l.commit(READ);
+        }
+    }
+    l.idle();
+    t.elapsed().as_nanos() as f64 / n as f64
+}
+
 fn bench() -> Result<()> {
     let runs = env_usize("KILN_BENCH_RL_RUNS", 3);
     let cost_runs = env_usize("KILN_BENCH_RL_COST_RUNS", runs);
@@ -269,6 +295,11 @@ fn bench() -> Result<()> {
     }
     println!(
         "rate-limiter benchmark (issue 15): blk-flood:{READ}, {runs} runs per cell, {window:?} windows"
+    );
+    let micro: Vec<f64> = (0..5).map(|_| limiter_ns_per_request()).collect();
+    println!(
+        "kiln's limiter arithmetic per admitted request (check + commit, both buckets, not binding): {} ns",
+        cell(stats(&micro), 1)
     );
     // Accuracy.
     let mut acc: BTreeMap<(u64, Vmm), Vec<f64>> = BTreeMap::new();
