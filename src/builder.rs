@@ -35,6 +35,7 @@ use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::net::{Net, NetConfig, NetEvents, Tap};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::exit::{ExitCode, ExitSignal};
+use crate::rate_limiter::RateLimiter;
 use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
 use crate::snapshot::{
@@ -354,9 +355,12 @@ fn attach_block_devices(
             read_only: drive.is_read_only,
             cache_type: drive.cache_type,
         };
-        let block = Arc::new(Mutex::new(
-            Block::new(block_config, disk).map_err(event_err("a drive's queue"))?,
-        ));
+        let mut block = Block::new(block_config, disk).map_err(event_err("a drive's queue"))?;
+        block.set_rate_limiter(
+            RateLimiter::new(drive.rate_limiter.as_ref())
+                .map_err(event_err("a drive's rate limiter"))?,
+        );
+        let block = Arc::new(Mutex::new(block));
         let (transport, location) = attach_virtio_device(vm, mmio, cmdline, block.clone(), *slot)?;
         *slot += 1;
         if drive.is_root_device {
@@ -401,9 +405,13 @@ fn attach_net_devices(
             iface_id: iface.iface_id.clone(),
             guest_mac: iface.guest_mac,
         };
-        let net = Arc::new(Mutex::new(
-            Net::new(net_config, tap).map_err(event_err("an interface's queues"))?,
-        ));
+        let mut net = Net::new(net_config, tap).map_err(event_err("an interface's queues"))?;
+        let limiter = |c| RateLimiter::new(c).map_err(event_err("an interface's rate limiters"));
+        net.set_rate_limiters(
+            limiter(iface.rx_rate_limiter.as_ref())?,
+            limiter(iface.tx_rate_limiter.as_ref())?,
+        );
+        let net = Arc::new(Mutex::new(net));
         let (transport, location) = attach_virtio_device(vm, mmio, cmdline, net.clone(), *slot)?;
         *slot += 1;
         let events: Subscriber = Arc::new(Mutex::new(NetEvents::new(net.clone())));
@@ -468,8 +476,24 @@ fn restore_devices(devices: &DeviceRegistry, state: &MicrovmState) -> Result<(),
     let mut transports = Vec::new();
     for entry in devices.iter() {
         let (saved, transport) = match &entry.device {
-            Device::Block { transport, .. } => (blocks.next(), transport),
-            Device::Net { transport, .. } => (nets.next(), transport),
+            Device::Block { device, transport } => {
+                let saved = blocks.next();
+                if let Some(limiter) = saved.and_then(|s| s.rate_limiters.first()) {
+                    lock(device.as_ref())
+                        .restore_rate_limiter(limiter)
+                        .map_err(|e| bad("a drive's rate limiter", &e))?;
+                }
+                (saved, transport)
+            }
+            Device::Net { device, transport } => {
+                let saved = nets.next();
+                if let Some([rx, tx]) = saved.map(|s| s.rate_limiters.as_slice()) {
+                    lock(device.as_ref())
+                        .restore_rate_limiters(rx, tx)
+                        .map_err(|e| bad("an interface's rate limiters", &e))?;
+                }
+                (saved, transport)
+            }
             _ => continue,
         };
         let saved = saved.ok_or_else(|| StartError::DeviceState("a device has no state".into()))?;

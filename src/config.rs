@@ -167,12 +167,12 @@ pub enum IoEngine {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenBucketConfig {
-    /// Bucket size.
+    /// Bucket size (tokens); 0 means no limit.
     pub size: u64,
-    /// Initial burst.
+    /// Initial burst: extra tokens spent first, never refilled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub one_time_burst: Option<u64>,
-    /// Milliseconds to refill the bucket.
+    /// Milliseconds to refill the whole bucket; 0 means no limit.
     pub refill_time: u64,
 }
 
@@ -210,7 +210,7 @@ pub struct DriveConfig {
     /// I/O engine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub io_engine: Option<IoEngine>,
-    /// Rate limiter (not supported by kiln).
+    /// Rate limiter (bandwidth: data bytes of reads and writes; ops: requests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
 }
@@ -275,10 +275,10 @@ pub struct NetConfig {
     /// The guest's MAC address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_mac: Option<MacAddr>,
-    /// RX rate limiter (not supported by kiln).
+    /// RX rate limiter (frames to the guest: one op and the frame's bytes each).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimiterConfig>,
-    /// TX rate limiter (not supported by kiln).
+    /// TX rate limiter (frames from the guest: one op and the frame's bytes each).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
@@ -544,12 +544,6 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
         {
             return Err(invalid(field("partuuid"), format!("`{p}` is not a UUID")));
         }
-        if d.rate_limiter.is_some() {
-            return Err(invalid(
-                field("rate_limiter"),
-                "rate limiters are not supported by kiln",
-            ));
-        }
     }
     Ok(())
 }
@@ -602,12 +596,6 @@ pub fn validate_net(ifaces: &[NetConfig]) -> Result<(), ConfigError> {
             if !macs.insert(mac) {
                 return Err(invalid(field("guest_mac"), format!("{mac} is used twice")));
             }
-        }
-        if n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
-            return Err(invalid(
-                field("rx_rate_limiter"),
-                "rate limiters are not supported by kiln",
-            ));
         }
     }
     Ok(())

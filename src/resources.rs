@@ -163,6 +163,11 @@ impl VmResources {
         self.drives.iter().position(|d| d.drive_id == id)
     }
 
+    /// Where interface `id` is in `nets`.
+    pub fn net_index(&self, id: &str) -> Option<usize> {
+        self.nets.iter().position(|n| n.iface_id == id)
+    }
+
     /// Whether interface `id` is configured.
     pub fn has_net(&self, id: &str) -> bool {
         self.nets.iter().any(|n| n.iface_id == id)

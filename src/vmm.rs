@@ -21,6 +21,7 @@ use crate::devices::registry::{Device, DeviceRegistry, lock};
 use crate::devices::virtio::block::DiskFile;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::{FLUSH_INTERVAL, Section, device_sections};
+use crate::rate_limiter::LimiterUpdate;
 use crate::snapshot::{Key, SnapshotCreateParams, SnapshotError};
 use crate::vstate::vcpu::{VcpuHandle, VcpuMetrics, VcpuState};
 use crate::vstate::vm::Vm;
@@ -61,6 +62,17 @@ pub enum VmmError {
     /// The VM has no i8042 controller.
     #[error("the microVM has no i8042 controller")]
     NoI8042,
+    /// No network interface has that id.
+    #[error("no network interface `{0}`")]
+    NoSuchInterface(String),
+    /// A rate limiter's timer could not be set.
+    #[error("cannot update the rate limiter of `{id}`: {source}")]
+    RateLimiter {
+        /// The drive or interface.
+        id: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Wakes the event loop when the VM must stop (the reason itself is in the [`ExitSignal`]).
@@ -317,6 +329,41 @@ impl Machine for Vmm {
             .ok_or_else(|| VmmError::NoSuchDrive(drive_id.to_string()))?;
         lock(block.as_ref()).update_disk(disk);
         Ok(())
+    }
+
+    fn update_drive_limiter(
+        &mut self,
+        drive_id: &str,
+        update: &LimiterUpdate,
+    ) -> Result<(), VmmError> {
+        let block = self
+            .devices
+            .block(drive_id)
+            .ok_or_else(|| VmmError::NoSuchDrive(drive_id.to_string()))?;
+        lock(block.as_ref())
+            .update_rate_limiter(update)
+            .map_err(|source| VmmError::RateLimiter {
+                id: drive_id.to_string(),
+                source,
+            })
+    }
+
+    fn update_net_limiters(
+        &mut self,
+        iface_id: &str,
+        rx: &LimiterUpdate,
+        tx: &LimiterUpdate,
+    ) -> Result<(), VmmError> {
+        let net = self
+            .devices
+            .net(iface_id)
+            .ok_or_else(|| VmmError::NoSuchInterface(iface_id.to_string()))?;
+        lock(net.as_ref())
+            .update_rate_limiters(rx, tx)
+            .map_err(|source| VmmError::RateLimiter {
+                id: iface_id.to_string(),
+                source,
+            })
     }
 
     fn metrics_sections(&self) -> Vec<Section> {

@@ -407,6 +407,41 @@ fn i8042_seeds(o: &mut Out) {
     o.put("i8042", "probe-and-reset", &s.to_bytes());
 }
 
+fn rate_limiter_seeds(o: &mut Out) {
+    use kiln_fuzz::rate_limiter::{Edge, Input, Op};
+    let cases = [
+        // 10 per 10 ms with a burst: burst, bucket, then waits.
+        ("ops-10-per-10ms", 10, 25, 10, vec![1, 30, 1, 1, 7]),
+        // u64 sizes, 1 ms, a request of the whole range.
+        (
+            "u64-max",
+            u64::MAX,
+            u64::MAX,
+            1,
+            vec![u64::MAX, u64::MAX, u64::MAX],
+        ),
+        // A request far larger than a tiny bucket: debt.
+        ("debt", 1, 0, u64::MAX, vec![1, u64::MAX, 1]),
+    ];
+    for (name, size, burst, refill_ms, requests) in cases {
+        let mut ops = Vec::new();
+        for r in requests {
+            ops.push(Op::Reduce(Edge(r)));
+            ops.push(Op::Advance(Edge(1_000_000)));
+        }
+        ops.push(Op::SaveRestore(Edge(3_600_000_000_000)));
+        ops.push(Op::Reduce(Edge(1)));
+        let s = Input {
+            size: Edge(size),
+            burst: Edge(burst),
+            refill_ms: Edge(refill_ms),
+            ops,
+        };
+        kiln_fuzz::rate_limiter::run(&s);
+        o.put("rate_limiter", name, &s.to_bytes());
+    }
+}
+
 fn loader_seeds(o: &mut Out) {
     use loader::{Input, Kernel, Phdr};
     let load = |paddr: u64| Phdr {
@@ -671,6 +706,7 @@ fn show(target: &str, file: &str) {
         "kernel_loader" => println!("{:#?}", loader::Input::decode(&mut u)),
         "api_http" => println!("{:#?}", api::Input::decode(&mut u)),
         "jailer_args" => println!("{:#?}", jailer::Input::decode(&mut u)),
+        "rate_limiter" => println!("{:#?}", kiln_fuzz::rate_limiter::Input::decode(&mut u)),
         _ => println!("{}", String::from_utf8_lossy(&data)),
     }
 }
@@ -695,5 +731,6 @@ fn main() {
     api_seeds(&mut o);
     jailer_seeds(&mut o);
     seccomp_seeds(&mut o);
+    rate_limiter_seeds(&mut o);
     println!("{} seeds written to {}", o.count, o.dir.display());
 }

@@ -19,6 +19,8 @@ pub mod jailer;
 pub mod loader;
 pub mod mmio;
 pub mod net;
+pub mod rate_limited;
+pub mod rate_limiter;
 pub mod seccomp;
 pub mod serial;
 pub mod snapshot;

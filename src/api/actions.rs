@@ -19,6 +19,7 @@ use serde::Serialize;
 use crate::config::{LoggerConfig, MachineConfig, MetricsConfig, VmConfig};
 use crate::devices::virtio::block::DiskFile;
 use crate::metrics::{Metrics, MetricsError, Section, open_sink};
+use crate::rate_limiter::{LimiterUpdate, patched_config};
 use crate::resources::VmResources;
 use crate::snapshot::{Key, SnapshotCreateParams, SnapshotError, SnapshotLoadParams, SnapshotType};
 use crate::vmm::VmmError;
@@ -77,6 +78,20 @@ pub trait Machine {
     fn send_ctrl_alt_del(&mut self) -> Result<(), VmmError>;
     /// Replaces a drive's backing file.
     fn swap_drive(&mut self, drive_id: &str, disk: DiskFile) -> Result<(), VmmError>;
+    /// Changes a drive's rate limiter; a throttled request is re-evaluated at once.
+    fn update_drive_limiter(
+        &mut self,
+        drive_id: &str,
+        update: &LimiterUpdate,
+    ) -> Result<(), VmmError>;
+    /// Changes an interface's RX and TX rate limiters; throttled frames are re-evaluated at
+    /// once.
+    fn update_net_limiters(
+        &mut self,
+        iface_id: &str,
+        rx: &LimiterUpdate,
+        tx: &LimiterUpdate,
+    ) -> Result<(), VmmError>;
     /// The VM's metrics sections.
     fn metrics_sections(&self) -> Vec<Section>;
     /// Writes a snapshot of the paused VM, whose configuration is `config`.
@@ -336,32 +351,55 @@ impl ActionHandler {
         }
         match action {
             VmmAction::PatchDrive(u) => {
-                if u.rate_limiter.is_some() {
-                    return bad("rate limiters are not supported by kiln");
-                }
                 let Some(index) = self.resources.drive_index(&u.drive_id) else {
                     return bad(format!("no drive `{}`", u.drive_id));
                 };
-                let Some(path) = u.path_on_host else {
-                    return ok();
+                let disk = match &u.path_on_host {
+                    None => None,
+                    Some(path) => {
+                        let read_only = self.resources.drives[index].is_read_only;
+                        match DiskFile::open(Path::new(path), read_only) {
+                            Ok(d) => Some(d),
+                            Err(e) => {
+                                return bad(format!("drives[{index}].path_on_host: {path}: {e}"));
+                            }
+                        }
+                    }
                 };
-                let read_only = self.resources.drives[index].is_read_only;
-                let disk = match DiskFile::open(Path::new(&path), read_only) {
-                    Ok(d) => d,
-                    Err(e) => return bad(format!("drives[{index}].path_on_host: {path}: {e}")),
-                };
-                if let Err(e) = vm.swap_drive(&u.drive_id, disk) {
-                    return bad(e);
+                if let Some(rl) = &u.rate_limiter {
+                    let update = LimiterUpdate::from_config(Some(rl));
+                    if let Err(e) = vm.update_drive_limiter(&u.drive_id, &update) {
+                        return bad(e);
+                    }
+                    let drive = &mut self.resources.drives[index];
+                    drive.rate_limiter = patched_config(drive.rate_limiter.as_ref(), rl);
                 }
-                self.resources.drives[index].path_on_host = path;
+                if let (Some(disk), Some(path)) = (disk, u.path_on_host) {
+                    if let Err(e) = vm.swap_drive(&u.drive_id, disk) {
+                        return bad(e);
+                    }
+                    self.resources.drives[index].path_on_host = path;
+                }
                 ok()
             }
             VmmAction::PatchNetworkInterface(u) => {
-                if !self.resources.has_net(&u.iface_id) {
+                let Some(index) = self.resources.net_index(&u.iface_id) else {
                     return bad(format!("no network interface `{}`", u.iface_id));
+                };
+                let rx = LimiterUpdate::from_config(u.rx_rate_limiter.as_ref());
+                let tx = LimiterUpdate::from_config(u.tx_rate_limiter.as_ref());
+                if rx.is_keep() && tx.is_keep() {
+                    return ok();
                 }
-                if u.rx_rate_limiter.is_some() || u.tx_rate_limiter.is_some() {
-                    return bad("rate limiters are not supported by kiln");
+                if let Err(e) = vm.update_net_limiters(&u.iface_id, &rx, &tx) {
+                    return bad(e);
+                }
+                let iface = &mut self.resources.nets[index];
+                if let Some(rl) = &u.rx_rate_limiter {
+                    iface.rx_rate_limiter = patched_config(iface.rx_rate_limiter.as_ref(), rl);
+                }
+                if let Some(rl) = &u.tx_rate_limiter {
+                    iface.tx_rate_limiter = patched_config(iface.tx_rate_limiter.as_ref(), rl);
                 }
                 ok()
             }

@@ -52,7 +52,7 @@ pub struct MachineConfigUpdate {
     pub huge_pages: Option<crate::config::HugePages>,
 }
 
-/// `PATCH /drives/{drive_id}` (after boot): a new backing file.
+/// `PATCH /drives/{drive_id}` (after boot): a new backing file, new rate-limiter buckets.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DriveUpdate {
@@ -61,7 +61,7 @@ pub struct DriveUpdate {
     /// The new backing file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_on_host: Option<String>,
-    /// A new rate limiter (not supported by kiln).
+    /// New buckets: an absent bucket is kept, size or refill_time 0 removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
 }
@@ -72,10 +72,10 @@ pub struct DriveUpdate {
 pub struct NetUpdate {
     /// The interface.
     pub iface_id: String,
-    /// New RX rate limiter (not supported by kiln).
+    /// New RX buckets (as for drives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimiterConfig>,
-    /// New TX rate limiter (not supported by kiln).
+    /// New TX buckets (as for drives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiterConfig>,
 }

@@ -117,6 +117,12 @@ impl DeviceRegistry {
             .find(|b| lock(b.as_ref()).config().drive_id == drive_id)
     }
 
+    /// The network interface with id `iface_id`.
+    pub fn net(&self, iface_id: &str) -> Option<&Arc<Mutex<Net>>> {
+        self.nets()
+            .find(|n| lock(n.as_ref()).config().iface_id == iface_id)
+    }
+
     /// The network interfaces, in slot order.
     pub fn nets(&self) -> impl Iterator<Item = &Arc<Mutex<Net>>> {
         self.entries.iter().filter_map(|e| match &e.device {

@@ -24,6 +24,7 @@ use crate::devices::i8042::I8042Snapshot;
 use crate::devices::registry::{Device, DeviceRegistry, lock};
 use crate::devices::serial::SerialSnapshot;
 use crate::devices::virtio::mmio::TransportSnapshot;
+use crate::rate_limiter::RateLimiterState;
 use crate::vstate::vcpu::{VcpuError, VcpuHandle};
 use crate::vstate::vcpu_state::VcpuSnapshot;
 use crate::vstate::vm::{Vm, VmError};
@@ -139,6 +140,10 @@ pub struct VirtioSnapshot {
     pub id: String,
     /// The transport's registers and queue positions.
     pub transport: TransportSnapshot,
+    /// Its rate limiters' buckets: a drive's one, an interface's RX then TX (time spent
+    /// in the snapshot is not credited).
+    #[serde(default)]
+    pub rate_limiters: Vec<RateLimiterState>,
 }
 
 /// Every device's saved state.
@@ -310,14 +315,28 @@ pub fn save_devices(devices: &DeviceRegistry) -> Result<DevicesSnapshot, Snapsho
         match &entry.device {
             // The device lock is released before the transport takes it again.
             Device::Block { device, transport } => {
-                let id = lock(device.as_ref()).config().drive_id.clone();
+                let (id, limiter) = {
+                    let mut d = lock(device.as_ref());
+                    (d.config().drive_id.clone(), d.save_rate_limiter())
+                };
                 let transport = lock(transport.as_ref()).save();
-                blocks.push(VirtioSnapshot { id, transport });
+                blocks.push(VirtioSnapshot {
+                    id,
+                    transport,
+                    rate_limiters: vec![limiter],
+                });
             }
             Device::Net { device, transport } => {
-                let id = lock(device.as_ref()).config().iface_id.clone();
+                let (id, (rx, tx)) = {
+                    let mut d = lock(device.as_ref());
+                    (d.config().iface_id.clone(), d.save_rate_limiters())
+                };
                 let transport = lock(transport.as_ref()).save();
-                nets.push(VirtioSnapshot { id, transport });
+                nets.push(VirtioSnapshot {
+                    id,
+                    transport,
+                    rate_limiters: vec![rx, tx],
+                });
             }
             _ => {}
         }

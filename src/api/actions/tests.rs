@@ -10,6 +10,7 @@ use crate::config::{
     BUILTIN_KERNEL, BootSourceConfig, CacheType, DriveConfig, MachineConfig, NetConfig,
     RateLimiterConfig,
 };
+use crate::rate_limiter::LimiterUpdate;
 use crate::snapshot::{SnapshotCreateParams, SnapshotLoadParams};
 
 /// A VM stand-in that records what it was asked.
@@ -21,6 +22,7 @@ struct FakeVm {
     swapped: Vec<(String, u64)>,
     ctrl_alt_del: u32,
     snapshots: Vec<String>,
+    limited: Vec<(String, LimiterUpdate)>,
 }
 
 impl Machine for FakeVm {
@@ -49,6 +51,24 @@ impl Machine for FakeVm {
     }
     fn swap_drive(&mut self, drive_id: &str, disk: DiskFile) -> Result<(), VmmError> {
         self.swapped.push((drive_id.to_string(), disk.sectors()));
+        Ok(())
+    }
+    fn update_drive_limiter(
+        &mut self,
+        drive_id: &str,
+        update: &LimiterUpdate,
+    ) -> Result<(), VmmError> {
+        self.limited.push((drive_id.to_string(), update.clone()));
+        Ok(())
+    }
+    fn update_net_limiters(
+        &mut self,
+        iface_id: &str,
+        rx: &LimiterUpdate,
+        tx: &LimiterUpdate,
+    ) -> Result<(), VmmError> {
+        self.limited.push((format!("{iface_id}/rx"), rx.clone()));
+        self.limited.push((format!("{iface_id}/tx"), tx.clone()));
         Ok(())
     }
     fn metrics_sections(&self) -> Vec<Section> {
@@ -421,13 +441,10 @@ fn drive_patch_after_boot() {
         VmmResponse::Error(400, "no drive `x`".into())
     );
     assert_eq!(
-        h.handle_running(patch("d", Some(&new), true), &mut vm),
-        VmmResponse::Error(400, "rate limiters are not supported by kiln".into())
-    );
-    assert_eq!(
         h.handle_running(patch("d", None, false), &mut vm),
         VmmResponse::NoContent
     );
+    assert!(vm.limited.is_empty());
     let r = h.handle_running(patch("d", Some("/nonexistent/img"), false), &mut vm);
     assert!(
         matches!(&r, VmmResponse::Error(400, m) if m.starts_with("drives[0].path_on_host: /nonexistent/img")),
@@ -441,6 +458,76 @@ fn drive_patch_after_boot() {
     assert_eq!(vm.swapped, vec![("d".to_string(), 8)]);
     let config = json_of(&h.handle_running(VmmAction::GetVmConfig, &mut vm));
     assert_eq!(config["drives"][0]["path_on_host"], new.as_str());
+}
+
+#[test]
+fn rate_limiter_patches_follow_firecracker_rules() {
+    let dir = Scratch::new("patch-rl");
+    let img = dir.file("d.img", 512);
+    let mut h = ActionHandler::new("t".into());
+    let mut d = drive("d", &img);
+    d.rate_limiter = Some(
+        serde_json::from_str(
+            r#"{"bandwidth": {"size": 1000, "refill_time": 100}, "ops": {"size": 10, "refill_time": 10}}"#,
+        )
+        .unwrap(),
+    );
+    respond(h.handle_preboot(VmmAction::PutDrive(d)));
+    respond(h.handle_preboot(VmmAction::PutNetworkInterface(net("n"))));
+    let mut vm = FakeVm::default();
+    // Ops replaced (burst granted), bandwidth absent: kept.
+    let rl: RateLimiterConfig =
+        serde_json::from_str(r#"{"ops": {"size": 20, "one_time_burst": 5, "refill_time": 10}}"#)
+            .unwrap();
+    let patch = VmmAction::PatchDrive(DriveUpdate {
+        drive_id: "d".into(),
+        path_on_host: None,
+        rate_limiter: Some(rl.clone()),
+    });
+    assert_eq!(h.handle_running(patch, &mut vm), VmmResponse::NoContent);
+    assert_eq!(
+        vm.limited,
+        vec![("d".to_string(), LimiterUpdate::from_config(Some(&rl)))]
+    );
+    let config = json_of(&h.handle_running(VmmAction::GetVmConfig, &mut vm));
+    assert_eq!(
+        config["drives"][0]["rate_limiter"],
+        json!({"bandwidth": {"size": 1000, "refill_time": 100},
+               "ops": {"size": 20, "one_time_burst": 5, "refill_time": 10}})
+    );
+    // size 0 disables.
+    let off: RateLimiterConfig =
+        serde_json::from_str(r#"{"bandwidth": {"size": 0, "refill_time": 100}}"#).unwrap();
+    let patch = VmmAction::PatchDrive(DriveUpdate {
+        drive_id: "d".into(),
+        path_on_host: None,
+        rate_limiter: Some(off),
+    });
+    assert_eq!(h.handle_running(patch, &mut vm), VmmResponse::NoContent);
+    let config = json_of(&h.handle_running(VmmAction::GetVmConfig, &mut vm));
+    assert_eq!(
+        config["drives"][0]["rate_limiter"],
+        json!({"ops": {"size": 20, "one_time_burst": 5, "refill_time": 10}})
+    );
+    // Interfaces: RX and TX separately.
+    let patch = VmmAction::PatchNetworkInterface(NetUpdate {
+        iface_id: "n".into(),
+        rx_rate_limiter: None,
+        tx_rate_limiter: Some(limiter()),
+    });
+    assert_eq!(h.handle_running(patch, &mut vm), VmmResponse::NoContent);
+    assert_eq!(vm.limited.len(), 4);
+    assert!(vm.limited[2].1.is_keep());
+    let config = json_of(&h.handle_running(VmmAction::GetVmConfig, &mut vm));
+    assert_eq!(
+        config["network-interfaces"][0]["tx_rate_limiter"],
+        json!({"ops": {"size": 1, "refill_time": 1}})
+    );
+    assert!(
+        config["network-interfaces"][0]
+            .get("rx_rate_limiter")
+            .is_none()
+    );
 }
 
 #[test]
@@ -463,13 +550,15 @@ fn net_patch_after_boot() {
         VmmResponse::Error(400, "no network interface `m`".into())
     );
     assert_eq!(
-        h.handle_running(patch("n", true), &mut vm),
-        VmmResponse::Error(400, "rate limiters are not supported by kiln".into())
-    );
-    assert_eq!(
         h.handle_running(patch("n", false), &mut vm),
         VmmResponse::NoContent
     );
+    assert!(vm.limited.is_empty());
+    assert_eq!(
+        h.handle_running(patch("n", true), &mut vm),
+        VmmResponse::NoContent
+    );
+    assert_eq!(vm.limited.len(), 2);
 }
 
 #[test]

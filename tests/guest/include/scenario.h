@@ -52,6 +52,8 @@ void scn_net_tap_gone(const char *arg);
 void scn_net_hostile(const char *arg);
 void scn_net_bench(const char *arg);
 void scn_net_offload(const char *arg);
+void scn_blk_flood(const char *arg);
+void scn_net_flood(const char *arg);
 void scn_blk_resize(const char *arg);
 void scn_blk_fuzz(const char *arg);
 void scn_workload(const char *arg);

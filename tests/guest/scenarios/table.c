@@ -43,6 +43,8 @@ static const struct scenario scenarios[] = {
     { "net-hostile",       scn_net_hostile,       true,  "virtio-net: malformed transmit chains, <case>|all" },
     { "net-bench",         scn_net_bench,         true,  "virtio-net: <tx|rx>:<n>:<size>:<batch> frames, timed" },
     { "net-offload",       scn_net_offload,       true,  "virtio-net: checksum and TSO offloads against the host stack" },
+    { "blk-flood",         scn_blk_flood,         true,  "virtio-blk: <size>[:<dev>] reads, 80 in flight, forever, progress lines" },
+    { "net-flood",         scn_net_flood,         true,  "virtio-net: <tx|rx>:<size> UDP frames flat out, forever, progress lines" },
     { "blk-resize",        scn_blk_resize,        true,  "virtio-blk: wait for a backing-file swap, new capacity" },
     { "blk-fuzz",          scn_blk_fuzz,          true,  "virtio-blk: random register/queue/chain abuse, <seed>[:<batches>[:<ops>]]" },
     { "workload",          scn_workload,          true,  "run <steps> steps: memory pattern (and blk) checked, progress lines" },

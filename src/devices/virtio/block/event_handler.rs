@@ -1,4 +1,5 @@
-//! The block device on the event loop: a queue notification runs the queue.
+//! The block device on the event loop: a queue notification runs the queue, and so does
+//! the rate limiter's timer.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,10 +33,21 @@ impl MutEventSubscriber for BlockEvents {
                 );
             }
         }
+        let timer = device.rate_limiter().timer_fd();
+        if let Err(e) = ops.add(Events::new_raw(timer, EventSet::IN)) {
+            log::error!(
+                "drive {}: cannot watch its rate limiter's timer: {e}",
+                device.config().drive_id
+            );
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let mut device = self.device.lock().unwrap_or_else(PoisonError::into_inner);
+        if events.fd() == device.rate_limiter().timer_fd() {
+            device.rate_limiter_timer();
+            return;
+        }
         let ours = device
             .queue_events()
             .iter()

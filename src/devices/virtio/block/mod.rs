@@ -76,4 +76,12 @@ pub struct BlockMetrics {
     pub queue_errors: Counter,
     /// Interrupts raised.
     pub interrupts: Counter,
+    /// Requests the rate limiter held back (each arms its timer once).
+    pub rate_limiter_throttled_events: Counter,
+    /// Rate-limiter timer expirations (the queue was looked at again).
+    pub rate_limiter_event_count: Counter,
+    /// Requests admitted by a configured rate limiter.
+    pub rate_limiter_admitted_ops: Counter,
+    /// Data bytes admitted by a configured rate limiter.
+    pub rate_limiter_admitted_bytes: Counter,
 }

@@ -1,5 +1,6 @@
 //! The network device on the event loop: queue kicks run the queues, TAP readiness runs
-//! receive (readable) or resumes transmit (writable), and the TAP is watched only for what
+//! receive (readable) or resumes transmit (writable), the rate limiters' timers resume
+//! what they held back, and the TAP is watched only for what
 //! the device currently waits for.
 
 use std::os::fd::AsRawFd;
@@ -62,6 +63,15 @@ impl MutEventSubscriber for NetEvents {
                 );
             }
         }
+        let (rx, tx) = device.rate_limiters();
+        for fd in [rx.timer_fd(), tx.timer_fd()] {
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::error!(
+                    "interface {}: cannot watch its rate limiters' timers: {e}",
+                    device.config().iface_id
+                );
+            }
+        }
         drop(device);
     }
 
@@ -76,6 +86,10 @@ impl MutEventSubscriber for NetEvents {
         } else if fd == device.queue_events()[TX_QUEUE].as_raw_fd() {
             let _ = device.queue_events()[TX_QUEUE].read();
             device.process_tx();
+        } else if fd == device.rate_limiters().0.timer_fd() {
+            device.rx_rate_limiter_timer();
+        } else if fd == device.rate_limiters().1.timer_fd() {
+            device.tx_rate_limiter_timer();
         } else if fd == device.tap().as_raw_fd() {
             if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
                 device.tap_failed();

@@ -80,4 +80,20 @@ pub struct NetMetrics {
     pub interrupts: Counter,
     /// Available-ring corruption that put the device in NEEDS_RESET.
     pub queue_errors: Counter,
+    /// Frames to the guest the RX rate limiter held back (each arms its timer once).
+    pub rx_rate_limiter_throttled: Counter,
+    /// RX rate-limiter timer expirations.
+    pub rx_rate_limiter_event_count: Counter,
+    /// Frames to the guest admitted by a configured RX rate limiter.
+    pub rx_rate_limiter_admitted_frames: Counter,
+    /// Bytes (frames without the virtio-net header) admitted by the RX rate limiter.
+    pub rx_rate_limiter_admitted_bytes: Counter,
+    /// Frames from the guest the TX rate limiter held back (each arms its timer once).
+    pub tx_rate_limiter_throttled: Counter,
+    /// TX rate-limiter timer expirations.
+    pub tx_rate_limiter_event_count: Counter,
+    /// Frames from the guest admitted by a configured TX rate limiter.
+    pub tx_rate_limiter_admitted_frames: Counter,
+    /// Bytes (frames without the virtio-net header) admitted by the TX rate limiter.
+    pub tx_rate_limiter_admitted_bytes: Counter,
 }

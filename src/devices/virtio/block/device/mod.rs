@@ -18,6 +18,7 @@ use crate::devices::virtio::queue::{Buffer, host_buffers, pop_head, return_chain
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
+use crate::rate_limiter::{LimiterUpdate, RateLimiter, RateLimiterState, now_ns};
 use crate::vstate::memory::GuestMemory;
 
 /// virtio device id of a block device.
@@ -57,6 +58,18 @@ pub struct Block {
     broken: bool,
     /// Scratch space for walking chains.
     chain: Vec<Buffer>,
+    /// Bandwidth (data bytes) and ops (requests) limits.
+    limiter: RateLimiter,
+    /// The clock read once per run of the queue (the limiter's time for all its requests).
+    batch_now: Option<u64>,
+}
+
+/// What became of one chain.
+enum Handled {
+    /// Answered (or dropped): give it back with this many bytes written.
+    Used(u32),
+    /// The rate limiter holds it back: it goes back on the ring.
+    Throttled,
 }
 
 impl std::fmt::Debug for Block {
@@ -103,7 +116,43 @@ impl Block {
             active: None,
             broken: false,
             chain: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            limiter: RateLimiter::new(None)?,
+            batch_now: None,
         })
+    }
+
+    /// Limits the drive with `limiter`.
+    pub fn set_rate_limiter(&mut self, limiter: RateLimiter) {
+        self.limiter = limiter;
+    }
+
+    /// The rate limiter.
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// Changes the rate limiter (API `PATCH /drives`); a throttled queue is looked at again
+    /// at once (its timer fires now).
+    pub fn update_rate_limiter(&mut self, update: &LimiterUpdate) -> std::io::Result<()> {
+        self.limiter.update(update)
+    }
+
+    /// The rate limiter's state, for a snapshot (time spent saved is not credited).
+    pub fn save_rate_limiter(&mut self) -> RateLimiterState {
+        self.limiter.save()
+    }
+
+    /// Restores the rate limiter's state from a snapshot; the queue is looked at again at
+    /// once.
+    pub fn restore_rate_limiter(&mut self, state: &RateLimiterState) -> std::io::Result<()> {
+        self.limiter.restore(state)
+    }
+
+    /// The rate limiter's timer fired: the held-back request may go.
+    pub fn rate_limiter_timer(&mut self) {
+        self.limiter.timer_fired();
+        self.metrics.rate_limiter_event_count.inc();
+        self.process_queue();
     }
 
     /// The drive's counters.
@@ -140,12 +189,13 @@ impl Block {
     /// Handles every available request, then interrupts the guest if it wants to know.
     /// This is the whole data path; tests and fuzzers call it directly.
     pub fn process_queue(&mut self) {
-        if self.broken {
+        if self.broken || self.limiter.is_throttled() {
             return;
         }
         let Some(mut active) = self.active.take() else {
             return;
         };
+        self.batch_now = None;
         let event_idx = active.features & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut used_any = false;
         'outer: loop {
@@ -154,13 +204,21 @@ impl Block {
             }
             loop {
                 match pop_head(&mut active.queue, &active.mem) {
-                    Ok(Some(head)) => {
-                        let len = self.handle_chain(&active, head);
-                        // A head outside the queue was counted by handle_chain (it cannot be
-                        // walked); it has no used-ring slot to give back.
-                        return_chain(&mut active.queue, &active.mem, head, len);
-                        used_any = true;
-                    }
+                    Ok(Some(head)) => match self.handle_chain(&active, head) {
+                        Handled::Used(len) => {
+                            // A head outside the queue was counted by handle_chain (it
+                            // cannot be walked); it has no used-ring slot to give back.
+                            return_chain(&mut active.queue, &active.mem, head, len);
+                            used_any = true;
+                        }
+                        Handled::Throttled => {
+                            // Back on the ring: the driver's queue fills and holds it back;
+                            // the timer brings the device back when the tokens exist.
+                            let back = active.queue.next_avail().wrapping_sub(1);
+                            active.queue.set_next_avail(back);
+                            break 'outer;
+                        }
+                    },
                     Ok(None) => break,
                     Err(e) => {
                         // Counted, not logged: a guest could otherwise flood the log.
@@ -184,6 +242,7 @@ impl Block {
                 _ => break,
             }
         }
+        self.limiter.idle();
         if used_any && active.queue.needs_notification(&active.mem).unwrap_or(true) {
             self.metrics.interrupts.inc();
             active.interrupt.signal_used_queue();
@@ -191,8 +250,8 @@ impl Block {
         self.active = Some(active);
     }
 
-    /// Executes one chain; returns the bytes written into device-writable buffers.
-    fn handle_chain(&mut self, active: &Active, head: u16) -> u32 {
+    /// Executes one chain, unless the rate limiter holds it back.
+    fn handle_chain(&mut self, active: &Active, head: u16) -> Handled {
         let indirect = active.features & VIRTIO_RING_F_INDIRECT_DESC != 0;
         let mut chain = std::mem::take(&mut self.chain);
         chain.clear();
@@ -201,27 +260,67 @@ impl Block {
             Err(e) => {
                 log::debug!("drive {}: chain {head} refused: {e}", self.config.drive_id);
                 self.metrics.dropped_chains.inc();
-                0
+                Handled::Used(0)
             }
             Ok(()) => match parse(&active.mem, &chain) {
                 Err(RequestError::NoStatus) => {
                     self.metrics.dropped_chains.inc();
-                    0
+                    Handled::Used(0)
                 }
                 Err(RequestError::Malformed { status, .. }) => {
                     self.metrics.invalid_requests.inc();
                     let _ = active.mem.write_obj(status::IOERR, status);
-                    1
+                    Handled::Used(1)
                 }
                 Ok(request) => {
-                    let (code, data) = self.execute(active, &request);
-                    let _ = active.mem.write_obj(code, request.status);
-                    data + 1
+                    if self.limiter.is_limiting() {
+                        self.limited(active, &request)
+                    } else {
+                        Handled::Used(self.answer(active, &request).1)
+                    }
                 }
             },
         };
         self.chain = chain;
         used
+    }
+
+    /// Executes a request and writes its status; returns the status and the bytes written.
+    fn answer(&mut self, active: &Active, request: &Request) -> (u8, u32) {
+        let (code, data) = self.execute(active, request);
+        let _ = active.mem.write_obj(code, request.status);
+        (code, data + 1)
+    }
+
+    /// Executes a request if the rate limiter lets it go now: one op, and its data bytes for
+    /// reads and writes (charged only if the transfer was done).
+    fn limited(&mut self, active: &Active, request: &Request) -> Handled {
+        let transfer = matches!(request.kind, RequestType::In | RequestType::Out);
+        let bytes = if transfer { request.data_len } else { 0 };
+        let now = *self.batch_now.get_or_insert_with(now_ns);
+        if let Err(at) = self.limiter.check(bytes, now) {
+            match self.limiter.throttle(at) {
+                Ok(()) => {
+                    self.metrics.rate_limiter_throttled_events.inc();
+                    return Handled::Throttled;
+                }
+                // Without a timer the request would wait forever: let it go.
+                Err(e) => log::warn!(
+                    "drive {}: cannot arm the rate limiter's timer: {e}",
+                    self.config.drive_id
+                ),
+            }
+        }
+        let (code, used) = self.answer(active, request);
+        let charged = if transfer && code == status::OK {
+            bytes
+        } else {
+            0
+        };
+        self.limiter.commit(charged);
+        self.metrics.rate_limiter_admitted_ops.inc();
+        self.metrics.rate_limiter_admitted_bytes.add(charged);
+        Handled::Used(used)
     }
 
     /// Runs a parsed request; returns its status and the data bytes it produced.

@@ -364,3 +364,101 @@ fn head_outside_the_queue_is_counted_once() {
     assert_eq!(r.read(0, 512).0, status::OK);
     assert_eq!(r.dev.metrics().dropped_chains.get(), 1);
 }
+
+fn limited_rig(json: &str) -> Rig {
+    let mut r = rig();
+    let config: crate::config::RateLimiterConfig = serde_json::from_str(json).unwrap();
+    r.dev
+        .set_rate_limiter(RateLimiter::new(Some(&config)).unwrap());
+    r
+}
+
+fn timer_fires(dev: &Block, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: dev.rate_limiter().timer_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
+}
+
+impl Rig {
+    /// Publishes `n` reads of `len` bytes without running the device.
+    fn queue_reads(&mut self, n: usize, len: u32) {
+        self.header(0, 0);
+        for _ in 0..n {
+            let head = self.q.add_chain(
+                &self.mem,
+                &[(HDR, 16, false), (DATA, len, true), (STATUS, 1, true)],
+            );
+            self.q.publish(&self.mem, head);
+        }
+    }
+}
+
+#[test]
+fn throttled_requests_stay_on_the_ring_until_the_limit_allows() {
+    let mut r = limited_rig(r#"{"ops": {"size": 2, "refill_time": 100000}}"#);
+    r.queue_reads(4, 512);
+    r.dev.process_queue();
+    assert_eq!(r.q.used_idx(&r.mem), 2, "two ops in the bucket");
+    let m = r.dev.metrics();
+    assert_eq!(m.rate_limiter_throttled_events.get(), 1);
+    assert_eq!(m.rate_limiter_admitted_ops.get(), 2);
+    assert_eq!(m.rate_limiter_admitted_bytes.get(), 1024);
+    assert!(r.dev.rate_limiter().is_throttled());
+    // Kicks while throttled do nothing (and walk nothing).
+    r.dev.process_queue();
+    assert_eq!(r.q.used_idx(&r.mem), 2);
+    assert!(!timer_fires(&r.dev, 20), "the next op is 50 s away");
+    // PATCH: ops disabled; the held-back requests go at once.
+    let update = LimiterUpdate {
+        bandwidth: crate::rate_limiter::BucketUpdate::Keep,
+        ops: crate::rate_limiter::BucketUpdate::Disable,
+    };
+    r.dev.update_rate_limiter(&update).unwrap();
+    assert!(timer_fires(&r.dev, 1000));
+    r.dev.rate_limiter_timer();
+    assert_eq!(r.q.used_idx(&r.mem), 4);
+    assert_eq!(m.rate_limiter_event_count.get(), 1);
+    assert_eq!(m.read_count.get(), 4);
+}
+
+#[test]
+fn a_request_larger_than_the_bucket_goes_then_the_timer_is_exact() {
+    // 1 KiB per 100 ms; a 4 KiB read goes (the bucket is full), the next waits ~300 ms of
+    // debt plus the next read's 512 bytes.
+    let mut r = limited_rig(r#"{"bandwidth": {"size": 1024, "refill_time": 100}}"#);
+    r.queue_reads(1, 4096);
+    r.queue_reads(1, 512);
+    let t0 = now_ns();
+    r.dev.process_queue();
+    assert_eq!(r.q.used_idx(&r.mem), 1);
+    let t1 = now_ns();
+    assert!(timer_fires(&r.dev, 2000));
+    // Armed for exactly 350 ms after the first read was processed (between t0 and t1); a
+    // loaded machine may deliver it late, never early.
+    let fired = now_ns();
+    assert!(fired >= t0 + 350_000_000, "{}", fired - t0);
+    assert!(fired < t1 + 1_000_000_000, "{}", fired - t1);
+    r.dev.rate_limiter_timer();
+    assert_eq!(r.q.used_idx(&r.mem), 2);
+    assert_eq!(r.dev.metrics().rate_limiter_admitted_bytes.get(), 4608);
+}
+
+#[test]
+fn failed_transfers_are_not_charged_bytes() {
+    let mut r = limited_rig(r#"{"bandwidth": {"size": 1000000, "refill_time": 100000}}"#);
+    // Past the end of the disk: IOERR, one op, no bytes.
+    r.header(0, DISK_SECTORS);
+    let (status, _) = r.submit(&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]);
+    assert_eq!(status, status::IOERR);
+    assert_eq!(r.dev.metrics().rate_limiter_admitted_ops.get(), 1);
+    assert_eq!(r.dev.metrics().rate_limiter_admitted_bytes.get(), 0);
+    let (b, _) = r.dev.rate_limiter().buckets();
+    assert_eq!(
+        b.map(crate::rate_limiter::TokenBucket::level),
+        Some(1_000_000)
+    );
+}

@@ -21,6 +21,7 @@ use crate::devices::virtio::queue::Buffer;
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
+use crate::rate_limiter::{LimiterUpdate, RateLimiter, RateLimiterState};
 use crate::vstate::memory::GuestMemory;
 
 /// virtio device id of a network device.
@@ -82,6 +83,14 @@ pub struct Net {
     chain: Vec<Buffer>,
     /// Buffer lists of used receive chains, kept for the next ones.
     rx_spare: Vec<Vec<Buffer>>,
+    /// Limits on frames to the guest. With a limit, frames are read into the bounce buffer
+    /// (their length must be known before they are admitted), and a frame held back waits
+    /// there while the TAP is left unread.
+    rx_limiter: RateLimiter,
+    /// Limits on frames from the guest; a frame held back stays on the ring.
+    tx_limiter: RateLimiter,
+    /// The clock read once per run of a queue (the limiters' time for all its frames).
+    batch_now: Option<u64>,
 }
 
 impl std::fmt::Debug for Net {
@@ -133,7 +142,70 @@ impl Net {
             rx_seen_avail: 0,
             chain: Vec::with_capacity(64),
             rx_spare: Vec::new(),
+            rx_limiter: RateLimiter::new(None)?,
+            tx_limiter: RateLimiter::new(None)?,
+            batch_now: None,
         })
+    }
+
+    /// Limits the interface with `rx` (frames to the guest) and `tx` (frames from it).
+    pub fn set_rate_limiters(&mut self, rx: RateLimiter, tx: RateLimiter) {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+    }
+
+    /// The limiters' clock for the current run of a queue (read once per run).
+    fn limiter_now(&mut self) -> u64 {
+        *self
+            .batch_now
+            .get_or_insert_with(crate::rate_limiter::now_ns)
+    }
+
+    /// The RX and TX rate limiters.
+    pub fn rate_limiters(&self) -> (&RateLimiter, &RateLimiter) {
+        (&self.rx_limiter, &self.tx_limiter)
+    }
+
+    /// Changes the rate limiters (API `PATCH /network-interfaces`); a held-back frame is
+    /// looked at again at once (its timer fires now).
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: &LimiterUpdate,
+        tx: &LimiterUpdate,
+    ) -> std::io::Result<()> {
+        self.rx_limiter.update(rx)?;
+        self.tx_limiter.update(tx)
+    }
+
+    /// The RX and TX rate limiters' state, for a snapshot (time spent saved is not
+    /// credited).
+    pub fn save_rate_limiters(&mut self) -> (RateLimiterState, RateLimiterState) {
+        (self.rx_limiter.save(), self.tx_limiter.save())
+    }
+
+    /// Restores the rate limiters' state from a snapshot; held-back frames are looked at
+    /// again at once.
+    pub fn restore_rate_limiters(
+        &mut self,
+        rx: &RateLimiterState,
+        tx: &RateLimiterState,
+    ) -> std::io::Result<()> {
+        self.rx_limiter.restore(rx)?;
+        self.tx_limiter.restore(tx)
+    }
+
+    /// The RX rate limiter's timer fired: the held-back frame may go.
+    pub fn rx_rate_limiter_timer(&mut self) {
+        self.rx_limiter.timer_fired();
+        self.metrics.rx_rate_limiter_event_count.inc();
+        self.process_rx();
+    }
+
+    /// The TX rate limiter's timer fired: the held-back frame may go.
+    pub fn tx_rate_limiter_timer(&mut self) {
+        self.tx_limiter.timer_fired();
+        self.metrics.tx_rate_limiter_event_count.inc();
+        self.process_tx();
     }
 
     /// The counters.

@@ -46,17 +46,31 @@ impl Net {
     /// Moves frames from the TAP into the guest until the TAP is empty or the guest has no
     /// room. This is the whole receive path; tests and fuzzers call it directly.
     pub fn process_rx(&mut self) {
-        if self.broken || !self.tap_alive {
+        if self.broken || !self.tap_alive || self.rx_limiter.is_throttled() {
             return;
         }
         let Some(mut active) = self.active.take() else {
             return;
         };
+        self.batch_now = None;
         let used_before = active.rx_queue.next_used();
         loop {
             if let Some(len) = self.pending_rx {
+                let limited = self.rx_limiter.is_limiting();
+                let bytes = len.saturating_sub(VNET_HDR_LEN) as u64;
+                if limited && self.rx_held_back(bytes) {
+                    break;
+                }
                 match self.deliver_bounced(&mut active, len) {
-                    Outcome::Delivered | Outcome::Dropped => self.pending_rx = None,
+                    Outcome::Delivered => {
+                        self.pending_rx = None;
+                        if limited {
+                            self.rx_limiter.commit(bytes);
+                            self.metrics.rx_rate_limiter_admitted_frames.inc();
+                            self.metrics.rx_rate_limiter_admitted_bytes.add(bytes);
+                        }
+                    }
+                    Outcome::Dropped => self.pending_rx = None,
                     Outcome::Pending => {}
                     Outcome::NoRoom => {
                         // The ring has buffers, but not enough for this frame: go on only
@@ -96,6 +110,7 @@ impl Net {
                 Some(Outcome::Corrupt) | None => break,
             }
         }
+        self.rx_limiter.idle();
         let used_any = active.rx_queue.next_used() != used_before;
         if used_any
             && active
@@ -107,6 +122,30 @@ impl Net {
             active.interrupt.signal_used_queue();
         }
         self.active = Some(active);
+    }
+
+    /// Whether the RX rate limiter holds back the frame waiting in the bounce buffer (then
+    /// the TAP is left unread and the timer is armed for when the frame can go).
+    fn rx_held_back(&mut self, bytes: u64) -> bool {
+        let now = self.limiter_now();
+        let Err(at) = self.rx_limiter.check(bytes, now) else {
+            return false;
+        };
+        match self.rx_limiter.throttle(at) {
+            Ok(()) => {
+                self.metrics.rx_rate_limiter_throttled.inc();
+                self.rx_wants_frames = false;
+                true
+            }
+            // Without a timer the frame would wait forever: let it go.
+            Err(e) => {
+                log::warn!(
+                    "interface {}: cannot arm the RX rate limiter's timer: {e}",
+                    self.config.iface_id
+                );
+                false
+            }
+        }
     }
 
     /// No receive buffers: stop reading the TAP and ask the guest for a kick. Returns true if
@@ -281,7 +320,15 @@ impl Net {
         if active.rx_held.is_empty() {
             return Some(Outcome::NoRoom);
         }
-        if active.rx_held_capacity >= MAX_FRAME_LEN {
+        // With an RX limit, a frame's length must be known before it is admitted: it is read
+        // aside first, unless the limiter would admit the largest frame now (then whatever
+        // comes is admitted, and charged once its length is known).
+        let limited = self.rx_limiter.is_limiting();
+        let now = if limited { self.limiter_now() } else { 0 };
+        let largest = (MAX_FRAME_LEN - VNET_HDR_LEN) as u64;
+        if active.rx_held_capacity >= MAX_FRAME_LEN
+            && (!limited || self.rx_limiter.would_allow(largest, now))
+        {
             let bufs: Vec<Buffer> = active
                 .rx_held
                 .iter()
@@ -302,6 +349,14 @@ impl Net {
                 Ok(n) if n >= VNET_HDR_LEN => {
                     self.metrics.rx_zero_copy.inc();
                     self.complete(active, n);
+                    if limited {
+                        let bytes = (n - VNET_HDR_LEN) as u64;
+                        // Allowed: the largest frame was.
+                        let _ = self.rx_limiter.check(bytes, now);
+                        self.rx_limiter.commit(bytes);
+                        self.metrics.rx_rate_limiter_admitted_frames.inc();
+                        self.metrics.rx_rate_limiter_admitted_bytes.add(bytes);
+                    }
                     Some(Outcome::Delivered)
                 }
                 Ok(_) => {

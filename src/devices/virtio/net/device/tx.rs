@@ -23,6 +23,8 @@ enum Sent {
     Done,
     /// The TAP is full: leave the chain in the ring.
     Retry,
+    /// The rate limiter holds it back: leave the chain in the ring until its timer fires.
+    Throttled,
 }
 
 /// Whether the guest may send a frame with this header, given the negotiated features.
@@ -43,12 +45,13 @@ impl Net {
     /// Sends every frame the guest queued. This is the whole transmit path; tests and
     /// fuzzers call it directly.
     pub fn process_tx(&mut self) {
-        if self.broken || self.tx_blocked {
+        if self.broken || self.tx_blocked || self.tx_limiter.is_throttled() {
             return;
         }
         let Some(mut active) = self.active.take() else {
             return;
         };
+        self.batch_now = None;
         let event_idx = active.has(VIRTIO_RING_F_EVENT_IDX);
         let used_before = active.tx_queue.next_used();
         'outer: loop {
@@ -68,6 +71,11 @@ impl Net {
                             self.metrics.tx_retries.inc();
                             break 'outer;
                         }
+                        Sent::Throttled => {
+                            let back = active.tx_queue.next_avail().wrapping_sub(1);
+                            active.tx_queue.set_next_avail(back);
+                            break 'outer;
+                        }
                     },
                     Ok(None) => break,
                     Err(e) => {
@@ -84,6 +92,7 @@ impl Net {
                 _ => break,
             }
         }
+        self.tx_limiter.idle();
         if active.tx_queue.next_used() != used_before
             && active
                 .tx_queue
@@ -133,12 +142,36 @@ impl Net {
             self.metrics.tx_dropped.inc();
             return Sent::Done;
         };
+        let bytes = (len - VNET_HDR_LEN) as u64;
+        let limiting = self.tx_limiter.is_limiting();
+        if limiting {
+            let now = self.limiter_now();
+            if let Err(at) = self.tx_limiter.check(bytes, now) {
+                match self.tx_limiter.throttle(at) {
+                    Ok(()) => {
+                        self.metrics.tx_rate_limiter_throttled.inc();
+                        return Sent::Throttled;
+                    }
+                    // Without a timer the frame would wait forever: let it go.
+                    Err(e) => log::warn!(
+                        "interface {}: cannot arm the TX rate limiter's timer: {e}",
+                        self.config.iface_id
+                    ),
+                }
+            }
+        }
         // SAFETY: the host buffers are device-readable guest memory inside `active.mem`,
         // which outlives the call.
         match unsafe { self.tap.write_frame(&host) } {
             Ok(_) => {
                 self.metrics.tx_frames.inc();
-                self.metrics.tx_bytes.add((len - VNET_HDR_LEN) as u64);
+                self.metrics.tx_bytes.add(bytes);
+                if limiting {
+                    // Charged only once sent: a frame the TAP refused costs nothing.
+                    self.tx_limiter.commit(bytes);
+                    self.metrics.tx_rate_limiter_admitted_frames.inc();
+                    self.metrics.tx_rate_limiter_admitted_bytes.add(bytes);
+                }
                 Sent::Done
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && self.tap_alive => Sent::Retry,
