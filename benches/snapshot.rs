@@ -220,17 +220,6 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
     })
 }
 
-fn firecracker() -> Option<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/firecracker.sh");
-    let out = Command::new(script)
-        .stderr(Stdio::inherit())
-        .output()
-        .ok()?;
-    let path = String::from_utf8(out.stdout).ok()?;
-    let path = PathBuf::from(path.trim());
-    (out.status.success() && path.is_file()).then_some(path)
-}
-
 fn main() {
     common::run("snapshot", "boots VMs", || {
         let runs = env_usize("KILN_BENCH_SNAP_RUNS", 5);
@@ -239,7 +228,7 @@ fn main() {
             .split(',')
             .filter_map(|s| s.trim().parse().ok())
             .collect();
-        let fc = firecracker();
+        let fc = common::firecracker();
         if fc.is_none() {
             println!("baseline absent: Firecracker could not be fetched (benches/firecracker.sh)");
         }

@@ -333,3 +333,16 @@ pub fn host_tsc_khz() -> f64 {
     let c1 = unsafe { core::arch::x86_64::_rdtsc() };
     (c1.wrapping_sub(c0)) as f64 / t0.elapsed().as_secs_f64() / 1e3
 }
+
+/// Firecracker 1.12.1's binary, the same-run baseline: what `benches/firecracker.sh` prints
+/// (it fetches and caches it, or takes `KILN_FIRECRACKER`); `None` when it cannot be had,
+/// and the benchmark then says "baseline absent".
+pub fn firecracker() -> Option<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/firecracker.sh");
+    let out = std::process::Command::new(script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    (out.status.success() && path.is_file()).then_some(path)
+}

@@ -102,6 +102,11 @@ pub fn choose_kernel() -> KernelChoice {
 pub fn build_kernel() -> PathBuf {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/guest-kernel/build.sh");
     eprintln!("{KERNEL_ENV} is not set: asking {script} for the kernel (built once, then cached)");
+    cached_file_from(script)
+}
+
+/// Runs `script`, which prints the path of a file it built (or found cached), and returns it.
+pub fn cached_file_from(script: &str) -> PathBuf {
     let out = Command::new(script)
         .stderr(Stdio::inherit())
         .output()
@@ -386,6 +391,21 @@ fn api_request(sock: &Path, method: &str, path: &str, body: &str) -> String {
     resp.lines().next().unwrap_or("").to_string()
 }
 
+/// kiln in the test's network namespace with `args`, its metrics to `metrics`, its console
+/// and log piped.
+fn spawn_kiln(ns: &NetNs, args: &[std::ffi::OsString], metrics: &Path, extra: &[&str]) -> Child {
+    ns.command(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .arg("--metrics-path")
+        .arg(metrics)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// How often, and how far apart, `SendCtrlAltDel` is sent until Linux restarts.
 const CTRL_ALT_DEL_TRIES: u32 = 5;
 const CTRL_ALT_DEL_AGAIN: Duration = Duration::from_secs(3);
@@ -451,19 +471,9 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
     let mut ctrl_alt_del_sent = None;
 
     let start = Instant::now();
-    let child = ns
-        .command(env!("CARGO_BIN_EXE_kiln"))
-        .arg("--config-file")
-        .arg(&config_path)
-        .args(&api_args)
-        .arg("--metrics-path")
-        .arg(&metrics_path)
-        .args(opts.extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut args: Vec<std::ffi::OsString> = vec!["--config-file".into(), config_path.into()];
+    args.extend(api_args);
+    let child = spawn_kiln(&ns, &args, &metrics_path, opts.extra);
     let first_pid = child.id();
 
     let mut milestones = vec![None; MILESTONES.len()];
@@ -551,18 +561,12 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
         // A new kiln, in the same namespace (the TAP and the DHCP server are still there),
         // restores the snapshot and carries on with the boot.
         let sock = dir.path().join("restored.sock");
-        let child = ns
-            .command(env!("CARGO_BIN_EXE_kiln"))
-            .arg("--api-sock")
-            .arg(&sock)
-            .arg("--metrics-path")
-            .arg(&metrics_path)
-            .args(opts.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn_kiln(
+            &ns,
+            &["--api-sock".into(), sock.clone().into()],
+            &metrics_path,
+            opts.extra,
+        );
         let ready = Instant::now();
         while std::os::unix::net::UnixStream::connect(&sock).is_err() {
             assert!(

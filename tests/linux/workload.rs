@@ -88,19 +88,10 @@ pub fn rootfs_template() -> PathBuf {
         );
         return path;
     }
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/guest-kernel/rootfs.sh");
-    let out = Command::new(script)
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
-    assert!(out.status.success(), "{script} failed ({})", out.status);
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(
-        path.is_file(),
-        "{script} printed {}, not a file",
-        path.display()
-    );
-    path
+    super::cached_file_from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/guest-kernel/rootfs.sh"
+    ))
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), different for each seed.
