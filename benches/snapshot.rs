@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use common::{Result, Scratch, cell, env_usize, guest_elf, ratio, stats};
 use testkit::LineReader;
+use testkit::http::request;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Vmm {
@@ -76,51 +77,8 @@ fn spawn(bin: &Path, sock: &Path) -> Result<Proc> {
     })
 }
 
-/// One request; the answer is read up to its end (headers, then Content-Length bytes), not
-/// to the connection's close: Firecracker keeps connections open.
-fn request(sock: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = UnixStream::connect(sock)?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = s.read(&mut buf)?;
-        if n == 0 {
-            return Err(format!("{method} {path}: the connection closed mid-answer").into());
-        }
-        got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).into_owned();
-        let Some(end) = text.find("\r\n\r\n") else {
-            continue;
-        };
-        let head = &text[..end];
-        let len: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or(0);
-        if got.len() >= end + 4 + len {
-            let status = head
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .unwrap_or(0);
-            return Ok((status, text[end + 4..].to_string()));
-        }
-    }
-}
-
 fn api(p: &Proc, method: &str, path: &str, body: &str) -> Result<()> {
-    let (status, text) = request(&p.sock, method, path, body)?;
+    let (status, text) = request(&p.sock, method, path, Some(body));
     if status != 204 {
         return Err(format!("{method} {path}: {status} {text}").into());
     }
