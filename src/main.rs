@@ -295,35 +295,21 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
     };
 
     let _terminal = RawTerminal::enter();
-    let restore_at_start = args
+    let restore_files = args
         .restore_snapshot
         .as_ref()
         .zip(args.restore_mem.as_ref());
-    let mut vmm = match (config, &api) {
-        (None, _) if restore_at_start.is_some() => {
-            let Some((state, mem)) = restore_at_start else {
-                return Err(MainError::ApiGone);
-            };
-            let params = SnapshotLoadParams {
-                snapshot_path: state.display().to_string(),
-                mem_file_path: Some(mem.display().to_string()),
-                mem_backend: None,
-                track_dirty_pages: false,
-                enable_diff_snapshots: false,
-                resume_vm: true,
-                network_overrides: Vec::new(),
-                drive_overrides: Vec::new(),
-                clock_realtime: None,
-                vsock_override: None,
-            };
+    let mut vmm = match (restore_files, config, &api) {
+        (Some((state, mem)), _, _) => {
+            let params = SnapshotLoadParams::from_files(state, mem);
             let t = Instant::now();
             let (vmm, config) = restore(&params, &opts, actions.snapshot_key())?;
             actions.restored(Ok(config));
             actions.record_load(t);
             vmm
         }
-        (Some(config), _) => build_and_start(&config, &opts)?,
-        (None, Some(bridge)) => match configure_through_api(bridge, &mut actions, &opts) {
+        (None, Some(config), _) => build_and_start(&config, &opts)?,
+        (None, None, Some(bridge)) => match configure_through_api(bridge, &mut actions, &opts) {
             Ok(vmm) => vmm,
             Err(e) => {
                 // Let the API thread deliver the 400 before the process ends: without the
@@ -339,7 +325,7 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
             }
         },
         // `--no-api` always has a configuration (the quick flags default to the test guest).
-        (None, None) => return Err(MainError::ApiGone),
+        (None, None, None) => return Err(MainError::ApiGone),
     };
     if let Some(bridge) = &api {
         vmm.watch_api(bridge.eventfd().try_clone().map_err(MainError::ApiEvent)?);

@@ -376,9 +376,8 @@ impl Machine for Vmm {
         config: &VmConfig,
         key: Option<&Key>,
     ) -> Result<(), SnapshotError> {
-        if !self.paused {
-            return Err(SnapshotError::NotPaused);
-        }
+        // The action handler refuses a running VM; a vCPU that is not parked refuses to
+        // save its state.
         crate::snapshot::create(params, config, &self.vm, &self.vcpus, &self.devices, key)
     }
 }

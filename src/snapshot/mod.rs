@@ -133,6 +133,25 @@ pub struct SnapshotLoadParams {
     pub vsock_override: Option<serde_json::Value>,
 }
 
+impl SnapshotLoadParams {
+    /// Restores from a state file and a memory file, and resumes the VM (the command
+    /// line's `--restore-snapshot` / `--restore-mem`).
+    pub fn from_files(state: &Path, mem: &Path) -> Self {
+        SnapshotLoadParams {
+            snapshot_path: state.display().to_string(),
+            mem_file_path: Some(mem.display().to_string()),
+            mem_backend: None,
+            track_dirty_pages: false,
+            enable_diff_snapshots: false,
+            resume_vm: true,
+            network_overrides: Vec::new(),
+            drive_overrides: Vec::new(),
+            clock_realtime: None,
+            vsock_override: None,
+        }
+    }
+}
+
 /// One virtio device's saved state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VirtioSnapshot {
