@@ -412,6 +412,41 @@ fn hostile_state_files_are_refused_before_use_and_nothing_is_written() {
         assert_eq!(k.finish(Duration::from_secs(10)).status, 1, "{what}");
     }
 
+    // Another host's TSC frequency (half the saved one, so that KVM cannot fall back to its
+    // catch-up mode, which only serves rates above the host's): KVM scales it where the host
+    // has TSC scaling (KVM_CAP_TSC_CONTROL, the oracle), else the load is refused naming both.
+    let mut st: kiln::snapshot::MicrovmState = serde_json::from_str(&text).unwrap();
+    let saved = st.vcpus[0]
+        .tsc_khz
+        .expect("the snapshot records the TSC frequency");
+    for v in &mut st.vcpus {
+        v.tsc_khz = Some(saved / 2);
+    }
+    let path = dir.file(
+        "tsc.state",
+        &kiln::snapshot::format::encode(&serde_json::to_vec(&st).unwrap(), Some(&key_bytes)),
+    );
+    let scales = kvm_ioctls::Kvm::new()
+        .unwrap()
+        .check_extension(kvm_ioctls::Cap::TscControl);
+    let k = api_kiln(
+        dir.path(),
+        "tsc",
+        &["--snapshot-key-file", key.to_str().unwrap()],
+    );
+    let (status, text) = k.api("PUT", "/snapshot/load", Some(&load_body(&path, &mem, "")));
+    if scales {
+        assert_eq!(status, 204, "TSC scaling is available: {text}");
+        drop(k);
+    } else {
+        assert_eq!(status, 400, "{text}");
+        assert!(
+            text.contains("cannot scale it") && text.contains(&(saved / 2).to_string()),
+            "{text}"
+        );
+        assert_eq!(k.finish(Duration::from_secs(10)).status, 1);
+    }
+
     // A memory file that is not the snapshot's (same size, one byte changed).
     let mut other = mem_before.clone();
     other[0x10_0000] ^= 1;
