@@ -12,7 +12,13 @@
 //!   after the rest of the guest's TSC-timed wait); and request → the guest's answer to a
 //!   byte written on its console right after the response (`echo=`: running again, measured
 //!   without any guest timer);
-//! - the memory files' allocated sizes.
+//! - the memory files' allocated sizes;
+//! - kiln only: its first restore records the guest's working set (`working_set`, 1 s after
+//!   it runs); a second restore faults it in before the guest runs: load → response and
+//!   load → console echo (the guest reads its `ws=` working set before answering), beside
+//!   Firecracker's and kiln's plain load → console echo;
+//! - "cold": the same with the memory file evicted from the page cache before the load
+//!   (`POSIX_FADV_DONTNEED`), so every page the guest needs comes from the disk.
 //!
 //! Medians (min–max) over `KILN_BENCH_SNAP_RUNS` runs (default 5) for each size in
 //! `KILN_BENCH_SNAP_MIB` (default `128,1024`), and the ratio kiln / Firecracker.
@@ -35,6 +41,9 @@ enum Vmm {
     Firecracker,
 }
 
+/// The guest's working set (MiB, one word per page read before each console answer).
+const WS_MIB: usize = 2;
+
 #[derive(Debug, Default, Clone, Copy)]
 struct Sample {
     create_ms: f64,
@@ -44,6 +53,13 @@ struct Sample {
     echo_ms: f64,
     mem_alloc_mib: f64,
     diff_alloc_mib: f64,
+    /// kiln only: a load that faults in the working set the previous load recorded.
+    ws_load_ms: f64,
+    ws_echo_ms: f64,
+    /// With the memory file evicted from the page cache first.
+    cold_echo_ms: f64,
+    /// kiln only: cold, with the working set.
+    cold_ws_echo_ms: f64,
 }
 
 struct Proc {
@@ -120,7 +136,7 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
         "PUT",
         "/boot-source",
         &format!(
-            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 kiln.run=workload:1000000:blk"}}"#,
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 kiln.run=workload:1000000:blk:ws={WS_MIB}"}}"#,
             guest_elf().display()
         ),
     )?;
@@ -183,6 +199,78 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
     let mem_alloc_mib = alloc(&mem)?;
     let diff_alloc_mib = alloc(&diff)?;
 
+    // kiln records the working set of its first restore (1 s after it runs), for the next.
+    let ws = dir.path(&format!("{tag}.ws"));
+    let ws_param = match vmm {
+        Vmm::Kiln => format!(r#", "working_set": {{"path": "{}"}}"#, ws.display()),
+        Vmm::Firecracker => String::new(),
+    };
+    let (load_ms, running_ms, echo_ms) =
+        restore(vmm, bin, dir, &tag, &state, &mem, &ws_param, false)?;
+    let (mut ws_load_ms, mut ws_echo_ms, mut cold_ws_echo_ms) = (0.0, 0.0, 0.0);
+    let wtag = format!("{tag}-ws");
+    if vmm == Vmm::Kiln {
+        let (l, _, e) = restore(vmm, bin, dir, &wtag, &state, &mem, &ws_param, false)?;
+        (ws_load_ms, ws_echo_ms) = (l, e);
+        cold_ws_echo_ms = restore(vmm, bin, dir, &wtag, &state, &mem, &ws_param, true)?.2;
+    }
+    let cold_echo_ms = restore(
+        vmm,
+        bin,
+        dir,
+        &format!("{tag}-cold"),
+        &state,
+        &mem,
+        "",
+        true,
+    )?
+    .2;
+    for f in [&disk, &state, &mem, &diff, &diff_state, &ws] {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(Sample {
+        create_ms,
+        diff_ms,
+        load_ms,
+        running_ms,
+        echo_ms,
+        mem_alloc_mib,
+        diff_alloc_mib,
+        ws_load_ms,
+        ws_echo_ms,
+        cold_echo_ms,
+        cold_ws_echo_ms,
+    })
+}
+
+/// Loads the snapshot in a fresh process (`extra` appended to the load's body), writes a
+/// byte on the guest's console right after the answer, and times the answer, the guest's
+/// next progress line and its answer to the byte. With a working set being recorded
+/// (`extra` names one that does not exist yet), waits for the file before leaving. `cold`:
+/// the memory file is evicted from the page cache first (its pages come from the disk).
+#[allow(clippy::too_many_arguments)]
+fn restore(
+    vmm: Vmm,
+    bin: &Path,
+    dir: &Scratch,
+    tag: &str,
+    state: &Path,
+    mem: &Path,
+    extra: &str,
+    cold: bool,
+) -> Result<(f64, f64, f64)> {
+    if cold {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(mem)?;
+        f.sync_all()?;
+        // SAFETY: advice on a file descriptor we own; no memory is passed.
+        let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        if rc != 0 {
+            return Err(format!("cannot evict the memory file: error {rc}").into());
+        }
+    }
+    let ws = dir.path(&format!("{}.ws", tag.trim_end_matches("-ws")));
+    let recording = !extra.is_empty() && !ws.exists();
     let dst = spawn(bin, &dir.path(&format!("{tag}-dst.sock")))?;
     let t = Instant::now();
     api(
@@ -190,7 +278,7 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
         "PUT",
         "/snapshot/load",
         &format!(
-            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true{extra}}}"#,
             state.display(),
             mem.display()
         ),
@@ -210,7 +298,7 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
             .map_err(|_| "the restored guest went quiet")?;
         let at = common::ms(t.elapsed());
         if std::env::var_os("KILN_BENCH_SNAP_TRACE").is_some() {
-            println!("  {vmm:?} +{at:.1} ms: {}", line.text);
+            println!("  {vmm:?} {tag} +{at:.1} ms: {}", line.text);
         }
         if line.text.starts_with("info workload step=") {
             running_ms.get_or_insert(at);
@@ -218,19 +306,18 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
             echo_ms.get_or_insert(at);
         }
     }
-    drop(dst);
-    for f in [&disk, &state, &mem, &diff, &diff_state] {
-        let _ = std::fs::remove_file(f);
+    while recording && !ws.exists() {
+        if Instant::now() > deadline {
+            return Err("the working set was never recorded".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Sample {
-        create_ms,
-        diff_ms,
+    drop(dst);
+    Ok((
         load_ms,
-        running_ms: running_ms.unwrap_or_default(),
-        echo_ms: echo_ms.unwrap_or_default(),
-        mem_alloc_mib,
-        diff_alloc_mib,
-    })
+        running_ms.unwrap_or_default(),
+        echo_ms.unwrap_or_default(),
+    ))
 }
 
 fn main() {
@@ -263,12 +350,13 @@ fn main() {
                 "", "kiln", "firecracker", "ratio"
             );
             type Get = fn(&Sample) -> f64;
-            let rows: [(&str, Get); 7] = [
+            let rows: [(&str, Get); 8] = [
                 ("create Full (ms)", |s| s.create_ms),
                 ("create Diff, 2 steps (ms)", |s| s.diff_ms),
                 ("load -> response (ms)", |s| s.load_ms),
                 ("load -> next progress (ms)", |s| s.running_ms),
                 ("load -> console echo (ms)", |s| s.echo_ms),
+                ("cold load -> echo (ms)", |s| s.cold_echo_ms),
                 ("Full memory file (MiB)", |s| s.mem_alloc_mib),
                 ("Diff memory file (MiB)", |s| s.diff_alloc_mib),
             ];
@@ -285,6 +373,35 @@ fn main() {
                         ratio(ks.median, fs.median)
                     );
                 }
+            }
+            // kiln's second restore, its working set (recorded by the first) faulted in,
+            // against Firecracker's and kiln's own plain restores.
+            type Pair = (&'static str, fn(&Sample) -> f64, fn(&Sample) -> f64);
+            let ws_rows: [Pair; 3] = [
+                ("ws load -> response (ms)", |s| s.ws_load_ms, |s| s.load_ms),
+                (
+                    "ws load -> console echo (ms)",
+                    |s| s.ws_echo_ms,
+                    |s| s.echo_ms,
+                ),
+                (
+                    "cold ws load -> echo (ms)",
+                    |s| s.cold_ws_echo_ms,
+                    |s| s.cold_echo_ms,
+                ),
+            ];
+            for (name, ws, plain) in ws_rows {
+                let ks = stats(&k.iter().map(ws).collect::<Vec<_>>());
+                let kp = stats(&k.iter().map(plain).collect::<Vec<_>>());
+                let fp = (!f.is_empty()).then(|| stats(&f.iter().map(plain).collect::<Vec<_>>()));
+                println!(
+                    "{name:<28} {:>22} {:>22} {:>8}   (kiln without: {}, {})",
+                    cell(ks, 2),
+                    fp.map_or_else(|| "absent".to_string(), |f| cell(f, 2)),
+                    fp.map_or_else(|| "-".to_string(), |f| ratio(ks.median, f.median)),
+                    cell(kp, 2),
+                    ratio(ks.median, kp.median)
+                );
             }
         }
         Ok(())
