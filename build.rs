@@ -54,7 +54,7 @@ mod seccomp_filters {
     use std::path::Path;
 
     /// The categories kiln installs; the JSON must define exactly these.
-    const CATEGORIES: [&str; 3] = ["vmm", "vcpu", "api"];
+    const CATEGORIES: [&str; 4] = ["vmm", "vcpu", "api", "migration"];
 
     pub fn build(json: &Path, out: &Path) -> Result<(), String> {
         let text = fs::read_to_string(json).map_err(|e| e.to_string())?;

@@ -43,10 +43,11 @@ use crate::snapshot::WorkingSetParams;
 use crate::snapshot::digest::MemoryDigest;
 use crate::snapshot::working_set::{Recorder, WorkingSet, WorkingSetError};
 use crate::snapshot::{
-    Key, MemBackendType, MicrovmState, SnapshotError, SnapshotLoadParams, read_state,
+    DriveOverride, Key, MemBackendType, MicrovmState, NetworkOverride, SnapshotError,
+    SnapshotLoadParams, read_state,
 };
 use crate::vmm::{ExitWatcher, Subscriber, Vmm};
-use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory_with};
+use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory};
 use crate::vstate::vcpu::{Vcpu, VcpuError, install_kick_handler};
 use crate::vstate::vm::{Vm, VmError, open_kvm};
 
@@ -555,28 +556,7 @@ pub fn restore(
     };
     let state = read_state(Path::new(&params.snapshot_path), key)?;
     let mut config = state.config.clone();
-    for o in &params.network_overrides {
-        let Some(iface) = config
-            .network_interfaces
-            .iter_mut()
-            .find(|n| n.iface_id == o.iface_id)
-        else {
-            return Err(StartError::Snapshot(SnapshotError::Invalid(format!(
-                "network_overrides: the snapshot has no network interface `{}`",
-                o.iface_id
-            ))));
-        };
-        iface.host_dev_name = o.host_dev_name.clone();
-    }
-    for o in &params.drive_overrides {
-        let Some(drive) = config.drives.iter_mut().find(|d| d.drive_id == o.drive_id) else {
-            return Err(StartError::Snapshot(SnapshotError::Invalid(format!(
-                "drive_overrides: the snapshot has no drive `{}`",
-                o.drive_id
-            ))));
-        };
-        drive.path_on_host = o.path_on_host.clone();
-    }
+    apply_overrides(&mut config, &params.network_overrides, &params.drive_overrides)?;
     // Firecracker's rule: the load decides whether the restored VM tracks dirty pages.
     config.machine_config.track_dirty_pages =
         params.track_dirty_pages || params.enable_diff_snapshots;
@@ -601,12 +581,7 @@ pub fn restore(
         }
         digest = Some(got);
     }
-    let memory = crate::snapshot::memory::map(
-        &file,
-        &state.memory,
-        config.machine_config.track_dirty_pages,
-    )
-    .map_err(mem_err)?;
+    let memory = crate::snapshot::memory::map(&file, &state.memory).map_err(mem_err)?;
     let recorder = match &params.working_set {
         Some(ws) => working_set(ws, &memory)?,
         None => None,
@@ -624,6 +599,64 @@ pub fn restore(
     if let Some((recorder, timer_fd)) = recorder {
         vmm.record_working_set(recorder, timer_fd);
     }
+    Ok((vmm, config))
+}
+
+/// Puts the TAPs and backing files of this host into a saved configuration.
+fn apply_overrides(
+    config: &mut VmConfig,
+    network_overrides: &[NetworkOverride],
+    drive_overrides: &[DriveOverride],
+) -> Result<(), StartError> {
+    for o in network_overrides {
+        let Some(iface) = config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == o.iface_id)
+        else {
+            return Err(StartError::Snapshot(SnapshotError::Invalid(format!(
+                "network_overrides: the snapshot has no network interface `{}`",
+                o.iface_id
+            ))));
+        };
+        iface.host_dev_name = o.host_dev_name.clone();
+    }
+    for o in drive_overrides {
+        let Some(drive) = config.drives.iter_mut().find(|d| d.drive_id == o.drive_id) else {
+            return Err(StartError::Snapshot(SnapshotError::Invalid(format!(
+                "drive_overrides: the snapshot has no drive `{}`",
+                o.drive_id
+            ))));
+        };
+        drive.path_on_host = o.path_on_host.clone();
+    }
+    Ok(())
+}
+
+/// Builds and resumes a VM a live migration brought: its state (checked by
+/// [`crate::snapshot::parse_state`]) and its memory, filled by the stream. The TAPs and
+/// drives are this host's (`network_overrides`, `drive_overrides`), else the source's names.
+pub fn restore_migrated(
+    state: &MicrovmState,
+    memory: GuestMemory,
+    network_overrides: &[NetworkOverride],
+    drive_overrides: &[DriveOverride],
+    opts: &RunOptions,
+) -> Result<(Vmm, VmConfig), StartError> {
+    let mut config = state.config.clone();
+    apply_overrides(&mut config, network_overrides, drive_overrides)?;
+    config
+        .validate()
+        .map_err(|e| StartError::Snapshot(SnapshotError::Invalid(e.to_string())))?;
+    let vmm = build(
+        &config,
+        opts,
+        Boot::Snapshot {
+            state,
+            memory,
+            resume: true,
+        },
+    )?;
     Ok((vmm, config))
 }
 
@@ -674,7 +707,7 @@ fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, St
     // KVM, memory, VM.
     let kvm = open_kvm(vcpu_count)?;
     let memory = match &boot {
-        Boot::Kernel => create_guest_memory_with(machine.mem_size_mib, machine.track_dirty_pages)?,
+        Boot::Kernel => create_guest_memory(machine.mem_size_mib)?,
         Boot::Snapshot { memory, .. } => memory.clone(),
     };
     let mut vm = Vm::new(&kvm, memory, machine.track_dirty_pages)?;

@@ -71,6 +71,8 @@ pub enum ExitReason {
     },
     /// The VMM was asked to stop (API).
     Stopped,
+    /// The VM moved to another kiln (live migration) and runs there.
+    Migrated,
     /// A stop signal (SIGINT, SIGTERM, SIGHUP) arrived.
     Signal {
         /// The signal number.
@@ -93,6 +95,7 @@ impl ExitReason {
             ExitReason::GuestReset
             | ExitReason::GuestShutdown
             | ExitReason::Stopped
+            | ExitReason::Migrated
             | ExitReason::Signal { .. } => ExitCode::Ok,
             ExitReason::TripleFault { .. } => ExitCode::TripleFault,
             ExitReason::InternalError { .. } => ExitCode::KvmInternalError,
@@ -122,6 +125,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::VcpuError { cpu, detail } => write!(f, "vCPU {cpu} failed: {detail}"),
             ExitReason::Runtime { detail } => write!(f, "VMM failure: {detail}"),
             ExitReason::Stopped => write!(f, "stopped on request"),
+            ExitReason::Migrated => write!(f, "the VM was migrated and runs on the destination"),
             ExitReason::Signal { signum } => write!(f, "stopped by signal {signum}"),
         }
     }

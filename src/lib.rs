@@ -23,6 +23,8 @@ pub mod exit;
 pub mod logger;
 /// Metrics: one JSON line per flush, one section per device.
 pub mod metrics;
+/// Live migration between two kiln processes: the stream, the source and the destination.
+pub mod migration;
 /// Token-bucket rate limiters for device I/O, with an exact wake-up timer.
 pub mod rate_limiter;
 /// The resources configured before boot, validated change by change.

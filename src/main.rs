@@ -7,7 +7,9 @@ use std::time::Instant;
 
 use kiln::api::actions::{ActionHandler, Outcome, SinkError};
 use kiln::api::server::{ApiBridge, ApiError, ApiMetrics, start_api_server};
-use kiln::builder::{RunOptions, StartError, build_and_start, restore};
+use kiln::builder::{RunOptions, StartError, build_and_start, restore, restore_migrated};
+use kiln::migration::ReceiveParams;
+use kiln::migration::protocol::Kind as Protocol;
 use kiln::cli::{self, Args, CliError, DEFAULT_API_SOCK};
 use kiln::config::{ConfigError, VmConfig};
 use kiln::devices::boot_timer::process_cpu_us;
@@ -75,6 +77,9 @@ enum MainError {
         /// Why.
         reason: String,
     },
+    /// A migration could not be received.
+    #[error("migration: {0}")]
+    Migration(kiln::migration::MigrationError),
     /// `--describe-snapshot` could not read the file.
     #[error("--describe-snapshot: {0}")]
     Describe(kiln::snapshot::SnapshotError),
@@ -92,7 +97,7 @@ impl MainError {
             | MainError::Sink(_)
             | MainError::SnapshotKey { .. }
             | MainError::Describe(_) => ExitCode::BadConfiguration,
-            MainError::Restore(_) => ExitCode::StartFailure,
+            MainError::Restore(_) | MainError::Migration(_) => ExitCode::StartFailure,
             MainError::Start(e) => e.exit_code(),
             MainError::Seccomp(_)
             | MainError::Api(_)
@@ -164,7 +169,10 @@ fn serve_api(
         .unwrap_or(kiln::api::http::DEFAULT_MAX_PAYLOAD);
     let (bridge, thread) = start_api_server(&path, max_payload, seccomp.clone(), metrics.clone())?;
     actions.set_extra_metrics(Box::new(move || {
-        vec![("api_server".to_string(), metrics.to_json())]
+        vec![
+            ("api_server".to_string(), metrics.to_json()),
+            ("migration".to_string(), kiln::migration::METRICS.to_json()),
+        ]
     }));
     Ok((bridge, thread))
 }
@@ -186,6 +194,7 @@ fn configure_through_api(
                 }
                 Err(e) => bridge.respond(ActionHandler::started(Err(e))),
             },
+            Outcome::Receive(params) => return receive_migration(bridge, actions, opts, &params),
             Outcome::Restore(params) => {
                 let t = Instant::now();
                 // A failed load ends the process (as Firecracker): the client starts anew.
@@ -201,6 +210,55 @@ fn configure_through_api(
                     }
                 };
             }
+        }
+    }
+}
+
+/// `PUT /migration/receive`: listen, answer 204, receive the VM, build it and resume it,
+/// and tell the source. Any failure ends the process (the source resumes the guest).
+fn receive_migration(
+    bridge: &ApiBridge,
+    actions: &mut ActionHandler,
+    opts: &RunOptions,
+    params: &ReceiveParams,
+) -> Result<Vmm, MainError> {
+    let listener = match kiln::migration::receive::listen(&params.listen) {
+        Ok(l) => {
+            bridge.respond(kiln::api::VmmResponse::NoContent);
+            l
+        }
+        Err(e) => {
+            bridge.respond(kiln::api::VmmResponse::bad_request(format!(
+                "Migration error: {e}"
+            )));
+            return Err(MainError::Migration(e));
+        }
+    };
+    let key = actions.snapshot_key().copied();
+    let mut incoming =
+        kiln::migration::receive::receive(&listener, key).map_err(MainError::Migration)?;
+    drop(listener);
+    let built = restore_migrated(
+        &incoming.state,
+        incoming.memory.clone(),
+        &params.network_overrides,
+        &params.drive_overrides,
+        opts,
+    );
+    match built {
+        Ok((vmm, config)) => {
+            actions.migrated_in(config);
+            // The guest runs here now; a source that does not hear it keeps its copy
+            // paused (the outcome is in doubt there, never two running guests).
+            if let Err(e) = incoming.channel.send(Protocol::Resumed, &[]) {
+                log::warn!("migration: the source did not get the word that the VM runs here: {e}");
+            }
+            log::info!("migration received: {} pages, the VM runs here", incoming.pages);
+            Ok(vmm)
+        }
+        Err(e) => {
+            incoming.channel.abort(&e.to_string());
+            Err(MainError::Restore(e))
         }
     }
 }
@@ -335,6 +393,10 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
         vmm.watch_api(bridge.eventfd().try_clone().map_err(MainError::ApiEvent)?);
     }
 
+    // The migration thread jails itself under its own filter (calls the VMM thread's lacks).
+    if let Err(e) = vmm.prepare_migration(seccomp.clone()) {
+        log::warn!("live migration is not available: cannot start its thread: {e}");
+    }
     // Set-up is done: the main thread jails itself before it serves any guest event.
     seccomp
         .install(ThreadCategory::Vmm)
@@ -345,6 +407,18 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
             log::info!("{reason}")
         }
         ExitReason::Signal { .. } => log::warn!("{reason}"),
+        ExitReason::Migrated => {
+            log::info!("{reason}");
+            // Let the API thread deliver the answer to PUT /migration/send.
+            drop(api);
+            // (Under the VMM thread's filter: no sleeping, yielding is allowed.)
+            if let Some(thread) = api_thread {
+                let deadline = Instant::now() + std::time::Duration::from_secs(2);
+                while !thread.is_finished() && Instant::now() < deadline {
+                    std::thread::yield_now();
+                }
+            }
+        }
         _ => log::error!("{reason}"),
     }
     Ok(reason.status())

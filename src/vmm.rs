@@ -15,6 +15,11 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::actions::{ActionHandler, Machine};
+use crate::api::{VmmAction, VmmResponse};
+use crate::migration::send::{Job, Reply, Request};
+use crate::migration::worker::Worker;
+use crate::migration::{Backends, Endpoint, MigrationError, MigrationStats, SendParams};
+use crate::seccomp::SeccompFilters;
 use crate::config::VmConfig;
 use crate::devices::i8042::I8042Error;
 use crate::devices::registry::{Device, DeviceRegistry, lock};
@@ -34,17 +39,17 @@ pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 /// Where the API's requests come from and its answers go (the API server's bridge).
 pub trait ApiChannel {
     /// The next request, if one is waiting.
-    fn try_recv(&self) -> Option<crate::api::VmmAction>;
+    fn try_recv(&self) -> Option<VmmAction>;
     /// Answers the request taken last.
-    fn respond(&self, response: crate::api::VmmResponse);
+    fn respond(&self, response: VmmResponse);
 }
 
 impl ApiChannel for crate::api::server::ApiBridge {
-    fn try_recv(&self) -> Option<crate::api::VmmAction> {
+    fn try_recv(&self) -> Option<VmmAction> {
         crate::api::server::ApiBridge::try_recv(self)
     }
 
-    fn respond(&self, response: crate::api::VmmResponse) {
+    fn respond(&self, response: VmmResponse) {
         crate::api::server::ApiBridge::respond(self, response);
     }
 }
@@ -116,6 +121,8 @@ pub struct Wake {
     pub metrics: AtomicBool,
     /// The working set is due to be recorded.
     pub working_set: AtomicBool,
+    /// The migration thread has a request.
+    pub migration: AtomicBool,
 }
 
 /// Raises a [`Wake`] flag whenever its eventfd (or timerfd) fires.
@@ -163,7 +170,18 @@ pub struct Vmm {
     memory_digest: Option<MemoryDigest>,
     /// A working set to record once the restored guest has run for a while.
     working_set: Option<Recorder>,
+    /// The migration thread, once started.
+    migration: Option<Worker>,
+    /// The migration under way.
+    outgoing: Option<Outgoing>,
     vm: Vm,
+}
+
+/// A migration under way on the source.
+#[derive(Debug)]
+struct Outgoing {
+    /// The migration paused the vCPUs (they resume if it fails).
+    paused_here: bool,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -197,6 +215,8 @@ impl Vmm {
             paused: false,
             memory_digest: None,
             working_set: None,
+            migration: None,
+            outgoing: None,
             vm,
         };
         match TimerFd::new() {
@@ -245,6 +265,135 @@ impl Vmm {
             vcpu.wait_paused();
         }
         self.paused = true;
+    }
+
+    /// Starts the migration thread. Called before the VMM thread installs its own filter:
+    /// the thread jails itself under the `migration` category, which needs calls the VMM
+    /// thread's filter does not allow.
+    pub fn prepare_migration(&mut self, seccomp: Arc<SeccompFilters>) -> std::io::Result<()> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+        let worker = Worker::spawn(seccomp, evt.try_clone()?)?;
+        self.wake_on(evt, |w| &w.migration);
+        self.migration = Some(worker);
+        Ok(())
+    }
+
+    /// `PUT /migration/send`: hands the migration to its thread; the answer comes when it
+    /// ends ([`Vmm::migration_events`]).
+    fn start_migration(
+        &mut self,
+        params: SendParams,
+        key: Option<&Key>,
+    ) -> Result<(), MigrationError> {
+        if self.outgoing.is_some() {
+            return Err(MigrationError::Busy("a migration is already under way"));
+        }
+        let worker = self.migration.as_ref().ok_or(MigrationError::Busy(
+            "live migration is not available in this process",
+        ))?;
+        Endpoint::parse(&params.destination, "destination")?;
+        worker.start(Job {
+            params,
+            dirty: self.vm.dirty_log().clone(),
+            key: key.copied(),
+            backends: Backends::of(&self.devices),
+        })?;
+        self.outgoing = Some(Outgoing { paused_here: false });
+        Ok(())
+    }
+
+    /// Serves the migration thread: pauses and saves the VM when asked (then waits for the
+    /// end, the vCPUs and devices standing still), and returns the API's answer once the
+    /// migration ended.
+    fn migration_events(&mut self, config: Option<VmConfig>, key: Option<&Key>) -> Option<VmmResponse> {
+        let worker = self.migration.take()?;
+        let mut answer = None;
+        while let Ok(request) = worker.requests.try_recv() {
+            match request {
+                Request::PauseAndSave => {
+                    let state = self.pause_and_save(config.as_ref(), key);
+                    let saved = state.is_ok();
+                    let _ = worker.replies.send(Reply::State(state));
+                    if !saved {
+                        continue;
+                    }
+                    // The guest stands still until the migration ends either way; the
+                    // migration thread's socket timeouts bound the wait.
+                    while let Ok(request) = worker.requests.recv() {
+                        match request {
+                            Request::Finished(result) => {
+                                answer = Some(self.finish_migration(result));
+                                break;
+                            }
+                            Request::PauseAndSave => {
+                                let _ = worker
+                                    .replies
+                                    .send(Reply::State(Err("already paused".into())));
+                            }
+                        }
+                    }
+                    break;
+                }
+                Request::Finished(result) => {
+                    answer = Some(self.finish_migration(result));
+                    break;
+                }
+            }
+        }
+        self.migration = Some(worker);
+        answer
+    }
+
+    fn pause_and_save(&mut self, config: Option<&VmConfig>, key: Option<&Key>) -> Result<Vec<u8>, String> {
+        let config = config.ok_or("the microVM has no configuration")?;
+        if !self.paused {
+            self.pause().map_err(|e| e.to_string())?;
+            if let Some(o) = &mut self.outgoing {
+                o.paused_here = true;
+            }
+        }
+        let state = crate::snapshot::capture(config, &self.vm, &self.vcpus, &self.devices)
+            .map_err(|e| e.to_string())?;
+        let payload = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+        Ok(crate::snapshot::format::encode(&payload, key))
+    }
+
+    fn finish_migration(&mut self, result: Result<MigrationStats, MigrationError>) -> VmmResponse {
+        use std::sync::atomic::Ordering::Relaxed;
+        let outgoing = self.outgoing.take();
+        match result {
+            Ok(stats) => {
+                crate::migration::METRICS.completed.fetch_add(1, Relaxed);
+                log::info!(
+                    "migrated: {} rounds, {} bytes, downtime {} ms, total {} ms",
+                    stats.rounds,
+                    stats.bytes_sent,
+                    stats.downtime_ms,
+                    stats.total_ms
+                );
+                self.exit.post(ExitReason::Migrated);
+                VmmResponse::Json(serde_json::json!(stats).to_string())
+            }
+            Err(e) => {
+                crate::migration::METRICS.failed.fetch_add(1, Relaxed);
+                log::warn!("migration failed: {e}");
+                if !matches!(e, MigrationError::InDoubt(_)) {
+                    if let Err(e) = self.vm.restore_dirty_logging() {
+                        log::warn!("{e}");
+                    }
+                    // The marks a Diff snapshot needs were consumed by the rounds.
+                    if self.vm.tracks_dirty_pages() {
+                        self.vm.dirty_log().mark_all();
+                    }
+                    if outgoing.is_some_and(|o| o.paused_here)
+                        && let Err(e) = self.resume()
+                    {
+                        log::error!("cannot resume after the failed migration: {e}");
+                    }
+                }
+                VmmResponse::bad_request(format!("Migration error: {e}"))
+            }
+        }
     }
 
     /// Serves API requests whenever `evt` (the API bridge's eventfd) fires.
@@ -296,7 +445,27 @@ impl Vmm {
                 && let Some(api) = api
             {
                 while let Some(action) = api.try_recv() {
+                    if let VmmAction::SendMigration(params) = action {
+                        // Answered when the migration ends; the API thread waits for it.
+                        match self.start_migration(params, actions.snapshot_key()) {
+                            Ok(()) => break,
+                            Err(e) => {
+                                api.respond(VmmResponse::bad_request(format!(
+                                    "Migration error: {e}"
+                                )));
+                                continue;
+                            }
+                        }
+                    }
                     let response = actions.handle_running(action, self);
+                    api.respond(response);
+                }
+            }
+            if self.wake.migration.swap(false, Ordering::SeqCst) {
+                let config = actions.resources().to_config();
+                if let Some(response) = self.migration_events(config, actions.snapshot_key())
+                    && let Some(api) = api
+                {
                     api.respond(response);
                 }
             }

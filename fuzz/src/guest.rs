@@ -14,7 +14,7 @@ thread_local! {
     // With dirty-page tracking: the devices' marking of the buffers they hand the host
     // kernel runs under the fuzzer too.
     static MEMORY: GuestMemory =
-        anonymous_memory(&[(GuestAddress(0), MEM_SIZE as usize)], true)
+        anonymous_memory(&[(GuestAddress(0), MEM_SIZE as usize)])
             .expect("256 KiB of guest memory");
 }
 

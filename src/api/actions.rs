@@ -56,13 +56,15 @@ pub fn when(action: &VmmAction) -> When {
         | A::PutLogger(_)
         | A::PutMetrics(_)
         | A::InstanceStart
-        | A::LoadSnapshot(_) => When::BeforeBoot,
+        | A::LoadSnapshot(_)
+        | A::ReceiveMigration(_) => When::BeforeBoot,
         A::PatchDrive(_)
         | A::PatchNetworkInterface(_)
         | A::SendCtrlAltDel
         | A::Pause
         | A::Resume
-        | A::CreateSnapshot(_) => When::AfterBoot,
+        | A::CreateSnapshot(_)
+        | A::SendMigration(_) => When::AfterBoot,
     }
 }
 
@@ -149,6 +151,9 @@ pub enum Outcome {
     /// `PUT /snapshot/load` into this fresh process: the caller restores the VM and
     /// answers with [`ActionHandler::restored`].
     Restore(Box<SnapshotLoadParams>),
+    /// `PUT /migration/receive` into this fresh process: the caller listens, answers, and
+    /// receives the VM.
+    Receive(Box<crate::migration::ReceiveParams>),
 }
 
 /// The VMM's control state: the resources, the instance id, the metrics destination.
@@ -263,6 +268,13 @@ impl ActionHandler {
             return Outcome::Respond(bad(ERR_BEFORE_BOOT));
         }
         Outcome::Respond(match action {
+            VmmAction::ReceiveMigration(params) => {
+                if self.is_configured() {
+                    bad("Receiving a migrated microVM is not allowed after configuring boot-specific resources.")
+                } else {
+                    return Outcome::Receive(Box::new(params));
+                }
+            }
             VmmAction::LoadSnapshot(params) => {
                 let r = &self.resources;
                 let configured = r.boot_source.is_some()
@@ -334,6 +346,20 @@ impl ActionHandler {
             }
             Err(e) => bad(format!("Load snapshot error: {e}")),
         }
+    }
+
+    /// Whether anything but the logger and metrics was configured.
+    fn is_configured(&self) -> bool {
+        let r = &self.resources;
+        r.boot_source.is_some()
+            || !r.drives.is_empty()
+            || !r.nets.is_empty()
+            || r.machine != MachineConfig::default()
+    }
+
+    /// The configuration of a VM a migration brought becomes the resources.
+    pub fn migrated_in(&mut self, config: VmConfig) {
+        let _ = self.restored(Ok(config));
     }
 
     /// The answer to `InstanceStart` once the caller tried to build the VM.

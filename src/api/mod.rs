@@ -123,6 +123,10 @@ pub enum VmmAction {
     CreateSnapshot(crate::snapshot::SnapshotCreateParams),
     /// `PUT /snapshot/load`.
     LoadSnapshot(crate::snapshot::SnapshotLoadParams),
+    /// `PUT /migration/receive` (kiln extension).
+    ReceiveMigration(crate::migration::ReceiveParams),
+    /// `PUT /migration/send` (kiln extension).
+    SendMigration(crate::migration::SendParams),
 }
 
 /// The VMM's answer.

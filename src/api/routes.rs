@@ -153,6 +153,14 @@ pub fn route(method: &str, target: &str, body: &[u8]) -> Result<VmmAction, Route
                 other.unwrap_or("")
             ))),
         },
+        ("PUT", "migration", Some(body)) => match tokens.next() {
+            Some("receive") => parse(body).map(VmmAction::ReceiveMigration),
+            Some("send") => parse(body).map(VmmAction::SendMigration),
+            other => Err(bad(format!(
+                "Invalid request method and/or path: PUT migration/{}.",
+                other.unwrap_or("")
+            ))),
+        },
         (_, "vsock" | "balloon" | "mmds" | "entropy" | "hotplug" | "pmem" | "cpu-config", _) => {
             Err(bad(format!(
                 "kiln has no {first} device: it offers only virtio-blk, virtio-net and the \

@@ -26,14 +26,17 @@ pub enum ThreadCategory {
     Vcpu,
     /// The API server thread.
     Api,
+    /// The live-migration thread (src/migration/worker.rs).
+    Migration,
 }
 
 impl ThreadCategory {
     /// Every category, in the order the audit prints them.
-    pub const ALL: [ThreadCategory; 3] = [
+    pub const ALL: [ThreadCategory; 4] = [
         ThreadCategory::Vmm,
         ThreadCategory::Vcpu,
         ThreadCategory::Api,
+        ThreadCategory::Migration,
     ];
 
     /// The category's key in the JSON.
@@ -42,6 +45,7 @@ impl ThreadCategory {
             ThreadCategory::Vmm => "vmm",
             ThreadCategory::Vcpu => "vcpu",
             ThreadCategory::Api => "api",
+            ThreadCategory::Migration => "migration",
         }
     }
 
@@ -52,6 +56,9 @@ impl ThreadCategory {
                 include_bytes!(concat!(env!("KILN_SECCOMP_DIR"), "/vcpu.bpf"))
             }
             ThreadCategory::Api => include_bytes!(concat!(env!("KILN_SECCOMP_DIR"), "/api.bpf")),
+            ThreadCategory::Migration => {
+                include_bytes!(concat!(env!("KILN_SECCOMP_DIR"), "/migration.bpf"))
+            }
         }
     }
 
@@ -60,6 +67,9 @@ impl ThreadCategory {
             ThreadCategory::Vmm => include_str!(concat!(env!("KILN_SECCOMP_DIR"), "/vmm.txt")),
             ThreadCategory::Vcpu => include_str!(concat!(env!("KILN_SECCOMP_DIR"), "/vcpu.txt")),
             ThreadCategory::Api => include_str!(concat!(env!("KILN_SECCOMP_DIR"), "/api.txt")),
+            ThreadCategory::Migration => {
+                include_str!(concat!(env!("KILN_SECCOMP_DIR"), "/migration.txt"))
+            }
         }
     }
 }

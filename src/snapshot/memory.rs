@@ -306,13 +306,8 @@ pub fn check_layout(regions: &[RegionInfo], size_mib: u64) -> Result<(), MemoryF
 }
 
 /// Maps `file` as guest memory laid out as `regions`: private, so the guest's writes stay
-/// in this process and the file is never changed; with dirty-page bitmaps when
-/// `track_dirty_pages`.
-pub fn map(
-    file: &File,
-    regions: &[RegionInfo],
-    track_dirty_pages: bool,
-) -> Result<GuestMemory, MemoryFileError> {
+/// in this process and the file is never changed; with dirty-page bitmaps.
+pub fn map(file: &File, regions: &[RegionInfo]) -> Result<GuestMemory, MemoryFileError> {
     let needed = regions
         .iter()
         .map(|r| r.file_offset.saturating_add(r.size))
@@ -325,7 +320,7 @@ pub fn map(
     let mut mapped = Vec::with_capacity(regions.len());
     for r in regions {
         let size = usize::try_from(r.size).map_err(|_| MemoryFileError::Layout("size"))?;
-        let region = MmapRegionBuilder::new_with_bitmap(size, new_bitmap(size, track_dirty_pages))
+        let region = MmapRegionBuilder::new_with_bitmap(size, new_bitmap(size))
             .with_file_offset(FileOffset::new(file.try_clone()?, r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -341,7 +336,7 @@ pub fn map(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vstate::memory::{create_guest_memory, create_guest_memory_with};
+    use crate::vstate::memory::create_guest_memory;
     use std::ops::Deref;
     use vm_memory::Bytes;
 
@@ -443,7 +438,7 @@ mod tests {
     #[test]
     fn a_diff_merges_the_dirty_pages_onto_the_base_and_keeps_the_digest_right() {
         let key = [9u8; 32];
-        let mem = create_guest_memory_with(8, true).unwrap();
+        let mem = create_guest_memory(8).unwrap();
         mem.write_obj(0x1111_u64, GuestAddress(0x1000)).unwrap();
         mem.write_obj(0x2222_u64, GuestAddress(0x40_0000)).unwrap();
         let (base, path) = scratch("diff-base");
@@ -480,7 +475,7 @@ mod tests {
 
     #[test]
     fn a_diff_into_a_new_file_holds_only_the_dirty_pages_zero_or_not() {
-        let mem = create_guest_memory_with(8, true).unwrap();
+        let mem = create_guest_memory(8).unwrap();
         mem.write_obj(0x1111_u64, GuestAddress(0x1000)).unwrap();
         clear_bitmaps(&mem);
         mem.write_obj(0x7777_u64, GuestAddress(0x3000)).unwrap();
@@ -502,7 +497,7 @@ mod tests {
 
     #[test]
     fn a_diff_refuses_a_base_of_another_size_and_writes_nothing() {
-        let mem = create_guest_memory_with(8, true).unwrap();
+        let mem = create_guest_memory(8).unwrap();
         mem.write_obj(1_u64, GuestAddress(0x1000)).unwrap();
         let (base, path) = scratch("diff-short");
         base.set_len(4 << 20).unwrap();
@@ -517,7 +512,7 @@ mod tests {
     #[test]
     fn a_diff_above_the_mmio_gap_lands_at_the_high_regions_file_offset() {
         // 3 GiB below the gap, 16 MiB from 4 GiB up (reserved, never touched but these pages).
-        let mem = create_guest_memory_with(3072 + 16, true).unwrap();
+        let mem = create_guest_memory(3072 + 16).unwrap();
         assert_eq!(mem.num_regions(), 2);
         clear_bitmaps(&mem);
         mem.write_obj(0x4141_u64, GuestAddress((4 << 30) + 0x2000))

@@ -445,12 +445,7 @@ pub fn create(
             "Diff snapshots are not allowed on uVMs with dirty page tracking disabled (machine-config track_dirty_pages, or track_dirty_pages on the snapshot load)".into(),
         ));
     }
-    let mut vcpu_states = Vec::with_capacity(vcpus.len());
-    for v in vcpus {
-        vcpu_states.push(v.save_state()?);
-    }
-    let vm_state = vm_state::save(vm.fd())?;
-    let devices = save_devices(devices)?;
+    let mut state = capture(config, vm, vcpus, devices)?;
 
     let mem_path = Path::new(&params.mem_file_path);
     let mem_err = |source| SnapshotError::Memory {
@@ -485,18 +480,7 @@ pub fn create(
         let (_, d) = memory::save(vm.memory(), &staged.file, key).map_err(mem_err)?;
         (MemoryTarget::New(staged), d)
     };
-    let state = MicrovmState {
-        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
-        config: config.clone(),
-        memory: memory::layout(vm.memory()),
-        memory_digest: key.zip(new_digest.as_ref()).map(|(k, d)| d.total(k)),
-        host: HostInfo {
-            tsc_khz: vcpu_states.first().and_then(|v| v.tsc_khz),
-        },
-        vm: vm_state,
-        vcpus: vcpu_states,
-        devices,
-    };
+    state.memory_digest = key.zip(new_digest.as_ref()).map(|(k, d)| d.total(k));
     let payload = serde_json::to_vec(&state).map_err(|e| SnapshotError::Invalid(e.to_string()))?;
     let state_path = Path::new(&params.snapshot_path);
     let mut state_file = Staged::create(state_path)?;
@@ -512,6 +496,34 @@ pub fn create(
     }
     *digest = new_digest;
     Ok(())
+}
+
+/// The whole state of a paused VM but its memory (vCPUs on their parked threads, the
+/// VM-wide KVM state, every device), for a snapshot or a live migration.
+pub fn capture(
+    config: &VmConfig,
+    vm: &Vm,
+    vcpus: &[VcpuHandle],
+    devices: &DeviceRegistry,
+) -> Result<MicrovmState, SnapshotError> {
+    let mut vcpu_states = Vec::with_capacity(vcpus.len());
+    for v in vcpus {
+        vcpu_states.push(v.save_state()?);
+    }
+    let vm_state = vm_state::save(vm.fd())?;
+    let devices = save_devices(devices)?;
+    Ok(MicrovmState {
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        config: config.clone(),
+        memory: memory::layout(vm.memory()),
+        memory_digest: None,
+        host: HostInfo {
+            tsc_khz: vcpu_states.first().and_then(|v| v.tsc_khz),
+        },
+        vm: vm_state,
+        vcpus: vcpu_states,
+        devices,
+    })
 }
 
 /// Reads, authenticates and parses a state file, and checks it against what the live code

@@ -3,11 +3,13 @@
 //! Memory is reserved, never touched or zeroed by kiln: the host kernel hands out zero pages
 //! on the guest's first access, so a VM costs only what its guest actually uses.
 //!
-//! With dirty-page tracking on (`track_dirty_pages`, for Diff snapshots), each region carries
-//! a bitmap in which vm-memory marks every page device emulation writes through it; writes
-//! the host kernel makes straight into guest buffers (readv/preadv on host addresses) are
-//! marked by whoever hands those buffers out ([`mark_dirty`]). vCPU writes are KVM's dirty
-//! log. Without tracking the bitmap is `None` and costs nothing.
+//! Each region carries a bitmap in which vm-memory marks every page device emulation writes
+//! through it; writes the host kernel makes straight into guest buffers (readv/preadv on host
+//! addresses) are marked by whoever hands those buffers out ([`mark_dirty`]). vCPU writes are
+//! KVM's dirty log, switched on for Diff snapshots (`track_dirty_pages`) or for the length
+//! of a live migration ([`crate::vstate::vm::Vm`]). The bitmaps are always there, so that a
+//! migration can start on any VM: one bit per page (32 KiB for 1 GiB), and one atomic OR per
+//! page a device writes, whether or not anyone reads them.
 
 use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
 use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
@@ -17,7 +19,8 @@ use vm_memory::{
 
 use crate::arch::x86_64::layout::{FIRST_ADDR_PAST_32BITS, MMIO_GAP_START};
 
-/// A region's dirty-page bitmap: `Some` when the VM tracks dirty pages.
+/// A region's dirty-page bitmap (always `Some` for kiln's memory; `None` is vm-memory's
+/// untracked case, kept so that the type stays vm-memory's own).
 pub type DirtyBitmap = Option<AtomicBitmap>;
 
 /// The guest memory type used throughout kiln.
@@ -76,22 +79,13 @@ pub fn host_phys_bits() -> u8 {
     (std::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8
 }
 
-/// Reserves `size_mib` MiB of guest RAM, without dirty-page tracking.
+/// The bitmap a region of `len` bytes gets: one bit per page.
+pub fn new_bitmap(len: usize) -> DirtyBitmap {
+    Some(AtomicBitmap::with_len(len))
+}
+
+/// Reserves `size_mib` MiB of guest RAM, each region with its dirty-page bitmap.
 pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemory, MemoryError> {
-    create_guest_memory_with(size_mib, false)
-}
-
-/// The bitmap a region of `len` bytes gets: one bit per page when tracking dirty pages.
-pub fn new_bitmap(len: usize, track_dirty_pages: bool) -> DirtyBitmap {
-    track_dirty_pages.then(|| AtomicBitmap::with_len(len))
-}
-
-/// Reserves `size_mib` MiB of guest RAM, each region with a dirty-page bitmap when
-/// `track_dirty_pages`.
-pub fn create_guest_memory_with(
-    size_mib: u64,
-    track_dirty_pages: bool,
-) -> Result<GuestMemory, MemoryError> {
     let phys_bits = host_phys_bits();
     let too_large = MemoryError::TooLarge {
         size_mib,
@@ -115,19 +109,16 @@ pub fn create_guest_memory_with(
         .iter()
         .map(|(start, len)| (*start, *len as usize))
         .collect();
-    anonymous_memory(&ranges, track_dirty_pages)
+    anonymous_memory(&ranges)
 }
 
 /// Anonymous, private, `MAP_NORESERVE` guest memory with the regions `ranges` (sorted, not
-/// overlapping), each with a dirty-page bitmap when `track_dirty_pages`.
-pub fn anonymous_memory(
-    ranges: &[(GuestAddress, usize)],
-    track_dirty_pages: bool,
-) -> Result<GuestMemory, MemoryError> {
+/// overlapping), each with its dirty-page bitmap.
+pub fn anonymous_memory(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemory, MemoryError> {
     let size_mib = ranges.iter().map(|(_, l)| *l as u64).sum::<u64>() / MIB;
     let mut mapped = Vec::with_capacity(ranges.len());
     for &(start, len) in ranges {
-        let region = MmapRegionBuilder::new_with_bitmap(len, new_bitmap(len, track_dirty_pages))
+        let region = MmapRegionBuilder::new_with_bitmap(len, new_bitmap(len))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()

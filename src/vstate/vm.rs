@@ -3,6 +3,7 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
@@ -108,8 +109,19 @@ pub fn open_kvm(vcpus: u8) -> Result<Kvm, VmError> {
 pub struct Vm {
     /// The thread turning PIT reinjection off; true once it has.
     pit_reinject_off: Option<JoinHandle<bool>>,
-    fd: VmFd,
+    dirty: DirtyLog,
+    /// Dirty-page tracking as configured (`track_dirty_pages`: Diff snapshots allowed).
+    track_dirty_pages: bool,
+}
+
+/// KVM's dirty log and the memory's bitmaps, shareable with the thread that streams a live
+/// migration while the VM runs. Holds the VM fd and the memory alive (the VM fd first).
+#[derive(Clone, Debug)]
+pub struct DirtyLog {
+    fd: Arc<VmFd>,
     memory: GuestMemory,
+    /// Whether the slots carry KVM_MEM_LOG_DIRTY_PAGES.
+    logging: Arc<AtomicBool>,
 }
 
 impl Drop for Vm {
@@ -127,26 +139,7 @@ impl Vm {
         if memory.num_regions() > kvm.get_nr_memslots() {
             return Err(VmError::TooManySlots);
         }
-        let flags = if track_dirty_pages {
-            KVM_MEM_LOG_DIRTY_PAGES
-        } else {
-            0
-        };
-        for (slot, region) in memory.iter().enumerate() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|_| VmError::TooManySlots)?;
-            let mem_region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
-            // `memory`, which this struct keeps alive for at least as long as `fd`.
-            unsafe { fd.set_user_memory_region(mem_region) }.map_err(VmError::MemorySlot)?;
-        }
+        register_slots(&fd, &memory, track_dirty_pages).map_err(VmError::MemorySlot)?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_START)
             .map_err(ioctl("cannot set the identity map address"))?;
         fd.set_tss_address(KVM_TSS_START as usize)
@@ -161,8 +154,12 @@ impl Vm {
             .map_err(ioctl("cannot create the in-kernel PIT"))?;
         Ok(Vm {
             pit_reinject_off: None,
-            fd,
-            memory,
+            dirty: DirtyLog {
+                fd: Arc::new(fd),
+                memory,
+                logging: Arc::new(AtomicBool::new(track_dirty_pages)),
+            },
+            track_dirty_pages,
         })
     }
 
@@ -178,7 +175,7 @@ impl Vm {
     /// (a guest touching the PIT meanwhile waits for it at most that long) and the teardown
     /// skips it. The thread runs under the vCPU filter, which allows this one ioctl.
     pub fn disable_pit_reinjection(&mut self, seccomp: Arc<SeccompFilters>) {
-        let raw = self.fd.as_raw_fd();
+        let raw = self.dirty.fd.as_raw_fd();
         let spawned = std::thread::Builder::new()
             .name("kiln_pit".into())
             .spawn(move || {
@@ -208,18 +205,92 @@ impl Vm {
 
     /// The KVM VM fd.
     pub fn fd(&self) -> &VmFd {
-        &self.fd
+        &self.dirty.fd
     }
 
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.dirty.memory
+    }
+
+    /// The dirty log, for a thread that reads it while the VM runs.
+    pub fn dirty_log(&self) -> &DirtyLog {
+        &self.dirty
+    }
+
+    /// Moves KVM's dirty log (the pages vCPUs wrote since the last call) into the regions'
+    /// dirty bitmaps, where device emulation marks its own writes. Without KVM logging on
+    /// (no tracking, no migration) only the devices' marks are there.
+    pub fn sync_dirty_log(&self) -> Result<(), VmError> {
+        self.dirty.sync()
+    }
+
+    /// Forgets every dirty page (after a snapshot has saved them): KVM's log is read and
+    /// dropped, the bitmaps cleared.
+    pub fn reset_dirty(&self) -> Result<(), VmError> {
+        self.dirty.sync()?;
+        self.dirty.clear();
+        Ok(())
+    }
+
+    /// Whether the VM tracks dirty pages as configured (Diff snapshots allowed).
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.track_dirty_pages
+    }
+
+    /// Switches KVM's dirty logging back to what the configuration asked for (after a
+    /// migration that turned it on failed).
+    pub fn restore_dirty_logging(&self) -> Result<(), VmError> {
+        self.dirty.set_logging(self.track_dirty_pages)
+    }
+}
+
+/// Registers every region of `memory` as a KVM slot (slot number = region index), with
+/// KVM's dirty logging when `log_dirty`. Registering an existing slot again with the same
+/// range changes only its flags.
+fn register_slots(fd: &VmFd, memory: &GuestMemory, log_dirty: bool) -> Result<(), kvm_ioctls::Error> {
+    let flags = if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+    for (slot, region) in memory.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| kvm_ioctls::Error::new(libc::EINVAL))?;
+        let mem_region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping of exactly `memory_size` bytes owned by
+        // `memory`, which the caller keeps alive for at least as long as `fd` (`Vm` and
+        // `DirtyLog` hold both).
+        unsafe { fd.set_user_memory_region(mem_region) }?;
+    }
+    Ok(())
+}
+
+impl DirtyLog {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
     }
 
-    /// Moves KVM's dirty log (the pages vCPUs wrote since the last call) into the regions'
-    /// dirty bitmaps, where device emulation marks its own writes. A no-op for memory without
-    /// bitmaps (dirty-page tracking off).
-    pub fn sync_dirty_log(&self) -> Result<(), VmError> {
+    /// Turns KVM's dirty logging on or off on every slot; turning it on starts the log
+    /// empty.
+    pub fn set_logging(&self, on: bool) -> Result<(), VmError> {
+        if self.logging.load(Ordering::SeqCst) == on {
+            return Ok(());
+        }
+        register_slots(&self.fd, &self.memory, on).map_err(ioctl("cannot switch dirty-page logging"))?;
+        self.logging.store(on, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Moves KVM's dirty log into the bitmaps (see [`Vm::sync_dirty_log`]).
+    pub fn sync(&self) -> Result<(), VmError> {
+        if !self.logging.load(Ordering::SeqCst) {
+            return Ok(());
+        }
         for (slot, region) in self.memory.iter().enumerate() {
             let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() else {
                 continue;
@@ -240,23 +311,23 @@ impl Vm {
         Ok(())
     }
 
-    /// Forgets every dirty page (after a snapshot has saved them): KVM's log is read and
-    /// dropped, the bitmaps cleared.
-    pub fn reset_dirty(&self) -> Result<(), VmError> {
-        self.sync_dirty_log()?;
+    /// Marks every page dirty (a failed migration consumed the marks a later Diff
+    /// snapshot needs: it then saves everything).
+    pub fn mark_all(&self) {
+        for region in self.memory.iter() {
+            if let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() {
+                bitmap.set_addr_range(0, region.len() as usize);
+            }
+        }
+    }
+
+    /// Clears every bitmap.
+    pub fn clear(&self) {
         for region in self.memory.iter() {
             if let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() {
                 bitmap.reset();
             }
         }
-        Ok(())
-    }
-
-    /// Whether guest memory tracks dirty pages.
-    pub fn tracks_dirty_pages(&self) -> bool {
-        self.memory
-            .iter()
-            .any(|r| std::ops::Deref::deref(r).bitmap().is_some())
     }
 }
 

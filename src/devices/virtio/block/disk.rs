@@ -28,6 +28,20 @@ pub enum DiskError {
     Locked,
 }
 
+/// Locks a writable image exclusively, a read-only one shared, without waiting.
+fn lock_file(file: &File, read_only: bool) -> Result<(), DiskError> {
+    let lock = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a file descriptor the caller owns; no memory is involved.
+    if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
+        return Err(DiskError::Locked);
+    }
+    Ok(())
+}
+
 /// The backing file.
 #[derive(Debug)]
 pub struct DiskFile {
@@ -54,15 +68,7 @@ impl DiskFile {
         if !(meta.is_file() || meta.file_type().is_block_device()) {
             return Err(DiskError::NotAFile);
         }
-        let lock = if read_only {
-            libc::LOCK_SH
-        } else {
-            libc::LOCK_EX
-        };
-        // SAFETY: flock on a file descriptor this function owns; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), lock | libc::LOCK_NB) } != 0 {
-            return Err(DiskError::Locked);
-        }
+        lock_file(&file, read_only)?;
         use std::io::Seek;
         let size = file
             .seek(std::io::SeekFrom::End(0))
@@ -78,6 +84,24 @@ impl DiskFile {
             read_only,
             sectors: size >> SECTOR_SHIFT,
         })
+    }
+
+    /// Makes written data durable and drops the lock, so that a live migration's destination
+    /// can open the drive (the VM is paused).
+    pub fn release(&self) -> std::io::Result<()> {
+        if !self.read_only {
+            self.file.sync_data()?;
+        }
+        // SAFETY: flock on a file descriptor this struct owns; no memory is involved.
+        if unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Takes the lock back after [`DiskFile::release`] (a failed live migration).
+    pub fn relock(&self) -> Result<(), DiskError> {
+        lock_file(&self.file, self.read_only)
     }
 
     /// Capacity in sectors.

@@ -17,6 +17,8 @@ pub struct NetEvents {
     device: Arc<Mutex<Net>>,
     /// What the TAP is registered for (empty: not registered).
     tap_watch: EventSet,
+    /// The TAP descriptor `tap_watch` is about ([`Net::tap_generation`]).
+    tap_generation: u64,
 }
 
 impl NetEvents {
@@ -25,11 +27,17 @@ impl NetEvents {
         NetEvents {
             device,
             tap_watch: EventSet::empty(),
+            tap_generation: 0,
         }
     }
 
     /// Makes the TAP registration match what the device waits for.
     fn sync_tap(&mut self, device: &Net, ops: &mut EventOps) {
+        if device.tap_generation() != self.tap_generation {
+            // A replaced descriptor: closing the old one ended its registration.
+            self.tap_generation = device.tap_generation();
+            self.tap_watch = EventSet::empty();
+        }
         let want = device.tap_interest();
         if want == self.tap_watch {
             return;

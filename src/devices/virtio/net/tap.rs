@@ -109,6 +109,28 @@ impl Tap {
         }
     }
 
+    /// Lets go of the interface (a live migration hands it to the destination kiln): the
+    /// TAP's descriptor is closed and an eventfd that is never ready stands in for it until
+    /// [`Tap::reattach`].
+    pub fn release(&mut self) -> std::io::Result<()> {
+        // SAFETY: eventfd(2) with constant flags; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(last_err());
+        }
+        // SAFETY: `fd` was just created and is owned by nothing else.
+        self.file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        Ok(())
+    }
+
+    /// Opens the interface again by name (after [`Tap::release`]) with `offloads`.
+    pub fn reattach(&mut self, offloads: libc::c_uint) -> Result<(), TapError> {
+        let tap = Tap::open(&self.name)?;
+        tap.set_offload(offloads)?;
+        *self = tap;
+        Ok(())
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name

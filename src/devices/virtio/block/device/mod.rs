@@ -175,6 +175,11 @@ impl Block {
         self.active.is_some()
     }
 
+    /// The backing file.
+    pub fn disk(&self) -> &DiskFile {
+        &self.disk
+    }
+
     /// Swaps the backing file (API `PATCH /drives`): the guest sees a configuration change
     /// with the new capacity.
     pub fn update_disk(&mut self, disk: DiskFile) {

@@ -63,6 +63,9 @@ pub struct Net {
     tap: Tap,
     /// False once the TAP reported an error or hang-up (e.g. it was deleted).
     tap_alive: bool,
+    /// Bumped whenever the TAP's descriptor is replaced (released or reattached for a live
+    /// migration): the event loop's registration of the old one is gone.
+    tap_generation: u64,
     avail_features: u64,
     config_space: [u8; 8],
     queue_events: Vec<EventFd>,
@@ -126,6 +129,7 @@ impl Net {
             config,
             tap,
             tap_alive: true,
+            tap_generation: 0,
             avail_features,
             config_space,
             queue_events: vec![
@@ -221,6 +225,27 @@ impl Net {
     /// The TAP.
     pub fn tap(&self) -> &Tap {
         &self.tap
+    }
+
+    /// Which descriptor [`Net::tap`] is (see `tap_generation`).
+    pub fn tap_generation(&self) -> u64 {
+        self.tap_generation
+    }
+
+    /// Lets go of the TAP for a live migration's destination (the VM is paused).
+    pub fn release_tap(&mut self) -> std::io::Result<()> {
+        self.tap.release()?;
+        self.tap_generation += 1;
+        Ok(())
+    }
+
+    /// Takes the TAP back by name after a failed live migration, with the offloads the
+    /// guest negotiated.
+    pub fn reattach_tap(&mut self) -> Result<(), super::TapError> {
+        let offloads = self.active.as_ref().map_or(0, |a| tap_offloads(a.features));
+        self.tap.reattach(offloads)?;
+        self.tap_generation += 1;
+        Ok(())
     }
 
     /// What the event loop should watch the TAP for.
