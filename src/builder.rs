@@ -660,6 +660,21 @@ pub fn restore_migrated(
     Ok((vmm, config))
 }
 
+/// Whether this host can run a saved VM's vCPUs (the CPU features its guest saw): checked
+/// by a migration's destination before the source lets go of the VM.
+pub fn check_host_cpu(state: &MicrovmState) -> Result<(), StartError> {
+    let kvm = open_kvm(state.config.vcpus())?;
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(StartError::Cpuid)?;
+    let saved = state.vcpus.first().map_or(&[][..], |v| &v.cpuid[..]);
+    let missing = crate::snapshot::cpu::missing_features(saved, supported.as_slice());
+    if !missing.is_empty() {
+        return Err(StartError::Snapshot(SnapshotError::CpuFeatures(missing)));
+    }
+    Ok(())
+}
+
 /// A load's `working_set`: an existing file is faulted into `memory` now; a missing one is
 /// recorded later (the recorder and its timer's descriptor for the VMM).
 fn working_set(

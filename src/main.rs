@@ -238,6 +238,15 @@ fn receive_migration(
     let mut incoming =
         kiln::migration::receive::receive(&listener, key).map_err(MainError::Migration)?;
     drop(listener);
+    // This host must be able to run the guest's vCPUs before the source lets go of it.
+    if let Err(e) = kiln::builder::check_host_cpu(&incoming.state) {
+        incoming.channel.abort(&e.to_string());
+        return Err(MainError::Restore(e));
+    }
+    let ch = &mut incoming.channel;
+    ch.send(Protocol::Ready, &[])
+        .and_then(|()| ch.expect(Protocol::Go, "Go"))
+        .map_err(|e| MainError::Migration(e.into()))?;
     let built = restore_migrated(
         &incoming.state,
         incoming.memory.clone(),

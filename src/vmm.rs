@@ -295,6 +295,7 @@ impl Vmm {
         worker.start(Job {
             params,
             dirty: self.vm.dirty_log().clone(),
+            track_dirty_pages: self.vm.tracks_dirty_pages(),
             key: key.copied(),
             backends: Backends::of(&self.devices),
         })?;
@@ -377,19 +378,12 @@ impl Vmm {
             Err(e) => {
                 crate::migration::METRICS.failed.fetch_add(1, Relaxed);
                 log::warn!("migration failed: {e}");
-                if !matches!(e, MigrationError::InDoubt(_)) {
-                    if let Err(e) = self.vm.restore_dirty_logging() {
-                        log::warn!("{e}");
-                    }
-                    // The marks a Diff snapshot needs were consumed by the rounds.
-                    if self.vm.tracks_dirty_pages() {
-                        self.vm.dirty_log().mark_all();
-                    }
-                    if outgoing.is_some_and(|o| o.paused_here)
-                        && let Err(e) = self.resume()
-                    {
-                        log::error!("cannot resume after the failed migration: {e}");
-                    }
+                // (The migration thread has put the TAPs, drives and dirty logging back.)
+                if !matches!(e, MigrationError::InDoubt(_))
+                    && outgoing.is_some_and(|o| o.paused_here)
+                    && let Err(e) = self.resume()
+                {
+                    log::error!("cannot resume after the failed migration: {e}");
                 }
                 VmmResponse::bad_request(format!("Migration error: {e}"))
             }

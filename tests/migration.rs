@@ -129,3 +129,140 @@ fn the_running_workload_moves_to_a_new_process_and_carries_on() {
     let out = dst.finish(Duration::from_secs(300));
     check_continuation(&before, &out);
 }
+
+/// What the man in the middle does to a message from the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// Close both connections instead of forwarding the first `Pages` message after this
+    /// many bytes (the pre-copy rounds).
+    CutDuringRounds(u64),
+    /// Close both connections instead of forwarding the `State` message.
+    CutAtState,
+    /// Forward everything from the source, drop the destination's `Resumed` and close.
+    CutAfterResume,
+    /// Flip one byte in the payload of the first `Pages` message.
+    Corrupt,
+}
+
+const KIND_PAGES: u8 = 2;
+const KIND_STATE: u8 = 3;
+
+fn read_message(r: &mut impl std::io::Read) -> Option<Vec<u8>> {
+    let mut header = [0u8; 16];
+    r.read_exact(&mut header).ok()?;
+    let len = u32::from_le_bytes(header[12..16].try_into().unwrap()) as usize;
+    let mut msg = header.to_vec();
+    msg.resize(16 + len + 32, 0);
+    r.read_exact(&mut msg[16..]).ok()?;
+    Some(msg)
+}
+
+/// A proxy between `listen` (where the source connects) and `upstream` (the destination),
+/// reading the stream's framing and applying `fault` once.
+fn proxy(listen: &Path, upstream: PathBuf, fault: Fault) -> std::thread::JoinHandle<()> {
+    use std::io::Write;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let listener = UnixListener::bind(listen).unwrap();
+    std::thread::spawn(move || {
+        let (mut from_src, _) = listener.accept().unwrap();
+        let mut to_dst = UnixStream::connect(&upstream).unwrap();
+        let mut from_dst = to_dst.try_clone().unwrap();
+        let mut to_src = from_src.try_clone().unwrap();
+        let back = std::thread::spawn(move || {
+            while let Some(msg) = read_message(&mut from_dst) {
+                if fault == Fault::CutAfterResume {
+                    break;
+                }
+                if to_src.write_all(&msg).is_err() {
+                    break;
+                }
+            }
+            let _ = to_src.shutdown(std::net::Shutdown::Both);
+        });
+        let mut bytes = 0u64;
+        let mut pages_msgs = 0;
+        while let Some(mut msg) = read_message(&mut from_src) {
+            let kind = msg[6];
+            bytes += msg.len() as u64;
+            if kind == KIND_PAGES {
+                pages_msgs += 1;
+            }
+            match fault {
+                Fault::CutDuringRounds(after) if kind == KIND_PAGES && bytes > after => break,
+                Fault::CutAtState if kind == KIND_STATE => break,
+                Fault::Corrupt if kind == KIND_PAGES && pages_msgs == 1 => {
+                    let at = msg.len() / 2;
+                    msg[at] ^= 0x40;
+                }
+                _ => {}
+            }
+            if to_dst.write_all(&msg).is_err() {
+                break;
+            }
+        }
+        let _ = to_dst.shutdown(std::net::Shutdown::Both);
+        let _ = from_src.shutdown(std::net::Shutdown::Both);
+        let _ = back.join();
+    })
+}
+
+/// The guest must run to its end on the source, undamaged, and the destination must end
+/// without running it.
+fn guest_stays_on_the_source(src: ApiKiln, dst: ApiKiln, what: &str) {
+    let (_, info) = src.api("GET", "/", None);
+    assert!(info.contains(r#""state":"Running""#), "{what}: {info}");
+    let dst_out = dst.finish(Duration::from_secs(30));
+    assert_ne!(dst_out.status, 0, "{what}: the destination claims success: {dst_out}");
+    assert!(
+        steps(&dst_out.stdout).is_empty(),
+        "{what}: the guest ran on the destination too: {dst_out}"
+    );
+    let out = src.finish(Duration::from_secs(300));
+    assert_eq!(out.status, 0, "{what}: {out}");
+    assert!(!out.stdout.contains("fail "), "{what}: damage:\n{out}");
+    assert!(
+        out.stdout.contains(&format!("ok workload steps={STEPS}")),
+        "{what}: {out}"
+    );
+    let all = steps(&out.stdout);
+    let distinct: BTreeSet<u64> = all.iter().copied().collect();
+    assert_eq!(distinct.len(), all.len(), "{what}: a step ran twice: {all:?}");
+}
+
+fn faulty_migration(fault: Fault, expect: &str) {
+    let dir = TempDir::new("migf");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
+    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    src.wait_line("info workload step=2 ", Duration::from_secs(60));
+    let (dst, listen) = destination(&dir, &[]);
+    let upstream = PathBuf::from(listen.strip_prefix("unix:").unwrap());
+    let proxy_sock = dir.path().join("proxy.sock");
+    let mitm = proxy(&proxy_sock, upstream, fault);
+    let (status, body) = send(&src, &format!("unix:{}", proxy_sock.display()), "");
+    if status != 400 {
+        let out = src.finish(Duration::from_secs(10));
+        panic!("{fault:?}: {status} {body}; the source: {out}");
+    }
+    assert!(body.contains(expect), "{fault:?}: {body}");
+    mitm.join().unwrap();
+    guest_stays_on_the_source(src, dst, &format!("{fault:?}"));
+}
+
+#[test]
+fn a_connection_broken_during_the_rounds_leaves_the_guest_running_on_the_source() {
+    require_kvm();
+    faulty_migration(Fault::CutDuringRounds(0), "Migration error");
+}
+
+#[test]
+fn a_connection_broken_at_the_final_state_leaves_the_guest_running_on_the_source() {
+    require_kvm();
+    faulty_migration(Fault::CutAtState, "Migration error");
+}
+
+#[test]
+fn a_corrupted_message_is_refused_and_the_guest_stays_on_the_source() {
+    require_kvm();
+    faulty_migration(Fault::Corrupt, "Migration error");
+}

@@ -154,9 +154,9 @@ pub enum MigrationError {
     /// The destination refused the VM (it keeps running here).
     #[error("the destination refused the VM: {0}")]
     Refused(String),
-    /// The connection broke after the state was sent: the destination may run the guest.
+    /// The connection broke after `Go` was sent: the destination may run the guest.
     #[error(
-        "the connection broke after the VM's state was sent ({0}): the destination may be running the guest, so it stays paused here with its TAPs and drives released; resume it (PATCH /vm) only if the destination is not running it"
+        "the connection broke after the destination was told to take the VM ({0}): it may be running the guest, so it stays paused here with its TAPs and drives released; resume it (PATCH /vm) only if the destination is not running it"
     )]
     InDoubt(String),
     /// A migration is already under way, or the migration thread is missing.
@@ -233,6 +233,22 @@ impl Endpoint {
     }
 }
 
+/// How long a failed migration keeps trying to take its TAPs and drives back.
+const REACQUIRE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+fn retry(
+    deadline: std::time::Instant,
+    mut f: impl FnMut() -> Result<(), String>,
+) -> Result<(), String> {
+    loop {
+        match f() {
+            Ok(()) => return Ok(()),
+            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+        }
+    }
+}
+
 /// The TAPs and drives a destination takes over.
 #[derive(Default)]
 pub struct Backends {
@@ -293,15 +309,20 @@ impl Backends {
         if !self.released.swap(false, SeqCst) {
             return;
         }
+        // A destination that refused after `Go` may still be closing what it opened: try
+        // for a while.
+        let deadline = std::time::Instant::now() + REACQUIRE_WAIT;
         for b in &self.blocks {
             let d = lock(b.as_ref());
-            if let Err(e) = d.disk().relock() {
+            let r = retry(deadline, || d.disk().relock().map_err(|e| e.to_string()));
+            if let Err(e) = r {
                 log::error!("drive {}: cannot take its lock back: {e}", d.config().drive_id);
             }
         }
         for n in &self.nets {
             let mut d = lock(n.as_ref());
-            if let Err(e) = d.reattach_tap() {
+            let r = retry(deadline, || d.reattach_tap().map_err(|e| e.to_string()));
+            if let Err(e) = r {
                 log::error!("interface {}: cannot take its TAP back: {e}", d.config().iface_id);
             }
         }

@@ -48,13 +48,18 @@ pub enum Kind {
     Hello = 1,
     /// Source → destination: guest pages (a count, the addresses, the data).
     Pages = 2,
-    /// Source → destination, last: the paused VM's whole state (a snapshot state file's
-    /// bytes); the destination builds and resumes the VM from it.
+    /// Source → destination: the paused VM's whole state (a snapshot state file's bytes).
     State = 3,
     /// Destination → source: the VM runs here now.
     Resumed = 4,
     /// Either way: the migration is abandoned (UTF-8 reason).
     Abort = 5,
+    /// Destination → source: the state is checked and this host can run it; waiting for
+    /// `Go`. Until the source has it, the source can resume the guest.
+    Ready = 6,
+    /// Source → destination, last: the TAPs and drives are released; take them, build the
+    /// VM and resume it.
+    Go = 7,
 }
 
 impl Kind {
@@ -65,6 +70,8 @@ impl Kind {
             3 => Kind::State,
             4 => Kind::Resumed,
             5 => Kind::Abort,
+            6 => Kind::Ready,
+            7 => Kind::Go,
             _ => return None,
         })
     }
@@ -76,7 +83,7 @@ impl Kind {
             Kind::Pages => 4 + MAX_BATCH * (8 + PAGE),
             Kind::State => (crate::snapshot::format::MAX_PAYLOAD as usize)
                 + crate::snapshot::format::HEADER_LEN,
-            Kind::Resumed => 0,
+            Kind::Resumed | Kind::Ready | Kind::Go => 0,
             Kind::Abort => 4096,
         }
     }
@@ -230,6 +237,19 @@ impl Channel {
         Ok(())
     }
 
+    /// Receives one message that must be `want` (an empty payload for `Ready`, `Go`, ...).
+    pub fn expect(&mut self, want: Kind, name: &'static str) -> Result<(), ProtocolError> {
+        let mut buf = Vec::new();
+        let kind = self.recv(&mut buf)?;
+        if kind != want {
+            return Err(ProtocolError::Unexpected {
+                found: kind,
+                wanted: name,
+            });
+        }
+        Ok(())
+    }
+
     /// Receives one message into `buf` (its payload), checked in full before it is
     /// returned: header, size cap, sequence, tag. An `Abort` becomes an error.
     pub fn recv(&mut self, buf: &mut Vec<u8>) -> Result<Kind, ProtocolError> {
@@ -285,16 +305,6 @@ impl Channel {
         let reason = &reason.as_bytes()[..reason.len().min(Kind::Abort.cap())];
         let _ = self.send(Kind::Abort, &[reason]);
     }
-}
-
-/// Encodes a batch of pages: the count, the guest addresses, then the pages' bytes.
-pub fn encode_pages(addrs: &[u64], data: &[u8]) -> (Vec<u8>, usize) {
-    let mut head = Vec::with_capacity(4 + addrs.len() * 8);
-    head.extend_from_slice(&(addrs.len() as u32).to_le_bytes());
-    for a in addrs {
-        head.extend_from_slice(&a.to_le_bytes());
-    }
-    (head, data.len())
 }
 
 /// Writes a `Pages` payload into `memory`: every address page-aligned and the whole page

@@ -10,7 +10,7 @@ use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
 };
 
-use super::protocol::{Channel, Hello, Kind, MAX_BATCH, PAGE};
+use super::protocol::{Channel, Hello, Kind, MAX_BATCH, PAGE, ProtocolError};
 use super::{Backends, Endpoint, MigrationError, MigrationStats, SendParams};
 use crate::snapshot::Key;
 use crate::vstate::memory::GuestMemory;
@@ -43,6 +43,9 @@ pub struct Job {
     pub params: SendParams,
     /// The VM's dirty log and memory.
     pub dirty: DirtyLog,
+    /// Whether the VM tracks dirty pages for Diff snapshots (KVM's logging stays on after a
+    /// failed migration, and every page is marked dirty for the next Diff).
+    pub track_dirty_pages: bool,
     /// The key for the stream's MACs.
     pub key: Option<Key>,
     /// The TAPs and drives the destination takes over.
@@ -97,6 +100,13 @@ pub fn run(job: &Job, vmm: &VmmLink<'_>) -> Result<MigrationStats, MigrationErro
         // them: the guest stays paused and they stay released.
         if !matches!(e, MigrationError::InDoubt(_)) {
             job.backends.reacquire();
+            if let Err(e) = job.dirty.set_logging(job.track_dirty_pages) {
+                log::warn!("{e}");
+            }
+            // The rounds consumed the marks a later Diff snapshot needs.
+            if job.track_dirty_pages {
+                job.dirty.mark_all();
+            }
         }
     }
     result
@@ -169,24 +179,21 @@ fn stream_vm(
     pages.sort_unstable();
     pages.dedup();
     sender.send(ch, memory, &pages)?;
-    job.backends.release()?;
     ch.send(Kind::State, &[&state])?;
-    // The destination builds the VM, takes the TAPs and drives, and resumes it; until it
-    // says so, the outcome is unknown.
-    let mut buf = Vec::new();
-    match ch.recv(&mut buf) {
-        Ok(Kind::Resumed) => {}
-        Ok(other) => {
-            return Err(MigrationError::Protocol(
-                super::protocol::ProtocolError::Unexpected {
-                    found: other,
-                    wanted: "Resumed",
-                },
-            ));
-        }
-        Err(super::protocol::ProtocolError::Aborted(reason)) => {
-            return Err(MigrationError::Refused(reason));
-        }
+    // The destination checked the state and this host's CPU: until here any failure
+    // resumes the guest on this side.
+    match ch.expect(Kind::Ready, "Ready") {
+        Ok(()) => {}
+        Err(ProtocolError::Aborted(reason)) => return Err(MigrationError::Refused(reason)),
+        Err(e) => return Err(e.into()),
+    }
+    job.backends.release()?;
+    ch.send(Kind::Go, &[])?;
+    // The destination takes the TAPs and drives, builds the VM and resumes it. A refusal
+    // still resumes the guest here; silence leaves the outcome in doubt.
+    match ch.expect(Kind::Resumed, "Resumed") {
+        Ok(()) => {}
+        Err(ProtocolError::Aborted(reason)) => return Err(MigrationError::Refused(reason)),
         Err(e) => return Err(MigrationError::InDoubt(e.to_string())),
     }
     let stats = MigrationStats {

@@ -237,12 +237,6 @@ impl Vm {
     pub fn tracks_dirty_pages(&self) -> bool {
         self.track_dirty_pages
     }
-
-    /// Switches KVM's dirty logging back to what the configuration asked for (after a
-    /// migration that turned it on failed).
-    pub fn restore_dirty_logging(&self) -> Result<(), VmError> {
-        self.dirty.set_logging(self.track_dirty_pages)
-    }
 }
 
 /// Registers every region of `memory` as a KVM slot (slot number = region index), with
