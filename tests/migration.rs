@@ -108,7 +108,7 @@ fn the_running_workload_moves_to_a_new_process_and_carries_on() {
     let dir = TempDir::new("mig");
     let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
     let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
-    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap(), "--level", "Info"]);
     src.wait_line("info workload step=3 ", Duration::from_secs(60));
     let (dst, listen) = destination(&dir, &[]);
 
@@ -119,6 +119,7 @@ fn the_running_workload_moves_to_a_new_process_and_carries_on() {
     assert!(stat(&body, "rounds") >= 1, "{body}");
     let src_out = src.finish(Duration::from_secs(10));
     assert_eq!(src_out.status, 0, "{src_out}");
+    eprintln!("{body}\n{}", src_out.stderr);
     let before = steps(&src_out.stdout);
     assert!(before.len() >= 4, "{before:?}");
 
@@ -142,10 +143,13 @@ enum Fault {
     CutAfterResume,
     /// Flip one byte in the payload of the first `Pages` message.
     Corrupt,
+    /// Forward everything, at most this many bytes a second from the source (a slow link).
+    Throttle(u64),
 }
 
 const KIND_PAGES: u8 = 2;
 const KIND_STATE: u8 = 3;
+const KIND_RESUMED: u8 = 4;
 
 fn read_message(r: &mut impl std::io::Read) -> Option<Vec<u8>> {
     let mut header = [0u8; 16];
@@ -170,7 +174,7 @@ fn proxy(listen: &Path, upstream: PathBuf, fault: Fault) -> std::thread::JoinHan
         let mut to_src = from_src.try_clone().unwrap();
         let back = std::thread::spawn(move || {
             while let Some(msg) = read_message(&mut from_dst) {
-                if fault == Fault::CutAfterResume {
+                if fault == Fault::CutAfterResume && msg[6] == KIND_RESUMED {
                     break;
                 }
                 if to_src.write_all(&msg).is_err() {
@@ -194,6 +198,9 @@ fn proxy(listen: &Path, upstream: PathBuf, fault: Fault) -> std::thread::JoinHan
                     let at = msg.len() / 2;
                     msg[at] ^= 0x40;
                 }
+                Fault::Throttle(rate) => std::thread::sleep(Duration::from_micros(
+                    msg.len() as u64 * 1_000_000 / rate,
+                )),
                 _ => {}
             }
             if to_dst.write_all(&msg).is_err() {
@@ -265,4 +272,118 @@ fn a_connection_broken_at_the_final_state_leaves_the_guest_running_on_the_source
 fn a_corrupted_message_is_refused_and_the_guest_stays_on_the_source() {
     require_kvm();
     faulty_migration(Fault::Corrupt, "Migration error");
+}
+
+#[test]
+fn a_connection_broken_after_the_destination_resumed_leaves_the_guest_there_only() {
+    require_kvm();
+    let dir = TempDir::new("migr");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
+    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    src.wait_line("info workload step=3 ", Duration::from_secs(60));
+    let (dst, listen) = destination(&dir, &[]);
+    let upstream = PathBuf::from(listen.strip_prefix("unix:").unwrap());
+    let proxy_sock = dir.path().join("proxy.sock");
+    let mitm = proxy(&proxy_sock, upstream, Fault::CutAfterResume);
+    let (status, body) = send(&src, &format!("unix:{}", proxy_sock.display()), "");
+    mitm.join().unwrap();
+    // The source cannot know whether the destination runs the guest: it keeps it paused.
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("may be running the guest"), "{body}");
+    let (_, info) = src.api("GET", "/", None);
+    assert!(info.contains(r#""state":"Paused""#), "{info}");
+    // The destination runs it to the end.
+    let out = dst.finish(Duration::from_secs(300));
+    // The source never ran another step: stop it.
+    Command::new("kill")
+        .args(["-TERM", &src.pid().to_string()])
+        .status()
+        .unwrap();
+    let src_out = src.finish(Duration::from_secs(10));
+    let before = steps(&src_out.stdout);
+    check_continuation(&before, &out);
+}
+
+#[test]
+fn a_stream_forged_without_the_key_is_refused_and_the_guest_stays_on_the_source() {
+    require_kvm();
+    let dir = TempDir::new("migk");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let key_a = dir.file("a.key", &[1u8; 32]);
+    let key_b = dir.file("b.key", &[2u8; 32]);
+    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
+    let src = api_kiln(
+        dir.path(),
+        "src",
+        &[
+            "--config-file",
+            cfg.to_str().unwrap(),
+            "--snapshot-key-file",
+            key_a.to_str().unwrap(),
+        ],
+    );
+    src.wait_line("info workload step=2 ", Duration::from_secs(60));
+    let (dst, listen) = destination(&dir, &["--snapshot-key-file", key_b.to_str().unwrap()]);
+    let (status, body) = send(&src, &listen, "");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("Migration error"), "{body}");
+    guest_stays_on_the_source(src, dst, "another key");
+}
+
+#[test]
+fn a_guest_dirtying_faster_than_the_link_gives_up_at_the_round_limit_and_keeps_running() {
+    require_kvm();
+    let dir = TempDir::new("migc");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
+    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    src.wait_line("info workload step=2 ", Duration::from_secs(60));
+    let (dst, listen) = destination(&dir, &[]);
+    let upstream = PathBuf::from(listen.strip_prefix("unix:").unwrap());
+    let proxy_sock = dir.path().join("proxy.sock");
+    // 128 KiB/s: the guest rewrites 64 KiB every ~100 ms step, faster than that.
+    let mitm = proxy(&proxy_sock, upstream, Fault::Throttle(128 << 10));
+    let (status, body) = send(
+        &src,
+        &format!("unix:{}", proxy_sock.display()),
+        r#", "max_downtime_ms": 10, "max_rounds": 2"#,
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("did not converge"), "{body}");
+    mitm.join().unwrap();
+    guest_stays_on_the_source(src, dst, "no convergence");
+}
+
+#[test]
+fn bad_migration_requests_are_refused_naming_the_field() {
+    require_kvm();
+    let dir = TempDir::new("migb");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
+    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    src.wait_line("info workload step=1 ", Duration::from_secs(60));
+    let (status, body) = send(&src, "ftp:somewhere", "");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("destination"), "{body}");
+    let (status, body) = send(&src, &format!("unix:{}", dir.path().join("nobody").display()), "");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("cannot connect"), "{body}");
+    // Receiving is for a fresh process only.
+    let (status, body) = src.api("PUT", "/migration/receive", Some(r#"{"listen": "unix:/x"}"#));
+    assert_eq!(status, 400, "{body}");
+    let (_, info) = src.api("GET", "/", None);
+    assert!(info.contains(r#""state":"Running""#), "{info}");
+    let dst = api_kiln(dir.path(), "dst", &[]);
+    assert_eq!(
+        dst.api("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)).0,
+        204
+    );
+    let (status, body) = dst.api("PUT", "/migration/receive", Some(r#"{"listen": "unix:/x"}"#));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("after configuring"), "{body}");
+    let (status, body) = dst.api("PUT", "/migration/send", Some(r#"{"destination": "unix:/x"}"#));
+    assert_eq!(status, 400, "{body}");
+    let out = src.finish(Duration::from_secs(300));
+    assert_eq!(out.status, 0, "{out}");
 }

@@ -60,6 +60,12 @@ pub enum Kind {
     /// Source → destination, last: the TAPs and drives are released; take them, build the
     /// VM and resume it.
     Go = 7,
+    /// Source → destination: the end of a pre-copy round; answer `Synced` once every page
+    /// before it is in (the source paces its rounds by what arrived, not by what its
+    /// socket buffered).
+    Sync = 8,
+    /// Destination → source: the answer to `Sync`.
+    Synced = 9,
 }
 
 impl Kind {
@@ -72,6 +78,8 @@ impl Kind {
             5 => Kind::Abort,
             6 => Kind::Ready,
             7 => Kind::Go,
+            8 => Kind::Sync,
+            9 => Kind::Synced,
             _ => return None,
         })
     }
@@ -83,7 +91,7 @@ impl Kind {
             Kind::Pages => 4 + MAX_BATCH * (8 + PAGE),
             Kind::State => (crate::snapshot::format::MAX_PAYLOAD as usize)
                 + crate::snapshot::format::HEADER_LEN,
-            Kind::Resumed | Kind::Ready | Kind::Go => 0,
+            Kind::Resumed | Kind::Ready | Kind::Go | Kind::Sync | Kind::Synced => 0,
             Kind::Abort => 4096,
         }
     }

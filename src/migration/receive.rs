@@ -132,6 +132,7 @@ pub fn receive_on(
     loop {
         match channel.recv(&mut buf)? {
             Kind::Pages => pages += apply_pages(&memory, &buf)? as u64,
+            Kind::Sync => channel.send(Kind::Synced, &[])?,
             Kind::State => break,
             other => {
                 return Err(ProtocolError::Unexpected {

@@ -142,12 +142,14 @@ fn stream_vm(
     loop {
         let t = Instant::now();
         let sent = sender.send(ch, memory, &pages)?;
+        ch.send(Kind::Sync, &[])?;
+        ch.expect(Kind::Synced, "Synced")?;
         rounds += 1;
         metrics.rounds.store(u64::from(rounds), std::sync::atomic::Ordering::Relaxed);
         metrics
             .bytes_sent
             .store(ch.bytes_sent(), std::sync::atomic::Ordering::Relaxed);
-        // The link's rate as this round saw it.
+        // The link's rate as this round saw it (delivered, not buffered).
         let secs = t.elapsed().as_secs_f64().max(1e-6);
         let rate = sent as f64 / secs;
         job.dirty.sync()?;
