@@ -214,8 +214,8 @@ fn proxy(listen: &Path, upstream: PathBuf, fault: Fault) -> std::thread::JoinHan
 }
 
 /// The guest must run to its end on the source, undamaged, and the destination must end
-/// without running it.
-fn guest_stays_on_the_source(src: ApiKiln, dst: ApiKiln, what: &str) {
+/// without running it. Returns the destination's output.
+fn guest_stays_on_the_source(src: ApiKiln, dst: ApiKiln, what: &str) -> common::Output {
     let (_, info) = src.api("GET", "/", None);
     assert!(info.contains(r#""state":"Running""#), "{what}: {info}");
     let dst_out = dst.finish(Duration::from_secs(30));
@@ -234,9 +234,10 @@ fn guest_stays_on_the_source(src: ApiKiln, dst: ApiKiln, what: &str) {
     let all = steps(&out.stdout);
     let distinct: BTreeSet<u64> = all.iter().copied().collect();
     assert_eq!(distinct.len(), all.len(), "{what}: a step ran twice: {all:?}");
+    dst_out
 }
 
-fn faulty_migration(fault: Fault, expect: &str) {
+fn faulty_migration(fault: Fault, expect: &str) -> common::Output {
     let dir = TempDir::new("migf");
     let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
     let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
@@ -253,7 +254,7 @@ fn faulty_migration(fault: Fault, expect: &str) {
     }
     assert!(body.contains(expect), "{fault:?}: {body}");
     mitm.join().unwrap();
-    guest_stays_on_the_source(src, dst, &format!("{fault:?}"));
+    guest_stays_on_the_source(src, dst, &format!("{fault:?}"))
 }
 
 #[test]
@@ -271,7 +272,9 @@ fn a_connection_broken_at_the_final_state_leaves_the_guest_running_on_the_source
 #[test]
 fn a_corrupted_message_is_refused_and_the_guest_stays_on_the_source() {
     require_kvm();
-    faulty_migration(Fault::Corrupt, "Migration error");
+    let dst = faulty_migration(Fault::Corrupt, "Migration error");
+    // Refused at the message itself, before its pages are written.
+    assert!(dst.stderr.contains("does not match its MAC"), "{dst}");
 }
 
 #[test]
@@ -328,7 +331,9 @@ fn a_stream_forged_without_the_key_is_refused_and_the_guest_stays_on_the_source(
     let (status, body) = send(&src, &listen, "");
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("Migration error"), "{body}");
-    guest_stays_on_the_source(src, dst, "another key");
+    let dst = guest_stays_on_the_source(src, dst, "another key");
+    // Refused at the first message, not later at the state's own MAC.
+    assert!(dst.stderr.contains("does not match its MAC"), "{dst}");
 }
 
 #[test]
@@ -352,7 +357,7 @@ fn a_guest_dirtying_faster_than_the_link_gives_up_at_the_round_limit_and_keeps_r
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("did not converge"), "{body}");
     mitm.join().unwrap();
-    guest_stays_on_the_source(src, dst, "no convergence");
+    let _ = guest_stays_on_the_source(src, dst, "no convergence");
 }
 
 #[test]
@@ -386,4 +391,33 @@ fn bad_migration_requests_are_refused_naming_the_field() {
     assert_eq!(status, 400, "{body}");
     let out = src.finish(Duration::from_secs(300));
     assert_eq!(out.status, 0, "{out}");
+}
+
+#[test]
+fn over_a_slow_link_the_pages_dirtied_meanwhile_follow_and_the_budget_holds() {
+    require_kvm();
+    let dir = TempDir::new("migs");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
+    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    src.wait_line("info workload step=3 ", Duration::from_secs(60));
+    let (dst, listen) = destination(&dir, &[]);
+    let upstream = PathBuf::from(listen.strip_prefix("unix:").unwrap());
+    let proxy_sock = dir.path().join("proxy.sock");
+    // 512 KiB/s: the first pass takes over half a second, several workload steps rewrite
+    // their pattern meanwhile, and only the dirty log can bring those pages over.
+    let mitm = proxy(&proxy_sock, upstream, Fault::Throttle(512 << 10));
+    let (status, body) = send(
+        &src,
+        &format!("unix:{}", proxy_sock.display()),
+        r#", "max_downtime_ms": 400"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(stat(&body, "downtime_ms") <= 400, "{body}");
+    mitm.join().unwrap();
+    let src_out = src.finish(Duration::from_secs(10));
+    assert_eq!(src_out.status, 0, "{src_out}");
+    let before = steps(&src_out.stdout);
+    let out = dst.finish(Duration::from_secs(300));
+    check_continuation(&before, &out);
 }

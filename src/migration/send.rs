@@ -161,7 +161,8 @@ fn stream_vm(
             secs * 1e3,
             pages.len()
         );
-        if pages.is_empty() || left / rate.max(1.0) * 1e3 <= max_downtime as f64 {
+        // Half the budget for the pages, half for pausing, saving and the hand-over.
+        if pages.is_empty() || left / rate.max(1.0) * 1e3 <= max_downtime as f64 / 2.0 {
             break;
         }
         if rounds > max_rounds {
