@@ -363,7 +363,7 @@ mod tests {
         let (written, _) = save(&mem, &file, None).unwrap();
         assert_eq!(written, 2 * PAGE as u64, "only the two touched pages");
         assert_eq!(file.metadata().unwrap().len(), 16 << 20);
-        let restored = map(&file, &layout(&mem), false).unwrap();
+        let restored = map(&file, &layout(&mem)).unwrap();
         assert_eq!(
             restored.read_obj::<u64>(GuestAddress(0x5000)).unwrap(),
             0xdead_beef
@@ -381,7 +381,7 @@ mod tests {
         // A snapshot of the restored (file-backed) memory keeps every page.
         let (file2, path2) = scratch("again");
         save(&restored, &file2, None).unwrap();
-        let again = map(&file2, &layout(&mem), false).unwrap();
+        let again = map(&file2, &layout(&mem)).unwrap();
         assert_eq!(again.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 7);
         assert_eq!(
             again.read_obj::<u64>(GuestAddress(0xff_f000)).unwrap(),
@@ -401,7 +401,7 @@ mod tests {
             file_offset: 0,
         }];
         assert!(matches!(
-            map(&file, &regions, false),
+            map(&file, &regions),
             Err(MemoryFileError::Short { .. })
         ));
         assert!(check_layout(&regions, 16).is_ok());

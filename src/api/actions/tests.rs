@@ -190,7 +190,7 @@ fn load_params() -> SnapshotLoadParams {
 fn respond(outcome: Outcome) -> VmmResponse {
     match outcome {
         Outcome::Respond(r) => r,
-        Outcome::Start(_) | Outcome::Restore(_) => VmmResponse::NoContent,
+        Outcome::Start(_) | Outcome::Restore(_) | Outcome::Receive(_) => VmmResponse::NoContent,
     }
 }
 

@@ -455,7 +455,7 @@ pub(crate) mod tests {
     fn buffers_handed_to_the_host_kernel_for_writing_are_marked_dirty() {
         use std::ops::Deref;
         use vm_memory::bitmap::Bitmap;
-        let mem = crate::vstate::memory::create_guest_memory(16).unwrap();
+        let mem = create_guest_memory(16).unwrap();
         let bufs = [
             Buffer {
                 addr: GuestAddress(0x10_0000),
