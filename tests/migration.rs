@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::api::ApiKiln;
-use common::{TempDir, kiln, require_kvm};
+use common::{NetNs, TempDir, kiln, require_kvm};
 
 const STEPS: u64 = 20;
 
@@ -26,14 +26,93 @@ fn api_kiln(dir: &Path, name: &str, extra: &[&str]) -> ApiKiln {
 }
 
 fn config(dir: &TempDir, disk: &Path, run: &str) -> PathBuf {
+    config_with_tap(dir, disk, run, None)
+}
+
+fn config_with_tap(dir: &TempDir, disk: &Path, run: &str, tap: Option<&str>) -> PathBuf {
+    let net = tap.map_or(String::new(), |t| {
+        format!(
+            r#", "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "{t}", "guest_mac": "aa:fc:00:00:00:01"}}]"#
+        )
+    });
     let text = format!(
         r#"{{"boot-source": {{"kernel_image_path": "builtin:test-guest",
               "boot_args": "console=ttyS0 reboot=k panic=1 kiln.run={run}"}},
             "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
-            "drives": [{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false}}]}}"#,
+            "drives": [{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false}}]{net}}}"#,
         disk.display()
     );
     dir.file("vm.json", text.as_bytes())
+}
+
+fn api_kiln_in(ns: &NetNs, dir: &Path, name: &str, extra: &[&str]) -> ApiKiln {
+    let sock = dir.join(format!("{name}.sock"));
+    let mut cmd = ns.command(kiln());
+    cmd.args(["--api-sock", sock.to_str().unwrap()]).args(extra);
+    ApiKiln::spawn(cmd, &sock)
+}
+
+/// Moves the workload with a TAP of the same name on both sides: `two_hosts` puts source
+/// and destination in network namespaces of their own joined by a veth pair, the stream
+/// over TCP; otherwise both share one namespace (and the one TAP) and a Unix socket.
+fn migrate_with_tap(two_hosts: bool) {
+    let dir = TempDir::new("mign");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let cfg = config_with_tap(&dir, &disk, &format!("workload:{STEPS}:blk"), Some("kmig0"));
+    let ns_a = NetNs::new("miga").unwrap();
+    ns_a.add_tap("kmig0", "10.78.0.1/24").unwrap();
+    let ns_b_own = if two_hosts {
+        let ns_b = NetNs::new("migb").unwrap();
+        ns_b.add_tap("kmig0", "10.78.0.1/24").unwrap();
+        ns_a.ip(&["link", "add", "vmiga", "type", "veth", "peer", "name", "vmigb", "netns", &ns_b.name])
+            .unwrap();
+        ns_a.ip(&["addr", "add", "10.79.0.1/30", "dev", "vmiga"]).unwrap();
+        ns_a.ip(&["link", "set", "vmiga", "up"]).unwrap();
+        ns_b.ip(&["addr", "add", "10.79.0.2/30", "dev", "vmigb"]).unwrap();
+        ns_b.ip(&["link", "set", "vmigb", "up"]).unwrap();
+        Some(ns_b)
+    } else {
+        None
+    };
+    let ns_b = ns_b_own.as_ref().unwrap_or(&ns_a);
+    let src = api_kiln_in(&ns_a, dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    src.wait_line("info workload step=3 ", Duration::from_secs(60));
+    let dst = api_kiln_in(ns_b, dir.path(), "dst", &[]);
+    let listen = if two_hosts {
+        "tcp:10.79.0.2:7777".to_string()
+    } else {
+        format!("unix:{}", dir.path().join("mig.sock").display())
+    };
+    let (status, text) = dst.api(
+        "PUT",
+        "/migration/receive",
+        Some(&format!(r#"{{"listen": "{listen}"}}"#)),
+    );
+    assert_eq!(status, 204, "{text}");
+    let (status, body) = send(&src, &listen, "");
+    if status != 200 {
+        panic!("{status} {body}; the source: {}", src.finish(Duration::from_secs(10)));
+    }
+    let src_out = src.finish(Duration::from_secs(10));
+    assert_eq!(src_out.status, 0, "{src_out}");
+    let (_, cfg) = dst.api("GET", "/vm/config", None);
+    assert!(cfg.contains("kmig0"), "{cfg}");
+    let out = dst.finish(Duration::from_secs(300));
+    check_continuation(&steps(&src_out.stdout), &out);
+    // The TAP was the destination's: the source let go of it, the destination held it.
+    assert!(!out.stderr.contains("TAP"), "{out}");
+}
+
+#[test]
+fn the_tap_is_handed_over_by_name_in_one_namespace() {
+    require_kvm();
+    migrate_with_tap(false);
+}
+
+#[test]
+fn the_guest_moves_over_tcp_between_two_namespaces_each_with_its_own_tap() {
+    require_kvm();
+    migrate_with_tap(true);
 }
 
 /// Step numbers of the complete `info workload step=N mem=ok blk=ok` lines in `text`.
