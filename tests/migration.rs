@@ -306,6 +306,7 @@ fn guest_stays_on_the_source(src: ApiKiln, dst: ApiKiln, what: &str) -> common::
     let out = src.finish(Duration::from_secs(300));
     assert_eq!(out.status, 0, "{what}: {out}");
     assert!(!out.stdout.contains("fail "), "{what}: damage:\n{out}");
+    assert!(!out.stderr.contains("cannot take"), "{what}: {out}");
     assert!(
         out.stdout.contains(&format!("ok workload steps={STEPS}")),
         "{what}: {out}"
@@ -499,4 +500,36 @@ fn over_a_slow_link_the_pages_dirtied_meanwhile_follow_and_the_budget_holds() {
     let before = steps(&src_out.stdout);
     let out = dst.finish(Duration::from_secs(300));
     check_continuation(&before, &out);
+}
+
+#[test]
+fn a_destination_that_fails_after_the_hand_over_gives_the_tap_and_drive_back() {
+    require_kvm();
+    let dir = TempDir::new("migt");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let cfg = config_with_tap(&dir, &disk, &format!("workload:{STEPS}:blk"), Some("kmig1"));
+    let ns = NetNs::new("migt").unwrap();
+    ns.add_tap("kmig1", "10.78.1.1/24").unwrap();
+    let src = api_kiln_in(&ns, dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    src.wait_line("info workload step=2 ", Duration::from_secs(60));
+    let dst = api_kiln_in(&ns, dir.path(), "dst", &[]);
+    // The destination accepts the state, then cannot open the drive it is told to use.
+    let listen = format!("unix:{}", dir.path().join("mig.sock").display());
+    let body = format!(
+        r#"{{"listen": "{listen}", "drive_overrides": [{{"drive_id": "scratch", "path_on_host": "{}"}}]}}"#,
+        dir.path().join("missing.img").display()
+    );
+    let (status, text) = dst.api("PUT", "/migration/receive", Some(&body));
+    assert_eq!(status, 204, "{text}");
+    let (status, body) = send(&src, &listen, "");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("refused"), "{body}");
+    // The source holds its drive's lock again.
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file this test opened.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_ne!(r, 0, "the source did not take its drive's lock back");
+    let dst_out = guest_stays_on_the_source(src, dst, "refused after Go");
+    assert!(dst_out.stderr.contains("missing.img"), "{dst_out}");
 }

@@ -84,6 +84,11 @@ fn every_thread_runs_under_its_filter() {
         .filter(|(n, _)| n == "kiln" || n.starts_with("kiln_vcpu"))
         .count();
     assert_eq!(kiln_threads, 3, "{modes:?}");
+    // The migration thread, waiting for PUT /migration/send under its own filter.
+    assert!(
+        modes.iter().any(|(n, _)| n == "kiln_migration"),
+        "{modes:?}"
+    );
     for (name, mode) in &modes {
         assert_eq!(mode, "2", "thread {name} is not filtered: {modes:?}");
     }
@@ -111,6 +116,7 @@ fn print_seccomp_lists_every_category() {
     assert_eq!(out.status, 0);
     assert!(out.stdout.contains("[vmm] "), "{}", out.stdout);
     assert!(out.stdout.contains("[vcpu] "), "{}", out.stdout);
+    assert!(out.stdout.contains("[migration] "), "{}", out.stdout);
     assert!(out.stdout.contains("ioctl  arg1 == 44672 (KVM_RUN)"));
 }
 
