@@ -80,6 +80,8 @@ pub fn request_for(action: &VmmAction) -> (&'static str, String, String) {
         VmmAction::Resume => ("PATCH", "/vm".into(), r#"{"state":"Resumed"}"#.into()),
         VmmAction::CreateSnapshot(p) => ("PUT", "/snapshot/create".into(), j(p)),
         VmmAction::LoadSnapshot(p) => ("PUT", "/snapshot/load".into(), j(p)),
+        VmmAction::ReceiveMigration(p) => ("PUT", "/migration/receive".into(), j(p)),
+        VmmAction::SendMigration(p) => ("PUT", "/migration/send".into(), j(p)),
     }
 }
 

@@ -17,6 +17,7 @@ pub mod config;
 pub mod i8042;
 pub mod jailer;
 pub mod loader;
+pub mod migration;
 pub mod mmio;
 pub mod net;
 pub mod rate_limited;

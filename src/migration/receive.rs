@@ -154,6 +154,17 @@ pub fn receive_on(
     Ok((state, memory, pages))
 }
 
+/// This host's RAM in bytes (u64::MAX when unknown).
+fn host_ram() -> u64 {
+    // SAFETY: sysinfo(2) fills the struct it is given; an all-zero `sysinfo` is valid.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid, writable `sysinfo` for the duration of the call.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return u64::MAX;
+    }
+    u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit))
+}
+
 /// Fresh memory for the layout the source announced (only a layout kiln itself makes).
 fn memory_for(hello: &Hello) -> Result<GuestMemory, MigrationError> {
     let invalid = |m: String| MigrationError::Protocol(ProtocolError::Invalid(m));
@@ -164,6 +175,15 @@ fn memory_for(hello: &Hello) -> Result<GuestMemory, MigrationError> {
         .ok_or_else(|| invalid("memory size overflows".into()))?;
     if total == 0 || total % MIB != 0 {
         return Err(invalid(format!("memory of {total} bytes")));
+    }
+    // A guest larger than this host's RAM is refused before anything is reserved for it.
+    let host = host_ram();
+    if total > host {
+        return Err(invalid(format!(
+            "a guest of {} MiB does not fit this host's {} MiB of RAM",
+            total / MIB,
+            host / MIB
+        )));
     }
     let expected: Vec<(u64, u64)> = arch_memory_regions(total)
         .iter()
