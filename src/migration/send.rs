@@ -314,3 +314,23 @@ fn touched_pages(memory: &GuestMemory) -> Result<Vec<u64>, MigrationError> {
 
 /// How long a socket operation may block before the migration is given up.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::vstate::memory::create_guest_memory;
+
+    #[test]
+    fn the_first_round_sends_the_touched_pages_with_data_and_nothing_else() {
+        let mem = create_guest_memory(64).unwrap();
+        let written: Vec<u64> = (0..2000u64).map(|p| 0x10_0000 + p * 3 * 4096).collect();
+        for a in &written {
+            mem.write_obj(0x5a5a_u64, GuestAddress(*a)).unwrap();
+        }
+        // Touched but zero: not sent either.
+        mem.write_obj(0u64, GuestAddress(0x8000)).unwrap();
+        assert_eq!(touched_pages(&mem).unwrap(), written);
+    }
+}
