@@ -224,6 +224,52 @@ enum Fault {
     Corrupt,
     /// Forward everything, at most this many bytes a second from the source (a slow link).
     Throttle(u64),
+    /// Rewrite the (unkeyed) state so that the guest saw every CPU feature of CPUID leaf 7
+    /// and 0x80000001, sealing it again as a source would.
+    ForgeCpu,
+}
+
+/// The state message with every feature bit of leaves 7.0 EBX and 0x80000001 EDX set in
+/// each vCPU's CPUID, its snapshot digest and message tag recomputed (no key).
+fn forge_cpu(msg: &[u8]) -> Vec<u8> {
+    let payload = &msg[16..msg.len() - 32];
+    let mut state: serde_json::Value = serde_json::from_slice(&payload[56..]).unwrap();
+    let mut forged = 0;
+    for vcpu in state["vcpus"].as_array_mut().unwrap() {
+        for entry in vcpu["cpuid"].as_array_mut().unwrap() {
+            let bytes = entry.as_array_mut().unwrap();
+            let word = |b: &[serde_json::Value], at: usize| {
+                (0..4).fold(0u32, |w, i| w | (b[at + i].as_u64().unwrap() as u32) << (8 * i))
+            };
+            let (function, index) = (word(bytes, 0), word(bytes, 4));
+            let at = match (function, index) {
+                (7, 0) => 16,               // ebx
+                (0x8000_0001, _) => 24,     // edx
+                _ => continue,
+            };
+            for b in &mut bytes[at..at + 4] {
+                *b = serde_json::json!(255);
+            }
+            forged += 1;
+        }
+    }
+    assert!(forged > 0, "no CPUID leaf to forge");
+    let json = serde_json::to_vec(&state).unwrap();
+    let mut file = payload[..24].to_vec();
+    file[16..24].copy_from_slice(&(json.len() as u64).to_le_bytes());
+    let mut h = blake3::Hasher::new();
+    h.update(&file);
+    h.update(&json);
+    file.extend_from_slice(h.finalize().as_bytes());
+    file.extend_from_slice(&json);
+    let mut out = msg[..16].to_vec();
+    out[12..16].copy_from_slice(&(file.len() as u32).to_le_bytes());
+    let mut h = blake3::Hasher::new();
+    h.update(&out);
+    h.update(&file);
+    out.extend_from_slice(&file);
+    out.extend_from_slice(h.finalize().as_bytes());
+    out
 }
 
 const KIND_PAGES: u8 = 2;
@@ -273,6 +319,7 @@ fn proxy(listen: &Path, upstream: PathBuf, fault: Fault) -> std::thread::JoinHan
             match fault {
                 Fault::CutDuringRounds(after) if kind == KIND_PAGES && bytes > after => break,
                 Fault::CutAtState if kind == KIND_STATE => break,
+                Fault::ForgeCpu if kind == KIND_STATE => msg = forge_cpu(&msg),
                 Fault::Corrupt if kind == KIND_PAGES && pages_msgs == 1 => {
                     let at = msg.len() / 2;
                     msg[at] ^= 0x40;
@@ -347,6 +394,13 @@ fn a_connection_broken_during_the_rounds_leaves_the_guest_running_on_the_source(
 fn a_connection_broken_at_the_final_state_leaves_the_guest_running_on_the_source() {
     require_kvm();
     faulty_migration(Fault::CutAtState, "Migration error");
+}
+
+#[test]
+fn a_destination_lacking_the_guests_cpu_features_refuses_and_the_guest_stays_on_the_source() {
+    require_kvm();
+    let dst = faulty_migration(Fault::ForgeCpu, "refused");
+    assert!(dst.stderr.contains("lacks CPU features"), "{dst}");
 }
 
 #[test]
