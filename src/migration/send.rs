@@ -174,15 +174,19 @@ fn stream_vm(
     }
 
     // Stop-and-copy.
+    let asked = Instant::now();
     let Reply::State(state) = vmm.ask(Request::PauseAndSave)?;
     let state = state.map_err(MigrationError::Save)?;
-    let paused_at = Instant::now();
+    // The pause began when the VMM thread was asked (it answers with the saved state).
+    let paused_at = asked;
+    let saved = asked.elapsed();
     job.dirty.sync()?;
     pages.extend(take_dirty(memory));
     pages.sort_unstable();
     pages.dedup();
     sender.send(ch, memory, &pages)?;
     ch.send(Kind::State, &[&state])?;
+    let sent = paused_at.elapsed();
     // The destination checked the state and this host's CPU: until here any failure
     // resumes the guest on this side.
     match ch.expect(Kind::Ready, "Ready") {
@@ -190,7 +194,9 @@ fn stream_vm(
         Err(ProtocolError::Aborted(reason)) => return Err(MigrationError::Refused(reason)),
         Err(e) => return Err(e.into()),
     }
+    let ready = paused_at.elapsed();
     job.backends.release()?;
+    let released = paused_at.elapsed();
     ch.send(Kind::Go, &[])?;
     // The destination takes the TAPs and drives, builds the VM and resumes it. A refusal
     // still resumes the guest here; silence leaves the outcome in doubt.
@@ -199,6 +205,15 @@ fn stream_vm(
         Err(ProtocolError::Aborted(reason)) => return Err(MigrationError::Refused(reason)),
         Err(e) => return Err(MigrationError::InDoubt(e.to_string())),
     }
+    log::info!(
+        "migration downtime: paused and saved {:.1} ms, last {} pages and the state sent {:.1} ms, Ready {:.1} ms, released {:.1} ms, Resumed {:.1} ms",
+        ms(saved),
+        pages.len(),
+        ms(sent),
+        ms(ready),
+        ms(released),
+        ms(paused_at.elapsed())
+    );
     let stats = MigrationStats {
         rounds,
         bytes_sent: ch.bytes_sent(),
@@ -206,6 +221,10 @@ fn stream_vm(
         total_ms: started.elapsed().as_millis() as u64,
     };
     Ok(stats)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
 }
 
 /// Sends pages in batches through one reused buffer.
