@@ -175,6 +175,12 @@ impl DiskFile {
     }
 }
 
+impl AsRawFd for DiskFile {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
