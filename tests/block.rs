@@ -984,7 +984,12 @@ fn missing_or_unusable_images_are_start_up_errors(e: Engine) {
         assert!(out.stdout.is_empty(), "nothing may boot:\n{out}");
     }
     let out = {
-        let cfg = config(&dir, "blk:0", 64, &[Drive::new(e, "rootfs", &missing, true)]);
+        let cfg = config(
+            &dir,
+            "blk:0",
+            64,
+            &[Drive::new(e, "rootfs", &missing, true)],
+        );
         run_kiln(&["--config-file", cfg.to_str().unwrap(), "--no-api"])
     };
     assert!(
@@ -1122,9 +1127,7 @@ fn run_kiln_without_io_uring(args: &[&str], errno: u32) -> Output {
     // SAFETY: the closure runs in the child between fork and exec and only makes the
     // prctl and seccomp system calls on a program built before the fork.
     unsafe {
-        cmd.pre_exec(move || {
-            seccompiler::apply_filter(&bpf).map_err(std::io::Error::other)
-        });
+        cmd.pre_exec(move || seccompiler::apply_filter(&bpf).map_err(std::io::Error::other));
     }
     wait_with_deadline(cmd.spawn().unwrap(), Duration::from_secs(30))
 }

@@ -2,7 +2,9 @@
 //! come back, so the event loop never waits for the disk.
 //!
 //! - The ring is created on the drive's first transfer or flush (start-up and restores pay
-//!   nothing for it), on the event thread, which alone submits and reaps.
+//!   nothing for it), on the event thread, which alone submits and reaps. On a filesystem
+//!   that may block the submitter even in a non-blocking attempt (FUSE, NFS, ...: see
+//!   `disk.rs`) reads and writes go to the kernel's io-wq workers at once.
 //! - Each request in flight holds a slot: its iovecs (alive until it completes), where its
 //!   answer goes, and its parts — a chain of more than `IOV_MAX` buffers is several `READV`
 //!   or `WRITEV` operations; a short transfer is resubmitted for what is left.
@@ -13,11 +15,12 @@
 //! - Swapping the backing file retires the ring: it keeps serving what it has in flight,
 //!   and a new ring is made for the new file on its first request.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::disk::DiskFile;
 use super::io::{IoKind, IoRequest, guest_written};
 use super::uring::{Op, Ring, UringError};
 use crate::devices::virtio::queue::Buffer;
@@ -169,9 +172,13 @@ impl AsyncEngine {
         self.ring.is_some()
     }
 
-    fn ring_for(&mut self, file: RawFd) -> Result<&mut (u32, Ring), UringError> {
+    fn ring_for(&mut self, file: &DiskFile) -> Result<&mut (u32, Ring), UringError> {
         if self.ring.is_none() {
-            let ring = Ring::new(file, self.completion.as_raw_fd())?;
+            let ring = Ring::new(
+                file.as_raw_fd(),
+                self.completion.as_raw_fd(),
+                file.may_block(),
+            )?;
             self.ring = Some((self.next_ring, ring));
             self.next_ring = self.next_ring.wrapping_add(1);
         }
@@ -183,11 +190,11 @@ impl AsyncEngine {
     /// until [`AsyncEngine::flush_submissions`].
     pub fn submit(
         &mut self,
-        file: &impl AsRawFd,
+        file: &DiskFile,
         req: IoRequest,
         token: Token,
     ) -> Result<(), SubmitError> {
-        let ring = match self.ring_for(file.as_raw_fd()) {
+        let ring = match self.ring_for(file) {
             Ok(r) => r,
             Err(e) => {
                 if !self.setup_failed {

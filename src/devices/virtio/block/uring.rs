@@ -4,7 +4,8 @@
 //!   file, as fixed file 0), the completion eventfd, and a bound on the io-wq workers the
 //!   kernel may start for the owning thread;
 //! - restricted (`IORING_REGISTER_RESTRICTIONS`) to `READV`, `WRITEV` and `FSYNC`, on fixed
-//!   files only (`IOSQE_FIXED_FILE` required, `IOSQE_IO_DRAIN` the only other flag allowed),
+//!   files only (`IOSQE_FIXED_FILE` required, `IOSQE_IO_DRAIN` and `IOSQE_ASYNC` the only
+//!   other flags allowed),
 //!   and to no `io_uring_register` operation at all once enabled: a ring that leaked to
 //!   guest-influenced code could touch no other file and change nothing about itself;
 //! - only then enabled.
@@ -26,13 +27,11 @@ pub const SQ_ENTRIES: u32 = 256;
 /// (a chain of at most 4096 buffers is at most 4 parts of `IOV_MAX`), so completions never
 /// overflow into the kernel's backlog.
 pub const CQ_ENTRIES: u32 = 1024;
-/// Most io-wq workers the kernel may run at once for kiln's event thread on bounded work
-/// (regular files and block devices: I/O that cannot complete without blocking). Shared by
-/// every drive of the VM.
-pub const IOWQ_BOUNDED_MAX: u32 = 8;
-/// The same for unbounded work (sockets, pipes), which kiln never submits. 0 would mean
-/// "unchanged", so 1.
-pub const IOWQ_UNBOUNDED_MAX: u32 = 1;
+/// Most io-wq workers the kernel may run at once for kiln's event thread, for bounded work
+/// (regular files and block devices: I/O that cannot complete without blocking) and for
+/// unbounded work (I/O that may wait indefinitely: the kernel counts requests on FUSE files
+/// there). Shared by every drive of the VM.
+pub const IOWQ_MAX_WORKERS: [u32; 2] = [8, 8];
 /// The oldest kernel with everything the lock-down needs: restrictions and disabled rings
 /// (5.10), the io-wq worker bound (5.15).
 pub const MIN_KERNEL: (u32, u32) = (5, 15);
@@ -131,6 +130,9 @@ pub enum Op {
 /// A locked-down ring over one file.
 pub struct Ring {
     ring: IoUring,
+    /// Send reads and writes to the io-wq workers at once (`IOSQE_ASYNC`): the file's
+    /// filesystem may block the submitting thread even in a non-blocking attempt.
+    punt: bool,
     /// Operations handed to the kernel whose completion was not taken yet.
     in_flight: usize,
 }
@@ -149,8 +151,9 @@ fn step(step: &'static str) -> impl FnOnce(std::io::Error) -> UringError {
 
 impl Ring {
     /// A ring whose only file is `file`, signalling `completion` (an eventfd) whenever it
-    /// posts a completion.
-    pub fn new(file: RawFd, completion: RawFd) -> Result<Ring, UringError> {
+    /// posts a completion. With `punt`, reads and writes never run on the submitting thread
+    /// (for files whose filesystem may block there regardless).
+    pub fn new(file: RawFd, completion: RawFd, punt: bool) -> Result<Ring, UringError> {
         let ring = IoUring::builder()
             .setup_r_disabled()
             .setup_cqsize(CQ_ENTRIES)
@@ -161,21 +164,27 @@ impl Ring {
             .map_err(step("register the backing file with its io_uring"))?;
         s.register_eventfd(completion)
             .map_err(step("register the completion eventfd"))?;
-        let mut workers = [IOWQ_BOUNDED_MAX, IOWQ_UNBOUNDED_MAX];
+        let mut workers = IOWQ_MAX_WORKERS;
         s.register_iowq_max_workers(&mut workers)
             .map_err(step("bound the io-wq workers"))?;
         let mut restrictions = [
             Restriction::sqe_op(opcode::Readv::CODE),
             Restriction::sqe_op(opcode::Writev::CODE),
             Restriction::sqe_op(opcode::Fsync::CODE),
-            Restriction::sqe_flags_allowed((Flags::FIXED_FILE | Flags::IO_DRAIN).bits()),
+            Restriction::sqe_flags_allowed(
+                (Flags::FIXED_FILE | Flags::IO_DRAIN | Flags::ASYNC).bits(),
+            ),
             Restriction::sqe_flags_required(Flags::FIXED_FILE.bits()),
         ];
         s.register_restrictions(&mut restrictions)
             .map_err(step("restrict the io_uring"))?;
         s.register_enable_rings()
             .map_err(step("enable the io_uring"))?;
-        Ok(Ring { ring, in_flight: 0 })
+        Ok(Ring {
+            ring,
+            punt,
+            in_flight: 0,
+        })
     }
 
     /// Operations submitted (or queued for submission) and not completed yet.
@@ -200,13 +209,21 @@ impl Ring {
             return false;
         }
         let file = types::Fixed(0);
+        let transfer = if self.punt {
+            Flags::ASYNC
+        } else {
+            Flags::empty()
+        };
         let entry = match op {
-            Op::Read { iov, len, offset } => {
-                opcode::Readv::new(file, iov, len).offset(offset).build()
-            }
-            Op::Write { iov, len, offset } => {
-                opcode::Writev::new(file, iov, len).offset(offset).build()
-            }
+            Op::Read { iov, len, offset } => opcode::Readv::new(file, iov, len)
+                .offset(offset)
+                .build()
+                .flags(transfer),
+            Op::Write { iov, len, offset } => opcode::Writev::new(file, iov, len)
+                .offset(offset)
+                .build()
+                .flags(transfer),
+            // The kernel never runs an fsync inline.
             Op::Flush => opcode::Fsync::new(file)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()
@@ -322,7 +339,7 @@ mod tests {
     fn reads_writes_and_flushes_signal_the_eventfd() {
         let mut f = file(8192);
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut ring = Ring::new(f.as_raw_fd(), evt.as_raw_fd()).unwrap();
+        let mut ring = Ring::new(f.as_raw_fd(), evt.as_raw_fd(), false).unwrap();
         let mut a = vec![0u8; 100];
         let mut b = vec![0u8; 412];
         let iovs = [iov(&mut a), iov(&mut b)];
@@ -374,7 +391,7 @@ mod tests {
         let path = format!("/proc/self/fd/{}", f.as_raw_fd());
         let ro = std::fs::File::open(path).unwrap();
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut ring = Ring::new(ro.as_raw_fd(), evt.as_raw_fd()).unwrap();
+        let mut ring = Ring::new(ro.as_raw_fd(), evt.as_raw_fd(), true).unwrap();
         let mut data = vec![1u8; 512];
         let v = [iov(&mut data)];
         // SAFETY: as above.
@@ -397,7 +414,7 @@ mod tests {
         let f = file(4096);
         let other = file(4096);
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut ring = Ring::new(f.as_raw_fd(), evt.as_raw_fd()).unwrap();
+        let mut ring = Ring::new(f.as_raw_fd(), evt.as_raw_fd(), false).unwrap();
         let mut buf = vec![0u8; 64];
         let v = [iov(&mut buf)];
         let refused = [
@@ -406,7 +423,7 @@ mod tests {
             // An operation outside READV, WRITEV, FSYNC.
             opcode::Read::new(types::Fixed(0), buf.as_mut_ptr(), 8).build(),
             opcode::Nop::new().build(),
-            // A flag outside FIXED_FILE | IO_DRAIN.
+            // A flag outside FIXED_FILE | IO_DRAIN | ASYNC.
             opcode::Readv::new(types::Fixed(0), v.as_ptr(), 1)
                 .build()
                 .flags(Flags::IO_LINK),
@@ -437,7 +454,7 @@ mod tests {
     fn no_room_beyond_the_completion_queue() {
         let f = file(4096);
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut ring = Ring::new(f.as_raw_fd(), evt.as_raw_fd()).unwrap();
+        let mut ring = Ring::new(f.as_raw_fd(), evt.as_raw_fd(), false).unwrap();
         let mut n = 0;
         // SAFETY: flushes carry no buffers.
         while unsafe { ring.push(Op::Flush, n) } {
