@@ -301,10 +301,14 @@ impl GatedDisk {
 
 impl Drop for GatedDisk {
     fn drop(&mut self) {
-        // Nothing may stay blocked on us, then the mount goes.
+        // Nothing may stay blocked on us; then the mount goes, lazily, so a file still open
+        // on it (a VMM that is not gone yet) does not keep it in the mount table.
         self.release();
-        if let Some(session) = self.session.take() {
-            let _ = session.umount_and_join();
+        if let Ok(path) = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()) {
+            // SAFETY: umount2 reads a NUL-terminated path that lives for the call.
+            unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
         }
+        // The session finds the file system unmounted; its thread ends with the last file.
+        drop(self.session.take());
     }
 }

@@ -4,7 +4,7 @@
 
 use vm_memory::Bytes;
 
-use super::Block;
+use super::{Active, Block};
 use crate::devices::virtio::block::async_io::Completed;
 use crate::devices::virtio::block::io::IoKind;
 use crate::devices::virtio::block::status;
@@ -14,15 +14,16 @@ impl Block {
     /// The engine's completion eventfd fired: answers every request that finished, then
     /// runs the queue again if it was waiting for room.
     pub fn process_completions(&mut self) {
-        let Some(engine) = self.engine.as_deref_mut() else {
+        let Some(mut active) = self.active.take() else {
+            // Nothing to answer: orphans (of a reset) are only forgotten.
+            self.reap_into_scratch();
+            self.completed.clear();
             return;
         };
-        // Reading resets the counter; a failure only means there was nothing to read.
-        let _ = engine.completion_event().read();
-        let mut done = std::mem::take(&mut self.completed);
-        engine.reap(&mut done);
-        self.answer_completed(&mut done);
-        self.completed = done;
+        if self.answer_finished(&mut active) {
+            self.notify(&mut active);
+        }
+        self.active = Some(active);
         if self.starved {
             self.starved = false;
             self.process_queue();
@@ -38,18 +39,44 @@ impl Block {
         };
         let mut done = std::mem::take(&mut self.completed);
         let result = engine.drain(&mut done);
-        self.answer_completed(&mut done);
         self.completed = done;
+        match self.active.take() {
+            Some(mut active) => {
+                if self.answer_listed(&mut active) {
+                    self.notify(&mut active);
+                }
+                self.active = Some(active);
+            }
+            None => self.completed.clear(),
+        }
         result
     }
 
-    /// Writes the status of each finished request and returns its chain; interrupts the
-    /// guest once if it wants to know. Orphans (of a reset) are only forgotten.
-    fn answer_completed(&mut self, done: &mut Vec<Completed>) {
-        let Some(mut active) = self.active.take() else {
-            done.clear();
+    /// Takes what the engine finished (the eventfd's count first, so a completion posted
+    /// meanwhile signals it again) into the scratch list.
+    fn reap_into_scratch(&mut self) {
+        let Some(engine) = self.engine.as_deref_mut() else {
             return;
         };
+        // Reading resets the counter; a failure only means there was nothing to read.
+        let _ = engine.completion_event().read();
+        let mut done = std::mem::take(&mut self.completed);
+        engine.reap(&mut done);
+        self.completed = done;
+    }
+
+    /// Answers whatever the engine has finished; true if a chain was returned (the caller
+    /// interrupts the guest once). Also right after a submission: what completed inline is
+    /// answered in the same run of the queue.
+    pub(super) fn answer_finished(&mut self, active: &mut Active) -> bool {
+        self.reap_into_scratch();
+        self.answer_listed(active)
+    }
+
+    /// Writes the status of each listed finished request and returns its chain. Orphans
+    /// (of a reset) are only forgotten.
+    fn answer_listed(&mut self, active: &mut Active) -> bool {
+        let mut done = std::mem::take(&mut self.completed);
         let mut used_any = false;
         for c in done.drain(..) {
             if c.orphan {
@@ -60,10 +87,8 @@ impl Block {
             return_chain(&mut active.queue, &active.mem, c.token.head, data + 1);
             used_any = true;
         }
-        if used_any {
-            self.notify(&mut active);
-        }
-        self.active = Some(active);
+        self.completed = done;
+        used_any
     }
 
     /// Counts a finished request (metrics, rate limiter); returns its status and the data

@@ -294,7 +294,12 @@ impl Block {
             }
         }
         self.limiter.idle();
-        self.submit_batch();
+        if self.engine.is_some() {
+            self.submit_batch();
+            // Page-cache hits complete during the submission: answered now, with the
+            // same interrupt, not one trip round the event loop later.
+            used_any |= self.answer_finished(&mut active);
+        }
         if used_any {
             self.notify(&mut active);
         }
