@@ -21,7 +21,9 @@
 //!   (`POSIX_FADV_DONTNEED`), so every page the guest needs comes from the disk.
 //!
 //! Medians (min–max) over `KILN_BENCH_SNAP_RUNS` runs (default 5) for each size in
-//! `KILN_BENCH_SNAP_MIB` (default `128,1024`), and the ratio kiln / Firecracker.
+//! `KILN_BENCH_SNAP_MIB` (default `128,1024,4096`), and the ratio kiln / Firecracker. Then
+//! `KILN_BENCH_SNAP_CLONES` (default 20) clones of one 128 MiB snapshot restored 4 at a time
+//! (no drive): wall time until all answered their console, and each clone's load → echo.
 
 mod common;
 
@@ -124,19 +126,16 @@ fn wait_line(p: &Proc, prefix: &str, timeout: Duration) -> Result<String> {
     }
 }
 
-fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Result<Sample> {
-    let tag = format!("{vmm:?}-{mem_mib}-{run}");
-    let disk = dir.path(&format!("{tag}.img"));
-    std::fs::write(&disk, vec![0u8; 4 << 20])?;
-    let state = dir.path(&format!("{tag}.state"));
-    let mem = dir.path(&format!("{tag}.mem"));
+/// Boots the workload guest (with `disk` as its scratch drive) through the API.
+fn boot(bin: &Path, dir: &Scratch, tag: &str, mem_mib: usize, disk: Option<&Path>) -> Result<Proc> {
     let src = spawn(bin, &dir.path(&format!("{tag}-src.sock")))?;
+    let blk = if disk.is_some() { ":blk" } else { "" };
     api(
         &src,
         "PUT",
         "/boot-source",
         &format!(
-            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 kiln.run=workload:1000000:blk:ws={WS_MIB}"}}"#,
+            r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0 reboot=k panic=1 kiln.run=workload:1000000{blk}:ws={WS_MIB}"}}"#,
             guest_elf().display()
         ),
     )?;
@@ -146,21 +145,94 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
         "/machine-config",
         &format!(r#"{{"vcpu_count": 1, "mem_size_mib": {mem_mib}, "track_dirty_pages": true}}"#),
     )?;
-    api(
-        &src,
-        "PUT",
-        "/drives/scratch",
-        &format!(
-            r#"{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
-            disk.display()
-        ),
-    )?;
+    if let Some(disk) = disk {
+        api(
+            &src,
+            "PUT",
+            "/drives/scratch",
+            &format!(
+                r#"{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+                disk.display()
+            ),
+        )?;
+    }
     api(
         &src,
         "PUT",
         "/actions",
         r#"{"action_type": "InstanceStart"}"#,
     )?;
+    Ok(src)
+}
+
+/// 20 clones restored from one snapshot, `parallel` at a time (no drive, so that clones
+/// share nothing writable): the wall time until every clone has answered its console, and
+/// each clone's load -> console echo.
+fn clones(
+    vmm: Vmm,
+    bin: &Path,
+    dir: &Scratch,
+    n: usize,
+    parallel: usize,
+) -> Result<(f64, Vec<f64>)> {
+    let tag = format!("{vmm:?}-clones");
+    let state = dir.path(&format!("{tag}.state"));
+    let mem = dir.path(&format!("{tag}.mem"));
+    let src = boot(bin, dir, &tag, 128, None)?;
+    wait_line(&src, "info workload step=2 ", Duration::from_secs(60))?;
+    api(&src, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+    api(
+        &src,
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    )?;
+    drop(src);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let echoes = std::sync::Mutex::new(Vec::new());
+    let t = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..parallel)
+            .map(|_| {
+                scope.spawn(|| -> std::result::Result<(), String> {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        if i >= n {
+                            return Ok(());
+                        }
+                        let clone = format!("{tag}-{i}");
+                        let (_, _, echo) =
+                            restore_until(vmm, bin, dir, &clone, &state, &mem, "", false, false)
+                                .map_err(|e| e.to_string())?;
+                        echoes.lock().map_err(|e| e.to_string())?.push(echo);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().map_err(|_| "a clone worker panicked")??;
+        }
+        Ok(())
+    })?;
+    let total = common::ms(t.elapsed());
+    for f in [&state, &mem] {
+        let _ = std::fs::remove_file(f);
+    }
+    let echoes = echoes.into_inner().map_err(|e| e.to_string())?;
+    Ok((total, echoes))
+}
+
+fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Result<Sample> {
+    let tag = format!("{vmm:?}-{mem_mib}-{run}");
+    let disk = dir.path(&format!("{tag}.img"));
+    std::fs::write(&disk, vec![0u8; 4 << 20])?;
+    let state = dir.path(&format!("{tag}.state"));
+    let mem = dir.path(&format!("{tag}.mem"));
+    let src = boot(bin, dir, &tag, mem_mib, Some(&disk))?;
     wait_line(&src, "info workload step=2 ", Duration::from_secs(60))?;
     api(&src, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
     let t = Instant::now();
@@ -259,6 +331,22 @@ fn restore(
     extra: &str,
     cold: bool,
 ) -> Result<(f64, f64, f64)> {
+    restore_until(vmm, bin, dir, tag, state, mem, extra, cold, true)
+}
+
+/// [`restore`], waiting for the next progress line only if `progress`.
+#[allow(clippy::too_many_arguments)]
+fn restore_until(
+    vmm: Vmm,
+    bin: &Path,
+    dir: &Scratch,
+    tag: &str,
+    state: &Path,
+    mem: &Path,
+    extra: &str,
+    cold: bool,
+    progress: bool,
+) -> Result<(f64, f64, f64)> {
     if cold {
         use std::os::fd::AsRawFd;
         let f = std::fs::File::open(mem)?;
@@ -291,7 +379,7 @@ fn restore(
     }
     let (mut running_ms, mut echo_ms) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while running_ms.is_none() || echo_ms.is_none() {
+    while (progress && running_ms.is_none()) || echo_ms.is_none() {
         let line = dst
             .lines
             .recv_until(deadline)
@@ -324,7 +412,7 @@ fn main() {
     common::run("snapshot", "boots VMs", || {
         let runs = env_usize("KILN_BENCH_SNAP_RUNS", 5);
         let sizes: Vec<usize> = std::env::var("KILN_BENCH_SNAP_MIB")
-            .unwrap_or_else(|_| "128,1024".into())
+            .unwrap_or_else(|_| "128,1024,4096".into())
             .split(',')
             .filter_map(|s| s.trim().parse().ok())
             .collect();
@@ -404,6 +492,37 @@ fn main() {
                 );
             }
         }
+        // Clones, kiln and Firecracker one after the other (each VMM's own snapshot).
+        let n = env_usize("KILN_BENCH_SNAP_CLONES", 20);
+        println!("\n{n} clones of one 128 MiB snapshot, 4 at a time");
+        let (kt, ke) = clones(Vmm::Kiln, &kiln, &dir, n, 4)?;
+        let fcc = match &fc {
+            Some(bin) => Some(clones(Vmm::Firecracker, bin, &dir, n, 4)?),
+            None => None,
+        };
+        let row = |name: &str, k: f64, f: Option<f64>, kc: String, fcell: String| {
+            println!(
+                "{name:<28} {kc:>22} {fcell:>22} {:>8}",
+                f.map_or_else(|| "-".to_string(), |f| ratio(k, f))
+            );
+        };
+        row(
+            "all answered (ms)",
+            kt,
+            fcc.as_ref().map(|c| c.0),
+            format!("{kt:.1}"),
+            fcc.as_ref()
+                .map_or_else(|| "absent".into(), |c| format!("{:.1}", c.0)),
+        );
+        let ks = stats(&ke);
+        let fs = fcc.as_ref().map(|c| stats(&c.1));
+        row(
+            "clone load -> echo (ms)",
+            ks.median,
+            fs.map(|f| f.median),
+            cell(ks, 2),
+            fs.map_or_else(|| "absent".into(), |f| cell(f, 2)),
+        );
         Ok(())
     });
 }
