@@ -5,7 +5,7 @@
  * it also writes a sector of the first block device and reads back (and
  * checks) the one written the step before. Then it prints
  *   info workload step=<k> mem=ok[ blk=ok]
- * and waits ~100 ms. Throughout (every 256 words of the pattern, every ~1 ms
+ * and waits ~100 ms. Throughout (every 64 words of the pattern, every ~1 ms
  * of the wait) it answers each byte that arrives on COM1 with
  * `info workload echo=<hex>`: a sign of life that depends on no guest timer,
  * for measuring when a restored guest runs again. With `ws=<MiB>` it first
@@ -127,7 +127,7 @@ void scn_workload(const char *arg)
     for (u64 step = 0; step < steps; step++) {
         if (step > 0) {
             for (u64 i = 0; i < WL_WORDS; i++) {
-                if ((i & 255) == 0)
+                if ((i & 63) == 0)
                     wl_poll();      /* the pattern takes most of a step under emulation */
                 if (mem[i] != wl_word(step - 1, i)) {
                     fail("workload", "step=%llu mem-word=%llu", step, i);
@@ -136,7 +136,7 @@ void scn_workload(const char *arg)
             }
         }
         for (u64 i = 0; i < WL_WORDS; i++) {
-            if ((i & 255) == 0)
+            if ((i & 63) == 0)
                 wl_poll();
             mem[i] = wl_word(step, i);
         }
