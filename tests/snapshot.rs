@@ -326,12 +326,31 @@ fn a_recorded_working_set_is_faulted_in_before_the_next_restore_runs() {
         "resident before the guest ran: {warm_kib} KiB with the working set ({} KiB), {plain_kib} KiB without",
         set.pages() * 4
     );
-    // The prefaulted guest carries on as any other.
+    // While paused after the load, its drive moves to a copy (PATCH /drives, as after a
+    // boot); the prefaulted guest carries on as any other, on the copy: the original disk
+    // is left as it was, the copy has the guest's later steps.
+    let copy = dir.path().join("copy.img");
+    std::fs::copy(&disk, &copy).unwrap();
+    let original = std::fs::read(&disk).unwrap();
+    let patch = format!(
+        r#"{{"drive_id": "scratch", "path_on_host": "{}"}}"#,
+        copy.display()
+    );
+    let (status, text) = k.api("PATCH", "/drives/scratch", Some(&patch));
+    assert_eq!(status, 204, "{text}");
     assert_eq!(
         k.api("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
         204
     );
     check_continuation(&before, &k.finish(Duration::from_secs(300)));
+    assert!(
+        std::fs::read(&disk).unwrap() == original,
+        "the original disk was written"
+    );
+    assert!(
+        std::fs::read(&copy).unwrap() != original,
+        "the copy was not written"
+    );
 
     // A damaged working-set file is refused, naming the field.
     let mut bytes = std::fs::read(&ws).unwrap();
