@@ -38,6 +38,7 @@ use crate::exit::{ExitCode, ExitSignal};
 use crate::rate_limiter::RateLimiter;
 use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
+use crate::snapshot::uffd::{self, PageFaultHandler};
 use crate::snapshot::{
     Key, MemBackendType, MicrovmState, SnapshotError, SnapshotLoadParams, read_state,
 };
@@ -513,10 +514,12 @@ fn restore_devices(devices: &DeviceRegistry, state: &MicrovmState) -> Result<(),
 enum Boot<'a> {
     /// A kernel, entered through its boot protocol.
     Kernel,
-    /// A snapshot's state, with its memory already mapped.
+    /// A snapshot's state, with its memory already mapped (and, with the `Uffd` backend,
+    /// the page-fault handler that serves it).
     Snapshot {
         state: &'a MicrovmState,
         memory: GuestMemory,
+        handler: Option<PageFaultHandler>,
         resume: bool,
     },
 }
@@ -527,7 +530,8 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
 }
 
 /// Restores the snapshot `params` names into a new VM: the state file is authenticated
-/// (with `key`) and checked before use, the memory file mapped privately; the VM is left
+/// (with `key`) and checked before use, the memory file mapped privately (or, with the
+/// `Uffd` backend, guest memory handed to the page-fault handler first); the VM is left
 /// paused unless `resume_vm`.
 pub fn restore(
     params: &SnapshotLoadParams,
@@ -541,17 +545,21 @@ pub fn restore(
     if params.track_dirty_pages || params.enable_diff_snapshots {
         return unsupported("track_dirty_pages: Diff snapshots are not supported by this kiln yet");
     }
-    let mem_path = match (&params.mem_backend, &params.mem_file_path) {
-        (Some(b), None) if b.backend_type == MemBackendType::File => b.backend_path.clone(),
-        (Some(_), None) => {
-            return unsupported("mem_backend.backend_type Uffd is not supported by this kiln yet");
-        }
-        (None, Some(p)) => p.clone(),
+    let (backend, mem_path) = match (&params.mem_backend, &params.mem_file_path) {
+        (Some(b), None) => (b.backend_type, b.backend_path.clone()),
+        (None, Some(p)) => (MemBackendType::File, p.clone()),
         (Some(_), Some(_)) => {
             return unsupported("give either mem_backend or mem_file_path, not both");
         }
         (None, None) => return unsupported("mem_backend: missing"),
     };
+    if backend == MemBackendType::Uffd && key.is_some() {
+        return unsupported(
+            "mem_backend.backend_type Uffd: kiln never reads the memory file, so it cannot check \
+             it against the snapshot's keyed digest (--snapshot-key-file): use the File backend, \
+             or no key and a page-fault handler that checks the memory itself",
+        );
+    }
     let state = read_state(Path::new(&params.snapshot_path), key)?;
     let mut config = state.config.clone();
     for o in &params.network_overrides {
@@ -579,38 +587,81 @@ pub fn restore(
     config
         .validate()
         .map_err(|e| StartError::Snapshot(SnapshotError::Invalid(e.to_string())))?;
-    let mem_err = |source| {
-        StartError::Snapshot(SnapshotError::Memory {
-            path: mem_path.clone(),
-            source,
-        })
-    };
-    let file = File::open(&mem_path)
-        .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
-    if let (Some(k), Some(want)) = (key, state.memory_digest) {
-        let len = state.memory.iter().map(|r| r.size).sum();
-        let got = crate::snapshot::memory::digest(&file, len, k)
-            .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
-        if blake3::Hash::from(got) != blake3::Hash::from(want) {
-            return Err(StartError::Snapshot(SnapshotError::MemoryDigest(mem_path)));
+    let (memory, handler) = match backend {
+        MemBackendType::File => (file_memory(&mem_path, &state, key)?, None),
+        // Nothing touches guest memory before the handler has it: only the builder, after.
+        MemBackendType::Uffd => {
+            let (memory, handler) = uffd_memory(&mem_path, &state)?;
+            (memory, Some(handler))
         }
-    }
-    let memory = crate::snapshot::memory::map(&file, &state.memory).map_err(mem_err)?;
+    };
     let vmm = build(
         &config,
         opts,
         Boot::Snapshot {
             state: &state,
             memory,
+            handler,
             resume: params.resume_vm,
         },
     )?;
     Ok((vmm, config))
 }
 
-fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, StartError> {
+/// The `File` backend: the memory file (checked against the state's keyed digest when there
+/// is a key), mapped privately.
+fn file_memory(
+    mem_path: &str,
+    state: &MicrovmState,
+    key: Option<&Key>,
+) -> Result<GuestMemory, StartError> {
+    let mem_err = |source| {
+        StartError::Snapshot(SnapshotError::Memory {
+            path: mem_path.to_string(),
+            source,
+        })
+    };
+    let file = File::open(mem_path)
+        .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
+    if let (Some(k), Some(want)) = (key, state.memory_digest) {
+        let len = state.memory.iter().map(|r| r.size).sum();
+        let got = crate::snapshot::memory::digest(&file, len, k)
+            .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
+        if blake3::Hash::from(got) != blake3::Hash::from(want) {
+            return Err(StartError::Snapshot(SnapshotError::MemoryDigest(
+                mem_path.to_string(),
+            )));
+        }
+    }
+    Ok(crate::snapshot::memory::map(&file, &state.memory).map_err(mem_err)?)
+}
+
+/// The `Uffd` backend: anonymous memory laid out as the snapshot's, registered with a new
+/// userfaultfd, which goes to the page-fault handler listening at `socket` with the layout.
+fn uffd_memory(
+    socket: &str,
+    state: &MicrovmState,
+) -> Result<(GuestMemory, PageFaultHandler), StartError> {
+    let err = |source| {
+        StartError::Snapshot(SnapshotError::Uffd {
+            path: socket.to_string(),
+            source,
+        })
+    };
+    let memory = uffd::anonymous_memory(&state.memory).map_err(err)?;
+    let userfaultfd = uffd::register(&memory).map_err(err)?;
+    let mappings = uffd::mappings(&memory, &state.memory);
+    let handler = PageFaultHandler::connect(socket, userfaultfd, &mappings).map_err(err)?;
+    Ok((memory, handler))
+}
+
+fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm, StartError> {
     let vcpu_count = config.vcpus();
     let machine = &config.machine_config;
+    let handler = match &mut boot {
+        Boot::Snapshot { handler, .. } => handler.take(),
+        Boot::Kernel => None,
+    };
 
     // KVM, memory, VM.
     let kvm = open_kvm(vcpu_count)?;
@@ -776,6 +827,18 @@ fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, St
             input_ready,
         )));
         event_manager.add_subscriber(input);
+    }
+
+    // The page-fault handler (`Uffd` backend) must have taken the handshake: a handler gone
+    // without it would leave the guest's first fault waiting forever.
+    if let Some(handler) = handler {
+        handler.check().map_err(|source| {
+            StartError::Snapshot(SnapshotError::Uffd {
+                path: handler.path().to_string(),
+                source,
+            })
+        })?;
+        vm.keep_page_fault_handler(handler);
     }
 
     // Go.

@@ -82,11 +82,14 @@ fn resident(host: *mut u8, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
 
 /// Writes guest memory into `file` (already empty), leaving holes for pages that were never
 /// touched (anonymous memory not resident) or are all zero, and feeds every byte (holes as
-/// zeroes) to `hasher`. Returns the bytes written.
+/// zeroes) to `hasher`. Returns the bytes written. With `every_page` (memory a page-fault
+/// handler serves: a page not resident is one it has not served yet, not a zero one) every
+/// page is read, which has the handler serve the rest.
 pub fn save(
     mem: &GuestMemory,
     file: &File,
     mut hasher: Option<&mut blake3::Hasher>,
+    every_page: bool,
 ) -> Result<u64, MemoryFileError> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     file.set_len(total)?;
@@ -99,7 +102,7 @@ pub fn save(
             .map_err(|_| MemoryFileError::Layout("unmapped region"))?;
         // A file-backed region (a restored VM) has its data in the file whether resident or
         // not: every page is read. Anonymous memory never touched is not resident.
-        let anonymous = region.file_offset().is_none();
+        let anonymous = region.file_offset().is_none() && !every_page;
         let len = region.len() as usize;
         let mut off = 0usize;
         while off < len {
@@ -223,7 +226,7 @@ mod tests {
             .unwrap();
         mem.write_obj(0x1234_u64, GuestAddress(0xff_f000)).unwrap();
         let (file, path) = scratch("holes");
-        let written = save(&mem, &file, None).unwrap();
+        let written = save(&mem, &file, None, false).unwrap();
         assert_eq!(written, 2 * PAGE as u64, "only the two touched pages");
         assert_eq!(file.metadata().unwrap().len(), 16 << 20);
         let restored = map(&file, &layout(&mem)).unwrap();
@@ -243,7 +246,7 @@ mod tests {
         assert_eq!(u64::from_le_bytes(b), 0xdead_beef);
         // A snapshot of the restored (file-backed) memory keeps every page.
         let (file2, path2) = scratch("again");
-        save(&restored, &file2, None).unwrap();
+        save(&restored, &file2, None, false).unwrap();
         let again = map(&file2, &layout(&mem)).unwrap();
         assert_eq!(again.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 7);
         assert_eq!(

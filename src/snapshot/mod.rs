@@ -5,6 +5,8 @@
 //! - `format.rs`: the state file's header, size cap and digest (a keyed MAC with a key),
 //!   checked before the state is parsed;
 //! - `memory.rs`: the memory file (sparse) and its private mapping on restore;
+//! - `uffd.rs`: the `Uffd` backend: anonymous memory whose pages a page-fault handler in
+//!   another process serves, and Firecracker's handshake with that handler;
 //! - this file: the API's parameters (Firecracker's `SnapshotCreateParams` and
 //!   `SnapshotLoadParams`), the saved state, and creating a snapshot from a paused VM.
 //!   Restoring is the builder's other way to make a VM ([`crate::builder::restore`]).
@@ -12,6 +14,7 @@
 pub mod cpu;
 pub mod format;
 pub mod memory;
+pub mod uffd;
 
 use std::fs::File;
 use std::io::Write;
@@ -262,6 +265,14 @@ pub enum SnapshotError {
     /// This host lacks CPU features the guest saw.
     #[error("this host lacks CPU features the snapshot's guest uses: {}", .0.join(", "))]
     CpuFeatures(Vec<String>),
+    /// The `Uffd` backend's page-fault handler could not be given guest memory.
+    #[error("mem_backend.backend_path {path}: {source}")]
+    Uffd {
+        /// The handler's socket.
+        path: String,
+        /// Why.
+        source: uffd::UffdError,
+    },
     /// The memory file's digest does not match the state's.
     #[error("{0}: the memory file does not match the snapshot (corrupted or replaced)")]
     MemoryDigest(String),
@@ -393,7 +404,8 @@ pub fn create(
     let mem_path = Path::new(&params.mem_file_path);
     let mem_file = Staged::create(mem_path)?;
     let mut hasher = key.map(blake3::Hasher::new_keyed);
-    memory::save(vm.memory(), &mem_file.file, hasher.as_mut()).map_err(|source| {
+    let every_page = vm.page_fault_handler().is_some();
+    memory::save(vm.memory(), &mem_file.file, hasher.as_mut(), every_page).map_err(|source| {
         SnapshotError::Memory {
             path: params.mem_file_path.clone(),
             source,
