@@ -53,8 +53,12 @@ pub const MAPPING_KEYS: [&str; 5] = [
 pub enum Mode {
     /// Take the handshake and serve faults.
     Serve,
-    /// Accept the connection and close it at once, reading nothing (a handler that refuses).
+    /// Accept the connection and close it at once, reading nothing (a handler that refuses;
+    /// the VMM may not have sent its handshake yet, or may have).
     CloseAtOnce,
+    /// Accept the connection, wait until the handshake has arrived, and close the
+    /// connection without reading it.
+    CloseUnread,
 }
 
 /// One region as the handshake described it.
@@ -321,9 +325,18 @@ fn serve(
     counters: &Counters,
 ) -> io::Result<Report> {
     let stream = accept(&listener, stop)?;
-    if mode == Mode::CloseAtOnce {
-        drop(stream);
-        return Ok(Report::default());
+    match mode {
+        Mode::CloseAtOnce => return Ok(Report::default()),
+        Mode::CloseUnread => {
+            let deadline = Instant::now() + ACCEPT_TIMEOUT;
+            while !wait_readable(stream.as_raw_fd(), Duration::from_millis(50))? {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    return Err(error("no handshake came"));
+                }
+            }
+            return Ok(Report::default());
+        }
+        Mode::Serve => {}
     }
     let (handshake, uffd) = receive_handshake(&stream)?;
     let mappings = parse_handshake(&handshake)?;
