@@ -7,6 +7,9 @@
 //! - **create**: `PUT /snapshot/create` (Full) on the paused guest, request → response;
 //! - **load**: in a fresh process, `PUT /snapshot/load` (File backend, `resume_vm`)
 //!   request → response, and request → the guest's next progress line (running again);
+//! - **load (Uffd)**: the same through testkit's page-fault handler serving the memory file
+//!   (Firecracker's handshake on both sides), and the pages it had served by the guest's
+//!   next progress line;
 //! - the memory file's allocated size.
 //!
 //! Medians (min–max) over `KILN_BENCH_SNAP_RUNS` runs (default 5) for each size in
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 use common::{Result, Scratch, cell, env_usize, guest_elf, ratio, stats};
 use testkit::LineReader;
 use testkit::http::request;
+use testkit::uffd::{Mode, PageServer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Vmm {
@@ -35,6 +39,9 @@ struct Sample {
     create_ms: f64,
     load_ms: f64,
     running_ms: f64,
+    uffd_load_ms: f64,
+    uffd_running_ms: f64,
+    uffd_pages: f64,
     mem_alloc_mib: f64,
 }
 
@@ -167,6 +174,27 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
     wait_line(&dst, "info workload step=", Duration::from_secs(60))?;
     let running_ms = common::ms(t.elapsed());
     drop(dst);
+
+    let uffd_sock = dir.path(&format!("{tag}-uffd.sock"));
+    let server = PageServer::start(&uffd_sock, &mem, Mode::Serve)?;
+    let dst = spawn(bin, &dir.path(&format!("{tag}-dst2.sock")))?;
+    let t = Instant::now();
+    api(
+        &dst,
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state.display(),
+            uffd_sock.display()
+        ),
+    )?;
+    let uffd_load_ms = common::ms(t.elapsed());
+    wait_line(&dst, "info workload step=", Duration::from_secs(60))?;
+    let uffd_running_ms = common::ms(t.elapsed());
+    let uffd_pages = server.served() as f64;
+    drop(dst);
+    server.finish()?;
     for f in [&disk, &state, &mem] {
         let _ = std::fs::remove_file(f);
     }
@@ -174,6 +202,9 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
         create_ms,
         load_ms,
         running_ms,
+        uffd_load_ms,
+        uffd_running_ms,
+        uffd_pages,
         mem_alloc_mib,
     })
 }
@@ -208,10 +239,13 @@ fn main() {
                 "", "kiln", "firecracker", "ratio"
             );
             type Get = fn(&Sample) -> f64;
-            let rows: [(&str, Get); 4] = [
+            let rows: [(&str, Get); 7] = [
                 ("create Full (ms)", |s| s.create_ms),
                 ("load -> response (ms)", |s| s.load_ms),
                 ("load -> guest running (ms)", |s| s.running_ms),
+                ("Uffd load -> response (ms)", |s| s.uffd_load_ms),
+                ("Uffd load -> running (ms)", |s| s.uffd_running_ms),
+                ("Uffd pages served by then", |s| s.uffd_pages),
                 ("memory file on disk (MiB)", |s| s.mem_alloc_mib),
             ];
             for (name, get) in rows {
