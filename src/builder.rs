@@ -633,7 +633,7 @@ fn file_memory(
             )));
         }
     }
-    Ok(crate::snapshot::memory::map(&file, &state.memory).map_err(mem_err)?)
+    crate::snapshot::memory::map(&file, &state.memory).map_err(mem_err)
 }
 
 /// The `Uffd` backend: anonymous memory laid out as the snapshot's, registered with a new

@@ -169,7 +169,15 @@ fn uffd_loads_without_a_willing_handler_fail_with_400_and_exit_1() {
     let closing = dir.path().join("closing.sock");
     let unread = dir.path().join("unread.sock");
     let listening = dir.path().join("listening.sock");
-    let cases: [(&str, &Path, Option<Mode>, &[&str], &[&str]); 4] = [
+    /// What the load is given, and what its 400 must say.
+    type Case<'a> = (
+        &'a str,
+        &'a Path,
+        Option<Mode>,
+        &'a [&'a str],
+        &'a [&'a str],
+    );
+    let cases: [Case; 4] = [
         (
             "no socket",
             &missing,

@@ -226,8 +226,10 @@ fn receive_handshake(stream: &UnixStream) -> io::Result<(String, OwnedFd)> {
         // SAFETY: `cmsg` is a header inside the control buffer (CMSG_FIRSTHDR/NXTHDR).
         let hdr = unsafe { &*cmsg };
         if hdr.cmsg_level == libc::SOL_SOCKET && hdr.cmsg_type == libc::SCM_RIGHTS {
+            // SAFETY: `cmsg` is a header inside the control buffer; its data follows it.
+            let data = unsafe { libc::CMSG_DATA(cmsg) };
             // SAFETY: an SCM_RIGHTS payload holds ints; the first one is read unaligned.
-            let raw = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>()) };
+            let raw = unsafe { std::ptr::read_unaligned(data.cast::<RawFd>()) };
             // SAFETY: the kernel installed this descriptor for us; nothing else owns it.
             fd = Some(unsafe { OwnedFd::from_raw_fd(raw) });
         }
