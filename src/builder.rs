@@ -38,12 +38,13 @@ use crate::exit::{ExitCode, ExitSignal};
 use crate::rate_limiter::RateLimiter;
 use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
+use crate::snapshot::digest::MemoryDigest;
 use crate::snapshot::uffd::{self, PageFaultHandler};
 use crate::snapshot::{
     Key, MemBackendType, MicrovmState, SnapshotError, SnapshotLoadParams, read_state,
 };
 use crate::vmm::{ExitWatcher, Subscriber, Vmm};
-use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory};
+use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory_with};
 use crate::vstate::vcpu::{Vcpu, VcpuError, install_kick_handler};
 use crate::vstate::vm::{Vm, VmError, open_kvm};
 
@@ -542,9 +543,6 @@ pub fn restore(
     if params.vsock_override.is_some() {
         return unsupported("vsock_override: kiln has no vsock device");
     }
-    if params.track_dirty_pages || params.enable_diff_snapshots {
-        return unsupported("track_dirty_pages: Diff snapshots are not supported by this kiln yet");
-    }
     let (backend, mem_path) = match (&params.mem_backend, &params.mem_file_path) {
         (Some(b), None) => (b.backend_type, b.backend_path.clone()),
         (None, Some(p)) => (MemBackendType::File, p.clone()),
@@ -584,18 +582,25 @@ pub fn restore(
         };
         drive.path_on_host = o.path_on_host.clone();
     }
+    // Firecracker's rule: the load decides whether the restored VM tracks dirty pages.
+    config.machine_config.track_dirty_pages =
+        params.track_dirty_pages || params.enable_diff_snapshots;
     config
         .validate()
         .map_err(|e| StartError::Snapshot(SnapshotError::Invalid(e.to_string())))?;
-    let (memory, handler) = match backend {
-        MemBackendType::File => (file_memory(&mem_path, &state, key)?, None),
+    let track_dirty_pages = config.machine_config.track_dirty_pages;
+    let (memory, digest, handler) = match backend {
+        MemBackendType::File => {
+            let (memory, digest) = file_memory(&mem_path, &state, key, track_dirty_pages)?;
+            (memory, digest, None)
+        }
         // Nothing touches guest memory before the handler has it: only the builder, after.
         MemBackendType::Uffd => {
-            let (memory, handler) = uffd_memory(&mem_path, &state)?;
-            (memory, Some(handler))
+            let (memory, handler) = uffd_memory(&mem_path, &state, track_dirty_pages)?;
+            (memory, None, Some(handler))
         }
     };
-    let vmm = build(
+    let mut vmm = build(
         &config,
         opts,
         Boot::Snapshot {
@@ -605,16 +610,18 @@ pub fn restore(
             resume: params.resume_vm,
         },
     )?;
+    vmm.set_memory_digest(digest);
     Ok((vmm, config))
 }
 
 /// The `File` backend: the memory file (checked against the state's keyed digest when there
-/// is a key), mapped privately.
+/// is a key, whose chunk digests are returned), mapped privately.
 fn file_memory(
     mem_path: &str,
     state: &MicrovmState,
     key: Option<&Key>,
-) -> Result<GuestMemory, StartError> {
+    track_dirty_pages: bool,
+) -> Result<(GuestMemory, Option<MemoryDigest>), StartError> {
     let mem_err = |source| {
         StartError::Snapshot(SnapshotError::Memory {
             path: mem_path.to_string(),
@@ -623,17 +630,21 @@ fn file_memory(
     };
     let file = File::open(mem_path)
         .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
+    let mut digest = None;
     if let (Some(k), Some(want)) = (key, state.memory_digest) {
         let len = state.memory.iter().map(|r| r.size).sum();
-        let got = crate::snapshot::memory::digest(&file, len, k)
+        let got = MemoryDigest::of_file(&file, len, k)
             .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
-        if blake3::Hash::from(got) != blake3::Hash::from(want) {
+        if blake3::Hash::from(got.total(k)) != blake3::Hash::from(want) {
             return Err(StartError::Snapshot(SnapshotError::MemoryDigest(
                 mem_path.to_string(),
             )));
         }
+        digest = Some(got);
     }
-    crate::snapshot::memory::map(&file, &state.memory).map_err(mem_err)
+    let memory =
+        crate::snapshot::memory::map(&file, &state.memory, track_dirty_pages).map_err(mem_err)?;
+    Ok((memory, digest))
 }
 
 /// The `Uffd` backend: anonymous memory laid out as the snapshot's, registered with a new
@@ -641,6 +652,7 @@ fn file_memory(
 fn uffd_memory(
     socket: &str,
     state: &MicrovmState,
+    track_dirty_pages: bool,
 ) -> Result<(GuestMemory, PageFaultHandler), StartError> {
     let err = |source| {
         StartError::Snapshot(SnapshotError::Uffd {
@@ -648,7 +660,7 @@ fn uffd_memory(
             source,
         })
     };
-    let memory = uffd::anonymous_memory(&state.memory).map_err(err)?;
+    let memory = uffd::anonymous_memory(&state.memory, track_dirty_pages).map_err(err)?;
     let userfaultfd = uffd::register(&memory).map_err(err)?;
     let mappings = uffd::mappings(&memory, &state.memory);
     let handler = PageFaultHandler::connect(socket, userfaultfd, &mappings).map_err(err)?;
@@ -666,7 +678,7 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
     // KVM, memory, VM.
     let kvm = open_kvm(vcpu_count)?;
     let memory = match &boot {
-        Boot::Kernel => create_guest_memory(machine.mem_size_mib)?,
+        Boot::Kernel => create_guest_memory_with(machine.mem_size_mib, machine.track_dirty_pages)?,
         Boot::Snapshot { memory, .. } => memory.clone(),
     };
     let mut vm = Vm::new(&kvm, memory, machine.track_dirty_pages)?;

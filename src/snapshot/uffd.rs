@@ -32,7 +32,7 @@ use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_val};
 use vmm_sys_util::{ioctl_io_nr, ioctl_iowr_nr};
 
 use super::memory::RegionInfo;
-use crate::vstate::memory::GuestMemory;
+use crate::vstate::memory::{GuestMemory, new_bitmap};
 
 /// `/dev/userfaultfd` (Linux 6.1+): access to it is access to userfaultfd.
 const DEV_USERFAULTFD: &str = "/dev/userfaultfd";
@@ -138,13 +138,17 @@ fn ioctl_err(what: &'static str) -> impl FnOnce(io::Error) -> UffdError {
 }
 
 /// Anonymous, private guest memory laid out as `regions` (what [`super::memory::map`] would
-/// give, without the file), never touched here.
-pub fn anonymous_memory(regions: &[RegionInfo]) -> Result<GuestMemory, UffdError> {
+/// give, without the file; with dirty-page bitmaps when `track_dirty_pages`), never touched
+/// here.
+pub fn anonymous_memory(
+    regions: &[RegionInfo],
+    track_dirty_pages: bool,
+) -> Result<GuestMemory, UffdError> {
     let map_err = |size: u64, reason: String| UffdError::Map { size, reason };
     let mut mapped = Vec::with_capacity(regions.len());
     for r in regions {
         let size = usize::try_from(r.size).map_err(|e| map_err(r.size, e.to_string()))?;
-        let region = MmapRegionBuilder::<()>::new(size)
+        let region = MmapRegionBuilder::new_with_bitmap(size, new_bitmap(size, track_dirty_pages))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
             .build()
@@ -346,7 +350,7 @@ mod tests {
         // 3 GiB + 64 MiB: two regions, the second at 4 GiB, its contents right after the
         // first's in the file.
         let regions = layout(&create_guest_memory(3072 + 64).unwrap());
-        let mem = anonymous_memory(&regions).unwrap();
+        let mem = anonymous_memory(&regions, false).unwrap();
         assert_eq!(layout(&mem), regions);
         assert_eq!(resident_bytes(&mem), 0, "kiln touched guest memory");
         let maps = mappings(&mem, &regions);
@@ -379,7 +383,7 @@ mod tests {
         let sock = dir.path().join("uffd.sock");
         let server =
             testkit::uffd::PageServer::start(&sock, &mem_file, testkit::uffd::Mode::Serve).unwrap();
-        let mem = anonymous_memory(&regions).unwrap();
+        let mem = anonymous_memory(&regions, false).unwrap();
         let uffd = register(&mem).unwrap();
         let handler =
             PageFaultHandler::connect(sock.to_str().unwrap(), uffd, &mappings(&mem, &regions))
@@ -407,7 +411,7 @@ mod tests {
         let server =
             testkit::uffd::PageServer::start(&sock, &mem_file, testkit::uffd::Mode::CloseUnread)
                 .unwrap();
-        let mem = anonymous_memory(&regions).unwrap();
+        let mem = anonymous_memory(&regions, false).unwrap();
         let uffd = register(&mem).unwrap();
         let handler =
             PageFaultHandler::connect(sock.to_str().unwrap(), uffd, &mappings(&mem, &regions))
@@ -420,7 +424,7 @@ mod tests {
     #[test]
     fn registered_memory_waits_for_the_handler_and_a_missing_socket_is_named() {
         let regions = layout(&create_guest_memory(4).unwrap());
-        let mem = anonymous_memory(&regions).unwrap();
+        let mem = anonymous_memory(&regions, false).unwrap();
         let uffd = register(&mem).unwrap();
         assert_eq!(resident_bytes(&mem), 0);
         let err = PageFaultHandler::connect("/nonexistent/kiln-uffd.sock", uffd, &[]).unwrap_err();

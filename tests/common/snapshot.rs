@@ -40,6 +40,16 @@ pub fn api_kiln(dir: &Path, name: &str, extra: &[&str]) -> ApiKiln {
 /// A configuration running the workload with the scratch drive `disk` and, with `tap`, a
 /// network interface on that TAP (the guest then pings the host every step).
 pub fn config(dir: &TempDir, disk: &Path, tap: Option<&str>) -> PathBuf {
+    config_with(dir, disk, tap, false)
+}
+
+/// [`config`], with `track_dirty_pages` as given.
+pub fn config_with(
+    dir: &TempDir,
+    disk: &Path,
+    tap: Option<&str>,
+    track_dirty_pages: bool,
+) -> PathBuf {
     let (net, ifaces) = match tap {
         Some(tap) => (
             ":net",
@@ -52,7 +62,7 @@ pub fn config(dir: &TempDir, disk: &Path, tap: Option<&str>) -> PathBuf {
     let text = format!(
         r#"{{"boot-source": {{"kernel_image_path": "builtin:test-guest",
               "boot_args": "console=ttyS0 reboot=k panic=1 kiln.run=workload:{STEPS}:blk{net}"}},
-            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
+            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": {track_dirty_pages}}},
             "drives": [{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false}}]{ifaces}}}"#,
         disk.display()
     );
@@ -96,8 +106,9 @@ pub fn kill_after_snapshot(k: ApiKiln) -> Vec<u64> {
     steps(&out.stdout)
 }
 
-/// Boots the workload, pauses it after a few steps, snapshots it and kills it. Returns the
-/// steps printed before the snapshot.
+/// Boots the workload, pauses it after a few steps, snapshots it and kills it (checking on
+/// the way that a Diff without dirty-page tracking is refused). Returns the steps printed
+/// before the snapshot.
 pub fn snapshot_running_guest(
     dir: &TempDir,
     disk: &Path,
@@ -107,7 +118,27 @@ pub fn snapshot_running_guest(
     let mut args = vec!["--config-file", cfg.to_str().unwrap()];
     args.extend_from_slice(extra);
     let k = api_kiln(dir.path(), "src", &args);
-    let (state, mem) = snapshot_at(&k, 3, dir.path(), "vm");
+    k.wait_line("info workload step=3 ", Duration::from_secs(60));
+    assert_eq!(k.api("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
+    let state = dir.path().join("vm.state");
+    let mem = dir.path().join("vm.mem");
+    // Without dirty-page tracking a Diff is refused (Firecracker's words), and writes nothing.
+    let diff = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Diff"}}"#,
+        state.display(),
+        mem.display()
+    );
+    let (status, text) = k.api("PUT", "/snapshot/create", Some(&diff));
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("dirty page tracking disabled"), "{text}");
+    assert!(!state.exists() && !mem.exists());
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Full"}}"#,
+        state.display(),
+        mem.display()
+    );
+    let (status, text) = k.api("PUT", "/snapshot/create", Some(&body));
+    assert_eq!(status, 204, "{text}");
     (kill_after_snapshot(k), state, mem)
 }
 
