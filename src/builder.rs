@@ -38,7 +38,6 @@ use crate::exit::{ExitCode, ExitSignal};
 use crate::rate_limiter::RateLimiter;
 use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
-use crate::snapshot::digest::MemoryDigest;
 use crate::snapshot::uffd::{self, PageFaultHandler};
 use crate::snapshot::{
     Key, MemBackendType, MicrovmState, SnapshotError, SnapshotLoadParams, read_state,
@@ -591,12 +590,17 @@ pub fn restore(
     let track_dirty_pages = config.machine_config.track_dirty_pages;
     let (memory, digest, handler) = match backend {
         MemBackendType::File => {
-            let (memory, digest) = file_memory(&mem_path, &state, key, track_dirty_pages)?;
+            let (memory, digest) =
+                crate::snapshot::memory::load(&mem_path, &state, key, track_dirty_pages)?;
             (memory, digest, None)
         }
         // Nothing touches guest memory before the handler has it: only the builder, after.
         MemBackendType::Uffd => {
-            let (memory, handler) = uffd_memory(&mem_path, &state, track_dirty_pages)?;
+            let (memory, handler) = uffd::hand_over(&mem_path, &state.memory, track_dirty_pages)
+                .map_err(|source| SnapshotError::Uffd {
+                    path: mem_path.clone(),
+                    source,
+                })?;
             (memory, None, Some(handler))
         }
     };
@@ -612,59 +616,6 @@ pub fn restore(
     )?;
     vmm.set_memory_digest(digest);
     Ok((vmm, config))
-}
-
-/// The `File` backend: the memory file (checked against the state's keyed digest when there
-/// is a key, whose chunk digests are returned), mapped privately.
-fn file_memory(
-    mem_path: &str,
-    state: &MicrovmState,
-    key: Option<&Key>,
-    track_dirty_pages: bool,
-) -> Result<(GuestMemory, Option<MemoryDigest>), StartError> {
-    let mem_err = |source| {
-        StartError::Snapshot(SnapshotError::Memory {
-            path: mem_path.to_string(),
-            source,
-        })
-    };
-    let file = File::open(mem_path)
-        .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
-    let mut digest = None;
-    if let (Some(k), Some(want)) = (key, state.memory_digest) {
-        let len = state.memory.iter().map(|r| r.size).sum();
-        let got = MemoryDigest::of_file(&file, len, k)
-            .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
-        if blake3::Hash::from(got.total(k)) != blake3::Hash::from(want) {
-            return Err(StartError::Snapshot(SnapshotError::MemoryDigest(
-                mem_path.to_string(),
-            )));
-        }
-        digest = Some(got);
-    }
-    let memory =
-        crate::snapshot::memory::map(&file, &state.memory, track_dirty_pages).map_err(mem_err)?;
-    Ok((memory, digest))
-}
-
-/// The `Uffd` backend: anonymous memory laid out as the snapshot's, registered with a new
-/// userfaultfd, which goes to the page-fault handler listening at `socket` with the layout.
-fn uffd_memory(
-    socket: &str,
-    state: &MicrovmState,
-    track_dirty_pages: bool,
-) -> Result<(GuestMemory, PageFaultHandler), StartError> {
-    let err = |source| {
-        StartError::Snapshot(SnapshotError::Uffd {
-            path: socket.to_string(),
-            source,
-        })
-    };
-    let memory = uffd::anonymous_memory(&state.memory, track_dirty_pages).map_err(err)?;
-    let userfaultfd = uffd::register(&memory).map_err(err)?;
-    let mappings = uffd::mappings(&memory, &state.memory);
-    let handler = PageFaultHandler::connect(socket, userfaultfd, &mappings).map_err(err)?;
-    Ok((memory, handler))
 }
 
 fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm, StartError> {

@@ -193,7 +193,7 @@ fn uffd_loads_without_a_willing_handler_fail_with_400_and_exit_1() {
             &[
                 "mem_backend.backend_path",
                 "closing.sock",
-                "page-fault handler",
+                "closed the connection without taking the handshake",
             ],
         ),
         (
@@ -223,15 +223,6 @@ fn uffd_loads_without_a_willing_handler_fail_with_400_and_exit_1() {
         assert_eq!(status, 400, "{what}: {text}");
         for e in expect {
             assert!(text.contains(e), "{what}: {text}");
-        }
-        if mode == Some(Mode::CloseAtOnce) {
-            // Closed before the handshake went (the send fails) or after (kiln finds it
-            // unread before starting the vCPUs).
-            assert!(
-                text.contains("closed the connection without taking the handshake")
-                    || text.contains("Broken pipe"),
-                "{what}: {text}"
-            );
         }
         let out = k.finish(Duration::from_secs(10));
         assert_eq!(

@@ -308,6 +308,32 @@ pub fn check_layout(regions: &[RegionInfo], size_mib: u64) -> Result<(), MemoryF
     Ok(())
 }
 
+/// The `File` backend of a load: opens the memory file at `path`, checks it against the
+/// state's keyed digest when there is a key (returning its chunk digests), and maps it.
+pub fn load(
+    path: &str,
+    state: &super::MicrovmState,
+    key: Option<&Key>,
+    track_dirty_pages: bool,
+) -> Result<(GuestMemory, Option<MemoryDigest>), super::SnapshotError> {
+    let err = |source| super::SnapshotError::Memory {
+        path: path.to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(|e| err(MemoryFileError::Io(e)))?;
+    let mut digest = None;
+    if let (Some(k), Some(want)) = (key, state.memory_digest) {
+        let len = state.memory.iter().map(|r| r.size).sum();
+        let got = MemoryDigest::of_file(&file, len, k).map_err(|e| err(MemoryFileError::Io(e)))?;
+        if blake3::Hash::from(got.total(k)) != blake3::Hash::from(want) {
+            return Err(super::SnapshotError::MemoryDigest(path.to_string()));
+        }
+        digest = Some(got);
+    }
+    let memory = map(&file, &state.memory, track_dirty_pages).map_err(err)?;
+    Ok((memory, digest))
+}
+
 /// Maps `file` as guest memory laid out as `regions`: private, so the guest's writes stay
 /// in this process and the file is never changed; with dirty-page bitmaps when
 /// `track_dirty_pages`.

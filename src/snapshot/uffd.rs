@@ -11,7 +11,9 @@
 //! kernel-mode faults too (KVM's, and kiln's own system calls on guest buffers), and
 //! negotiates `UFFD_FEATURE_EVENT_REMOVE`; every region is registered for missing pages;
 //! then one `sendmsg` on a stream connection carries the JSON array of
-//! [`GuestRegionUffdMapping`]s with the userfaultfd as `SCM_RIGHTS`. kiln keeps its own copy
+//! [`GuestRegionUffdMapping`]s with the userfaultfd as `SCM_RIGHTS`. Before the vCPUs start
+//! kiln waits (briefly, usually not at all) until the handler has read it, and fails the
+//! load if the handler hung up without reading it. kiln keeps its own copy
 //! of the userfaultfd and the connection open for the VM's life, as Firecracker does, so the
 //! handler can tell kiln's end (the connection closes) and memory never silently turns into
 //! zero pages.
@@ -20,6 +22,7 @@ use std::fs::OpenOptions;
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{ControlMessage, MsgFlags, getsockopt, sendmsg, sockopt};
 use serde::{Deserialize, Serialize};
@@ -38,6 +41,8 @@ use crate::vstate::memory::{GuestMemory, new_bitmap};
 const DEV_USERFAULTFD: &str = "/dev/userfaultfd";
 /// The page size kiln's guest memory uses (no huge pages).
 const PAGE_SIZE: usize = 4096;
+/// How long the load waits, at most, for the handler to read the handshake.
+pub const HANDSHAKE_WAIT: Duration = Duration::from_secs(2);
 
 // include/uapi/linux/userfaultfd.h
 const UFFDIO: u32 = 0xAA;
@@ -255,6 +260,19 @@ pub fn register(memory: &GuestMemory) -> Result<OwnedFd, UffdError> {
     Ok(uffd)
 }
 
+/// The `Uffd` backend's memory: anonymous, laid out as `regions`, registered with a new
+/// userfaultfd, which goes with the layout to the page-fault handler listening at `socket`.
+pub fn hand_over(
+    socket: &str,
+    regions: &[RegionInfo],
+    track_dirty_pages: bool,
+) -> Result<(GuestMemory, PageFaultHandler), UffdError> {
+    let memory = anonymous_memory(regions, track_dirty_pages)?;
+    let userfaultfd = register(&memory)?;
+    let handler = PageFaultHandler::connect(socket, userfaultfd, &mappings(&memory, regions))?;
+    Ok((memory, handler))
+}
+
 /// The connection to a page-fault handler that holds the guest memory's userfaultfd.
 #[derive(Debug)]
 pub struct PageFaultHandler {
@@ -265,6 +283,8 @@ pub struct PageFaultHandler {
     socket: UnixStream,
     /// `mem_backend.backend_path`.
     path: String,
+    /// When the handshake went.
+    sent: Instant,
 }
 
 impl PageFaultHandler {
@@ -285,7 +305,11 @@ impl PageFaultHandler {
             MsgFlags::MSG_NOSIGNAL,
             None,
         )
-        .map_err(|e| UffdError::Send(e.into()))?;
+        .map_err(|e| match e {
+            // The handler closed the connection before kiln could send.
+            nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET => UffdError::Refused,
+            e => UffdError::Send(e.into()),
+        })?;
         if sent != json.len() {
             return Err(UffdError::Send(io::Error::new(
                 io::ErrorKind::WriteZero,
@@ -296,6 +320,7 @@ impl PageFaultHandler {
             _uffd: uffd,
             socket,
             path: path.to_string(),
+            sent: Instant::now(),
         })
     }
 
@@ -304,14 +329,40 @@ impl PageFaultHandler {
         &self.path
     }
 
-    /// Fails if the handler has hung up without reading the handshake (the kernel then
-    /// marks kiln's end ECONNRESET); a handler that read it may close the connection.
+    /// Waits until the handler has read the handshake, and fails if it hung up without
+    /// reading it (the kernel then marks kiln's end ECONNRESET); a handler that read it may
+    /// close the connection. A handler still not reading [`HANDSHAKE_WAIT`] after the send
+    /// is trusted to read it later, as Firecracker trusts every handler. Called as late as
+    /// possible before the vCPUs start, so a prompt handler costs no wait at all.
     pub fn check(&self) -> Result<(), UffdError> {
-        match getsockopt(&self.socket, sockopt::SocketError) {
-            Ok(0) => Ok(()),
-            Ok(e) if e == libc::ECONNRESET => Err(UffdError::Refused),
-            Ok(e) => Err(UffdError::Send(io::Error::from_raw_os_error(e))),
-            Err(e) => Err(UffdError::Send(e.into())),
+        loop {
+            // Bytes of the handshake the handler has not read: the skb is freed when it is
+            // read, or dropped (after kiln's end is marked ECONNRESET) when the handler
+            // closes without reading it.
+            let mut unread: libc::c_int = 0;
+            // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int, which lives across the call, for
+            // a socket this struct owns.
+            if unsafe { ioctl_with_mut_ref(&self.socket, libc::TIOCOUTQ, &mut unread) } < 0 {
+                return Err(UffdError::Send(io::Error::last_os_error()));
+            }
+            match getsockopt(&self.socket, sockopt::SocketError) {
+                Ok(0) => {}
+                Ok(e) if e == libc::ECONNRESET => return Err(UffdError::Refused),
+                Ok(e) => return Err(UffdError::Send(io::Error::from_raw_os_error(e))),
+                Err(e) => return Err(UffdError::Send(e.into())),
+            }
+            if unread == 0 {
+                return Ok(());
+            }
+            if self.sent.elapsed() >= HANDSHAKE_WAIT {
+                log::warn!(
+                    "mem_backend.backend_path {}: the page-fault handler has not read the \
+                     handshake after {HANDSHAKE_WAIT:?}; going on (guest memory waits for it)",
+                    self.path
+                );
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
@@ -419,6 +470,24 @@ mod tests {
         server.finish().unwrap();
         let err = handler.check().unwrap_err();
         assert!(matches!(err, UffdError::Refused), "{err}");
+    }
+
+    #[test]
+    fn a_handler_slow_to_read_is_waited_for_then_trusted() {
+        let dir = testkit::TempDir::new("uffd-unit-slow");
+        let (regions, _) = guest_and_file(&dir);
+        let sock = dir.path().join("uffd.sock");
+        // Listening, never accepting: the handshake waits in the socket, unread.
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let mem = anonymous_memory(&regions, false).unwrap();
+        let uffd = register(&mem).unwrap();
+        let handler =
+            PageFaultHandler::connect(sock.to_str().unwrap(), uffd, &mappings(&mem, &regions))
+                .unwrap();
+        let t = Instant::now();
+        handler.check().unwrap();
+        assert!(t.elapsed() >= HANDSHAKE_WAIT - Duration::from_millis(50));
+        assert!(t.elapsed() < HANDSHAKE_WAIT * 2, "{:?}", t.elapsed());
     }
 
     #[test]
