@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{Cursor, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -38,7 +39,9 @@ use crate::exit::{ExitCode, ExitSignal};
 use crate::rate_limiter::RateLimiter;
 use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
+use crate::snapshot::WorkingSetParams;
 use crate::snapshot::uffd::{self, PageFaultHandler};
+use crate::snapshot::working_set::{Recorder, WorkingSet, WorkingSetError};
 use crate::snapshot::{
     Key, MemBackendType, MicrovmState, SnapshotError, SnapshotLoadParams, read_state,
 };
@@ -557,6 +560,12 @@ pub fn restore(
              or no key and a page-fault handler that checks the memory itself",
         );
     }
+    if backend == MemBackendType::Uffd && params.working_set.is_some() {
+        return unsupported(
+            "working_set: not with mem_backend.backend_type Uffd: the page-fault handler \
+             decides which pages come first",
+        );
+    }
     let state = read_state(Path::new(&params.snapshot_path), key)?;
     let mut config = state.config.clone();
     for o in &params.network_overrides {
@@ -604,6 +613,10 @@ pub fn restore(
             (memory, None, Some(handler))
         }
     };
+    let recorder = match &params.working_set {
+        Some(ws) => working_set(ws, &memory)?,
+        None => None,
+    };
     let mut vmm = build(
         &config,
         opts,
@@ -615,7 +628,50 @@ pub fn restore(
         },
     )?;
     vmm.set_memory_digest(digest);
+    if let Some((recorder, timer_fd)) = recorder {
+        vmm.record_working_set(recorder, timer_fd);
+    }
     Ok((vmm, config))
+}
+
+/// A load's `working_set`: an existing file is faulted into `memory` now; a missing one is
+/// recorded later (the recorder and its timer's descriptor for the VMM).
+fn working_set(
+    params: &WorkingSetParams,
+    memory: &GuestMemory,
+) -> Result<Option<(Recorder, OwnedFd)>, StartError> {
+    let invalid = |m: String| StartError::Snapshot(SnapshotError::Invalid(m));
+    let path = Path::new(&params.path);
+    if params.path.is_empty() {
+        return Err(invalid("working_set.path: empty".into()));
+    }
+    let after_ms = params
+        .record_after_ms
+        .unwrap_or(crate::snapshot::WORKING_SET_RECORD_MS);
+    if after_ms > crate::snapshot::WORKING_SET_RECORD_MAX_MS {
+        return Err(invalid(format!(
+            "working_set.record_after_ms: {after_ms} is over {}",
+            crate::snapshot::WORKING_SET_RECORD_MAX_MS
+        )));
+    }
+    let fail = |e: WorkingSetError| invalid(format!("working_set.path {}: {e}", params.path));
+    if path.exists() {
+        let pages = crate::snapshot::memory::layout(memory)
+            .iter()
+            .map(|r| r.size / 4096)
+            .sum();
+        let started = Instant::now();
+        let ws = WorkingSet::read(path, pages).map_err(fail)?;
+        let faulted = ws.prefault(memory).map_err(fail)?;
+        log::info!(
+            "working set: {faulted} pages ({} KiB) in {} runs faulted in in {:?}",
+            faulted * 4,
+            ws.runs().len(),
+            started.elapsed()
+        );
+        return Ok(None);
+    }
+    Recorder::new(path, after_ms).map(Some).map_err(fail)
 }
 
 fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm, StartError> {

@@ -138,6 +138,101 @@ fn a_diff_after_more_work_merges_onto_the_full_and_restores_where_the_guest_was(
     check_continuation(&before, &k.finish(Duration::from_secs(300)));
 }
 
+/// KiB of the memory file mapped in process `pid` and resident (smaps' Rss of its mappings).
+fn mapped_kib(pid: u32, mem: &Path) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    testkit::procfs::parse_smaps(&smaps)
+        .iter()
+        .filter(|m| m.name == mem.to_str().unwrap())
+        .map(|m| m.rss)
+        .sum()
+}
+
+#[test]
+fn a_recorded_working_set_is_faulted_in_before_the_next_restore_runs() {
+    require_kvm();
+    let dir = TempDir::new("snap-ws");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let (before, state, mem) = snapshot_running_guest(&dir, &disk, &[]);
+    let ws = dir.path().join("vm.ws");
+    let ws_param = format!(
+        r#", "working_set": {{"path": "{}", "record_after_ms": 300}}"#,
+        ws.display()
+    );
+
+    // First restore: no file yet, so kiln records one 300 ms after the guest runs (under
+    // its seccomp filter: it must still be running afterwards).
+    let k = api_kiln(dir.path(), "record", &[]);
+    let (status, text) = k.api(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&state, &mem, &ws_param)),
+    );
+    assert_eq!(status, 204, "{text}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !ws.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no working set recorded"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let resident_kib = mapped_kib(k.pid(), &mem);
+    let (status, _) = k.api("GET", "/", None);
+    assert_eq!(status, 200, "kiln did not survive recording");
+    kill_hard(k.pid());
+    drop(k);
+    let pages = 128 << 20 >> 12;
+    let set = kiln::snapshot::working_set::WorkingSet::read(&ws, pages).unwrap();
+    // The kernel's own count of the mapping's resident pages, read after the recording,
+    // bounds it (the guest may have touched more since).
+    assert!(
+        set.pages() > 0 && set.pages() * 4 <= resident_kib,
+        "{} pages recorded, {resident_kib} KiB resident",
+        set.pages()
+    );
+
+    // Restores left paused: without the working set hardly anything of the memory file is
+    // resident; with it, at least the recorded pages are, before a vCPU ran.
+    let paused = |tag: &str, extra: &str| {
+        let k = api_kiln(dir.path(), tag, &[]);
+        let body =
+            load_body(&state, &mem, extra).replace(r#""resume_vm": true"#, r#""resume_vm": false"#);
+        let (status, text) = k.api("PUT", "/snapshot/load", Some(&body));
+        assert_eq!(status, 204, "{text}");
+        let kib = mapped_kib(k.pid(), &mem);
+        (k, kib)
+    };
+    let (plain, plain_kib) = paused("plain", "");
+    drop(plain);
+    let (k, warm_kib) = paused("warm", &ws_param);
+    assert!(
+        warm_kib >= set.pages() * 4 && plain_kib < set.pages() * 4,
+        "resident before the guest ran: {warm_kib} KiB with the working set ({} KiB), {plain_kib} KiB without",
+        set.pages() * 4
+    );
+    // The prefaulted guest carries on as any other.
+    assert_eq!(
+        k.api("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
+        204
+    );
+    check_continuation(&before, &k.finish(Duration::from_secs(300)));
+
+    // A damaged working-set file is refused, naming the field.
+    let mut bytes = std::fs::read(&ws).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&ws, &bytes).unwrap();
+    let k = api_kiln(dir.path(), "bad-ws", &[]);
+    let (status, text) = k.api(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body(&state, &mem, &ws_param)),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("working_set.path"), "{text}");
+}
+
 #[test]
 fn clones_restore_side_by_side_from_one_snapshot_and_from_the_command_line() {
     require_kvm();

@@ -18,6 +18,7 @@ pub mod digest;
 pub mod format;
 pub mod memory;
 pub mod uffd;
+pub mod working_set;
 
 use std::fs::File;
 use std::io::Write;
@@ -103,6 +104,24 @@ pub struct DriveOverride {
     pub path_on_host: String,
 }
 
+/// `working_set` (a kiln extension): prefault the pages a restored guest touches first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingSetParams {
+    /// The working-set file: faulted in before the vCPUs run when it exists; recorded
+    /// `record_after_ms` after the guest starts running when it does not.
+    pub path: String,
+    /// When to record (default 1000 ms of running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_after_ms: Option<u64>,
+}
+
+/// Default delay between a restored guest starting to run and its working set being
+/// recorded.
+pub const WORKING_SET_RECORD_MS: u64 = 1000;
+/// The longest recording delay accepted (one hour).
+pub const WORKING_SET_RECORD_MAX_MS: u64 = 3_600_000;
+
 /// `PUT /snapshot/load` (Firecracker's `SnapshotLoadParams`, every version's spelling).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +156,9 @@ pub struct SnapshotLoadParams {
     /// vsock (kiln has no vsock device: refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<serde_json::Value>,
+    /// Prefault or record the guest's working set (kiln extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_set: Option<WorkingSetParams>,
 }
 
 impl SnapshotLoadParams {
@@ -154,6 +176,7 @@ impl SnapshotLoadParams {
             drive_overrides: Vec::new(),
             clock_realtime: None,
             vsock_override: None,
+            working_set: None,
         }
     }
 }

@@ -1,6 +1,6 @@
 /*
- * workload:<steps>[:blk][:net] - a guest that runs for a while, for
- * snapshot, restore and migration tests. Every step checks the memory
+ * workload:<steps>[:blk][:net][:ws=<MiB>] - a guest that runs for a while,
+ * for snapshot, restore and migration tests. Every step checks the memory
  * pattern the previous step left in a 64 KiB buffer and writes the next one;
  * with `blk` it also writes a sector of the first block device and reads back
  * (and checks) the one written the step before; with `net` it pings the peer
@@ -11,10 +11,14 @@
  * and waits ~100 ms. Throughout (every 256 words of the pattern, every ~1 ms
  * of the wait) it answers each byte that arrives on COM1 with
  * `info workload echo=<hex>`: a sign of life that depends on no guest timer,
- * for measuring when a restored guest runs again. A guest restored from a
- * snapshot carries on from its last step: the first step after the restore
- * checks what the step before the snapshot left, in memory and on the disk
- * (through the restored queue), and uses the restored network queues.
+ * for measuring when a restored guest runs again. With `ws=<MiB>` it first
+ * writes one word per page of a <MiB> MiB area, and reads every one of them
+ * back (checking it) before each answer, `echo=<hex> ws=ok`: a request that
+ * needs its working set, as a function invoked after a restore does. A guest
+ * restored from a snapshot carries on from its last step: the first step
+ * after the restore checks what the step before the snapshot left, in memory
+ * and on the disk (through the restored queue), and uses the restored
+ * network queues.
  * Ends with `ok workload steps=<n>`.
  */
 #include "console.h"
@@ -40,11 +44,23 @@ static u64 wl_word(u64 step, u64 i)
     return x ^ (x >> 29);
 }
 
-/* Answers the bytes waiting in COM1's receiver. */
+#define WL_WS_SEED      1000
+static volatile u64 *wl_ws;
+static u64 wl_ws_pages;
+
+/* Answers the bytes waiting in COM1's receiver (after reading the working set). */
 static void wl_poll(void)
 {
-    while (inb(COM1 + UART_LSR) & UART_LSR_DR)
-        info("workload", "echo=%02x", inb(COM1));
+    while (inb(COM1 + UART_LSR) & UART_LSR_DR) {
+        u8 c = inb(COM1);
+        bool ok = true;
+        for (u64 p = 0; p < wl_ws_pages; p++)
+            ok &= wl_ws[p * (PAGE_SIZE / 8)] == wl_word(WL_WS_SEED, p);
+        if (!ok)
+            fail("workload", "echo=%02x ws-word", c);
+        else
+            info("workload", "echo=%02x%s", c, wl_ws_pages ? " ws=ok" : "");
+    }
 }
 
 /* delay_us(WL_STEP_US), looking at COM1's receiver about every 1 ms. */
@@ -86,20 +102,31 @@ void scn_workload(const char *arg)
         return;
     }
     bool use_blk = false, use_net = false;
-    for (const char *o = opts + n; *o == ':';) {
-        const char *tok = o + 1;
-        size_t len = 0;
-        while (tok[len] && tok[len] != ':')
-            len++;
-        if (len == 3 && strncmp(tok, "blk", 3) == 0)
+    u64 ws_mib = 0;
+    for (const char *p = opts + n; *p == ':';) {
+        const char *tok = ++p;
+        while (*p && *p != ':')
+            p++;
+        size_t len = (size_t)(p - tok);
+        if (len == 3 && strncmp(tok, "blk", 3) == 0) {
             use_blk = true;
-        else if (len == 3 && strncmp(tok, "net", 3) == 0)
+        } else if (len == 3 && strncmp(tok, "net", 3) == 0) {
             use_net = true;
-        else {
+        } else if (len > 3 && strncmp(tok, "ws=", 3) == 0 && parse_u64(tok + 3, len - 3, &ws_mib)) {
+        } else {
             fail("workload", "bad-arg=%s", arg);
             return;
         }
-        o = tok + len;
+    }
+    if (ws_mib) {
+        wl_ws = dma_alloc(ws_mib << 20);
+        if (!wl_ws) {
+            fail("workload", "no-memory ws=%llu", ws_mib);
+            return;
+        }
+        wl_ws_pages = (ws_mib << 20) / PAGE_SIZE;
+        for (u64 p = 0; p < wl_ws_pages; p++)
+            wl_ws[p * (PAGE_SIZE / 8)] = wl_word(WL_WS_SEED, p);
     }
     volatile u64 *mem = dma_alloc(WL_WORDS * sizeof(u64));
     u8 *sector = dma_alloc(BLK_SECTOR_SIZE);
