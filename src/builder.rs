@@ -566,7 +566,10 @@ pub fn restore(
              decides which pages come first",
         );
     }
+    // Where restore time goes, logged at the end.
+    let started = Instant::now();
     let state = read_state(Path::new(&params.snapshot_path), key)?;
+    let t_state = started.elapsed();
     let mut config = state.config.clone();
     for o in &params.network_overrides {
         let Some(iface) = config
@@ -613,10 +616,12 @@ pub fn restore(
             (memory, None, Some(handler))
         }
     };
+    let t_memory = started.elapsed();
     let recorder = match &params.working_set {
         Some(ws) => working_set(ws, &memory)?,
         None => None,
     };
+    let t_working_set = started.elapsed();
     let mut vmm = build(
         &config,
         opts,
@@ -631,6 +636,13 @@ pub fn restore(
     if let Some((recorder, timer_fd)) = recorder {
         vmm.record_working_set(recorder, timer_fd);
     }
+    let t_vm = started.elapsed();
+    log::info!(
+        "snapshot loaded in {t_vm:?}: state file {t_state:?}, memory {:?} (checked and mapped, or handed to the page-fault handler), working set {:?}, VM, vCPUs and devices {:?}",
+        t_memory - t_state,
+        t_working_set - t_memory,
+        t_vm - t_working_set
+    );
     Ok((vmm, config))
 }
 

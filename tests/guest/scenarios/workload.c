@@ -8,7 +8,7 @@
  * it again once if the ping goes unanswered (a restored guest may sit behind
  * another TAP, with another MAC). Then it prints
  *   info workload step=<k> mem=ok[ blk=ok][ net=ok]
- * and waits ~100 ms. Throughout (every 256 words of the pattern, every ~1 ms
+ * and waits ~100 ms. Throughout (every 64 words of the pattern, every ~1 ms
  * of the wait) it answers each byte that arrives on COM1 with
  * `info workload echo=<hex>`: a sign of life that depends on no guest timer,
  * for measuring when a restored guest runs again. With `ws=<MiB>` it first
@@ -159,7 +159,7 @@ void scn_workload(const char *arg)
     for (u64 step = 0; step < steps; step++) {
         if (step > 0) {
             for (u64 i = 0; i < WL_WORDS; i++) {
-                if ((i & 255) == 0)
+                if ((i & 63) == 0)
                     wl_poll();      /* the pattern takes most of a step under emulation */
                 if (mem[i] != wl_word(step - 1, i)) {
                     fail("workload", "step=%llu mem-word=%llu", step, i);
@@ -168,7 +168,7 @@ void scn_workload(const char *arg)
             }
         }
         for (u64 i = 0; i < WL_WORDS; i++) {
-            if ((i & 255) == 0)
+            if ((i & 63) == 0)
                 wl_poll();
             mem[i] = wl_word(step, i);
         }
