@@ -6,7 +6,7 @@
 //! the timers (periodic metrics) on the main thread until the VM must end, then stops every
 //! vCPU. Pausing and resuming at a safe point live here too.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -22,6 +22,8 @@ use crate::devices::virtio::block::DiskFile;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::{FLUSH_INTERVAL, Section, device_sections};
 use crate::rate_limiter::LimiterUpdate;
+use crate::snapshot::digest::MemoryDigest;
+use crate::snapshot::working_set::Recorder;
 use crate::snapshot::{Key, SnapshotCreateParams, SnapshotError};
 use crate::vstate::vcpu::{VcpuHandle, VcpuMetrics, VcpuState};
 use crate::vstate::vm::Vm;
@@ -120,6 +122,8 @@ pub struct Wake {
     pub api: AtomicBool,
     /// Metrics are due.
     pub metrics: AtomicBool,
+    /// The working set is due to be recorded.
+    pub working_set: AtomicBool,
 }
 
 /// Raises a [`Wake`] flag whenever its eventfd (or timerfd) fires.
@@ -163,6 +167,10 @@ pub struct Vmm {
     vcpu_metrics: Vec<Arc<VcpuMetrics>>,
     wake: Arc<Wake>,
     paused: bool,
+    /// With a snapshot key: the memory's chunk digests as of the last snapshot or restore.
+    memory_digest: Option<MemoryDigest>,
+    /// A working set to record once the restored guest has run for a while.
+    working_set: Option<Recorder>,
     vm: Vm,
 }
 
@@ -195,6 +203,8 @@ impl Vmm {
             vcpu_metrics,
             wake: Arc::new(Wake::default()),
             paused: false,
+            memory_digest: None,
+            working_set: None,
             vm,
         };
         match TimerFd::new() {
@@ -205,6 +215,36 @@ impl Vmm {
             Err(e) => log::warn!("periodic metrics disabled: {e}"),
         }
         vmm
+    }
+
+    /// Records the guest's working set with `recorder` (its timer's descriptor `timer_fd`)
+    /// once the guest has run for the recorder's delay; armed now if the vCPUs run.
+    pub fn record_working_set(&mut self, mut recorder: Recorder, timer_fd: OwnedFd) {
+        self.wake_on(timer_fd, |w| &w.working_set);
+        if !self.paused {
+            recorder.arm();
+        }
+        self.working_set = Some(recorder);
+    }
+
+    fn working_set_due(&mut self) {
+        let Some(recorder) = self.working_set.take() else {
+            return;
+        };
+        match recorder.record(self.vm.memory()) {
+            Ok(ws) => log::info!(
+                "working set recorded: {} pages ({} KiB) in {} runs",
+                ws.pages(),
+                ws.pages() * 4,
+                ws.runs().len()
+            ),
+            Err(e) => log::warn!("working set not recorded: {e}"),
+        }
+    }
+
+    /// Records the memory's chunk digests a keyed restore verified, for the next Diff.
+    pub fn set_memory_digest(&mut self, digest: Option<MemoryDigest>) {
+        self.memory_digest = digest;
     }
 
     /// Waits until every vCPU is parked (a VM restored paused) and records it as paused.
@@ -271,6 +311,9 @@ impl Vmm {
             if self.wake.metrics.swap(false, Ordering::SeqCst) {
                 actions.flush_metrics(Some(self));
             }
+            if self.wake.working_set.swap(false, Ordering::SeqCst) {
+                self.working_set_due();
+            }
         };
         self.stop_vcpus();
         actions.flush_metrics(Some(self));
@@ -327,6 +370,9 @@ impl Machine for Vmm {
             vcpu.resume();
         }
         self.paused = false;
+        if let Some(recorder) = &mut self.working_set {
+            recorder.arm();
+        }
         // As after a restore: a driver with EVENT_IDX may have notified while the device
         // could not see it; a spurious notification costs one look at the ring.
         for entry in self.devices.iter() {
@@ -402,7 +448,15 @@ impl Machine for Vmm {
         // late, a rate limiter's timer) are finished first.
         self.drain_drives()
             .map_err(|(id, source)| SnapshotError::Drain { id, source })?;
-        crate::snapshot::create(params, config, &self.vm, &self.vcpus, &self.devices, key)
+        crate::snapshot::create(
+            params,
+            config,
+            &self.vm,
+            &self.vcpus,
+            &self.devices,
+            key,
+            &mut self.memory_digest,
+        )
     }
 }
 

@@ -17,6 +17,7 @@ use vmm_sys_util::ioctl_io_nr;
 use super::memory::GuestMemory;
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::seccomp::{SeccompFilters, ThreadCategory};
+use crate::snapshot::uffd::PageFaultHandler;
 
 ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
 
@@ -110,6 +111,8 @@ pub struct Vm {
     pit_reinject_off: Option<JoinHandle<bool>>,
     fd: VmFd,
     memory: GuestMemory,
+    /// With the `Uffd` snapshot backend: the handler serving the memory's missing pages.
+    page_fault_handler: Option<PageFaultHandler>,
 }
 
 impl Drop for Vm {
@@ -163,6 +166,7 @@ impl Vm {
             pit_reinject_off: None,
             fd,
             memory,
+            page_fault_handler: None,
         })
     }
 
@@ -214,6 +218,60 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// Keeps the connection to the page-fault handler that serves guest memory (a `Uffd`
+    /// restore) for the VM's life.
+    pub fn keep_page_fault_handler(&mut self, handler: PageFaultHandler) {
+        self.page_fault_handler = Some(handler);
+    }
+
+    /// The page-fault handler serving guest memory, if any.
+    pub fn page_fault_handler(&self) -> Option<&PageFaultHandler> {
+        self.page_fault_handler.as_ref()
+    }
+
+    /// Moves KVM's dirty log (the pages vCPUs wrote since the last call) into the regions'
+    /// dirty bitmaps, where device emulation marks its own writes. A no-op for memory without
+    /// bitmaps (dirty-page tracking off).
+    pub fn sync_dirty_log(&self) -> Result<(), VmError> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() else {
+                continue;
+            };
+            let log = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(ioctl("cannot read the dirty-page log"))?;
+            for (word, bits) in log.iter().enumerate() {
+                let mut bits = *bits;
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as usize;
+                    bitmap.set_bit(word * 64 + bit);
+                    bits &= bits - 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every dirty page (after a snapshot has saved them): KVM's log is read and
+    /// dropped, the bitmaps cleared.
+    pub fn reset_dirty(&self) -> Result<(), VmError> {
+        self.sync_dirty_log()?;
+        for region in self.memory.iter() {
+            if let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() {
+                bitmap.reset();
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether guest memory tracks dirty pages.
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.memory
+            .iter()
+            .any(|r| std::ops::Deref::deref(r).bitmap().is_some())
     }
 }
 

@@ -49,7 +49,7 @@ static const struct scenario scenarios[] = {
     { "blk-slow",          scn_blk_slow,          true,  "virtio-blk: <n> reads and a FLUSH in flight while answering ping" },
     { "blk-resize",        scn_blk_resize,        true,  "virtio-blk: wait for a backing-file swap, new capacity" },
     { "blk-fuzz",          scn_blk_fuzz,          true,  "virtio-blk: random register/queue/chain abuse, <seed>[:<batches>[:<ops>]]" },
-    { "workload",          scn_workload,          true,  "run <steps> steps: memory pattern (and blk) checked, progress lines" },
+    { "workload",          scn_workload,          true,  "run <steps> steps: memory pattern (and blk, net) checked, progress lines" },
 };
 
 void scn_boot(const char *arg)

@@ -2,7 +2,7 @@
 //! where data the host kernel wrote straight into guest memory is accounted.
 
 use crate::devices::virtio::queue::{Buffer, HostBuffer};
-use crate::vstate::memory::GuestMemory;
+use crate::vstate::memory::{GuestMemory, mark_dirty};
 
 /// The file operation of a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,9 +34,11 @@ pub struct IoRequest {
 /// The host kernel wrote into `bufs` of guest memory behind vm-memory's back (a `preadv` or
 /// an io_uring read straight into guest buffers): every such write is accounted here, once
 /// per completed read whatever its result (a failed read may have written part of them), so
-/// dirty-page tracking sees it.
+/// a Diff snapshot saves those pages. (`queue::host_buffers` marks writable buffers when it
+/// hands them out too; marking again on completion keeps an async read that finishes after
+/// a dirty bitmap was taken from being missed.)
 pub fn guest_written(mem: &GuestMemory, bufs: &[Buffer]) {
-    // Guest memory has no dirty bitmap yet: nothing to record. Diff snapshots will mark
-    // each buffer here (`crate::vstate::memory::mark_dirty`).
-    let _ = (mem, bufs);
+    for b in bufs {
+        mark_dirty(mem, b.addr, b.len as usize);
+    }
 }
