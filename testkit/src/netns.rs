@@ -219,8 +219,7 @@ mod tests {
         assert_eq!(mtu.trim(), "1400");
         assert!(ns.ip(&["link", "set", "nonexistent0", "up"]).is_err());
         let addr = ns.run_in(|| {
-            std::net::UdpSocket::bind("10.99.0.1:0")
-                .map(|s| s.local_addr().map(|a| a.ip().to_string()))
+            UdpSocket::bind("10.99.0.1:0").map(|s| s.local_addr().map(|a| a.ip().to_string()))
         });
         assert_eq!(addr.ok().and_then(Result::ok).as_deref(), Some("10.99.0.1"));
         let path = ns.path();

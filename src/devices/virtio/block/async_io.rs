@@ -367,10 +367,10 @@ impl AsyncEngine {
     /// The backing file changes: the current ring finishes what it has in flight, and the
     /// next request makes a ring for the new file.
     pub fn retire_ring(&mut self) {
-        if let Some(ring) = self.ring.take() {
-            if ring.1.in_flight() > 0 {
-                self.retiring.push(ring);
-            }
+        if let Some(ring) = self.ring.take()
+            && ring.1.in_flight() > 0
+        {
+            self.retiring.push(ring);
         }
     }
 }

@@ -345,26 +345,22 @@ mod tests {
         let iovs = [iov(&mut a), iov(&mut b)];
         let mut data = vec![0xabu8; 512];
         let wiov = [iov(&mut data)];
+        let read = Op::Read {
+            iov: iovs.as_ptr(),
+            len: 2,
+            offset: 512,
+        };
+        let write = Op::Write {
+            iov: wiov.as_ptr(),
+            len: 1,
+            offset: 4096,
+        };
         // SAFETY: the buffers and iovecs live until the completions are taken below.
-        unsafe {
-            assert!(ring.push(
-                Op::Read {
-                    iov: iovs.as_ptr(),
-                    len: 2,
-                    offset: 512
-                },
-                7
-            ));
-            assert!(ring.push(
-                Op::Write {
-                    iov: wiov.as_ptr(),
-                    len: 1,
-                    offset: 4096
-                },
-                8
-            ));
-            assert!(ring.push(Op::Flush, 9));
-        }
+        assert!(unsafe { ring.push(read, 7) });
+        // SAFETY: as above.
+        assert!(unsafe { ring.push(write, 8) });
+        // SAFETY: a flush carries no buffer.
+        assert!(unsafe { ring.push(Op::Flush, 9) });
         assert_eq!(ring.in_flight(), 3);
         ring.submit().unwrap();
         let mut got = wait_for(&mut ring, 3);

@@ -9,7 +9,7 @@ fn iov(base: usize, len: usize) -> libc::iovec {
 
 #[test]
 fn a_short_transfer_advances_past_what_was_done() {
-    let mut v = vec![iov(0x1000, 100), iov(0x2000, 200), iov(0x3000, 300)];
+    let mut v = [iov(0x1000, 100), iov(0x2000, 200), iov(0x3000, 300)];
     let mut first = 0;
     // Into the second buffer.
     advance(&mut v[first..], &mut first, 150);
