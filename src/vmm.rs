@@ -72,6 +72,14 @@ pub enum VmmError {
     /// No network interface has that id.
     #[error("no network interface `{0}`")]
     NoSuchInterface(String),
+    /// A drive could not finish the requests it had in flight.
+    #[error("drive {id}: cannot finish its requests in flight: {source}")]
+    Drain {
+        /// The drive.
+        id: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A rate limiter's timer could not be set.
     #[error("cannot update the rate limiter of `{id}`: {source}")]
     RateLimiter {
@@ -296,6 +304,7 @@ impl Vmm {
             params,
             dirty: self.vm.dirty_log().clone(),
             track_dirty_pages: self.vm.tracks_dirty_pages(),
+            every_page: self.vm.page_fault_handler().is_some(),
             key: key.copied(),
             backends: Backends::of(&self.devices),
         })?;
@@ -353,6 +362,9 @@ impl Vmm {
                 o.paused_here = true;
             }
         }
+        // Requests taken since the pause are finished first (as for a snapshot).
+        self.drain_drives()
+            .map_err(|(id, e)| format!("drive {id}: cannot finish its requests: {e}"))?;
         let state = crate::snapshot::capture(config, &self.vm, &self.vcpus, &self.devices)
             .map_err(|e| e.to_string())?;
         let payload = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
@@ -475,6 +487,18 @@ impl Vmm {
         reason
     }
 
+    /// Finishes every async drive's requests in flight (answering them), so a paused or
+    /// saved VM has none half-done. Sync drives never hold any.
+    fn drain_drives(&self) -> Result<(), (String, std::io::Error)> {
+        for block in self.devices.blocks() {
+            let mut b = lock(block.as_ref());
+            if let Err(e) = b.drain() {
+                return Err((b.config().drive_id.clone(), e));
+            }
+        }
+        Ok(())
+    }
+
     /// Asks every vCPU thread to stop, then waits for all of them.
     pub fn stop_vcpus(&mut self) {
         for vcpu in &self.vcpus {
@@ -500,11 +524,12 @@ impl Machine for Vmm {
             vcpu.wait_paused();
         }
         self.paused = self.vcpus.iter().all(|v| v.state() == VcpuState::Paused);
-        if self.paused {
-            Ok(())
-        } else {
-            Err(VmmError::VcpuGone)
+        if !self.paused {
+            return Err(VmmError::VcpuGone);
         }
+        // The guest cannot ask for more now; what it asked for before is finished.
+        self.drain_drives()
+            .map_err(|(id, source)| VmmError::Drain { id, source })
     }
 
     fn resume(&mut self) -> Result<(), VmmError> {
@@ -586,7 +611,10 @@ impl Machine for Vmm {
         key: Option<&Key>,
     ) -> Result<(), SnapshotError> {
         // The action handler refuses a running VM; a vCPU that is not parked refuses to
-        // save its state.
+        // save its state. Requests taken since the pause (a notification the loop saw
+        // late, a rate limiter's timer) are finished first.
+        self.drain_drives()
+            .map_err(|(id, source)| SnapshotError::Drain { id, source })?;
         crate::snapshot::create(
             params,
             config,

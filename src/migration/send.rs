@@ -46,6 +46,9 @@ pub struct Job {
     /// Whether the VM tracks dirty pages for Diff snapshots (KVM's logging stays on after a
     /// failed migration, and every page is marked dirty for the next Diff).
     pub track_dirty_pages: bool,
+    /// Guest memory is served by a page-fault handler (a `Uffd` restore): a page not yet
+    /// resident still has data, so the first round reads every page.
+    pub every_page: bool,
     /// The key for the stream's MACs.
     pub key: Option<Key>,
     /// The TAPs and drives the destination takes over.
@@ -135,7 +138,7 @@ fn stream_vm(
     job.dirty.clear();
     let max_downtime = job.params.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
     let max_rounds = job.params.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS);
-    let mut pages = touched_pages(memory)?;
+    let mut pages = touched_pages(memory, job.every_page)?;
     let mut sender = PageSender::default();
     let mut rounds = 0u32;
     let metrics = &super::METRICS;
@@ -283,9 +286,9 @@ fn take_dirty(memory: &GuestMemory) -> Vec<u64> {
 
 /// The pages the first round sends: those with data. Anonymous memory the guest never
 /// touched is not resident (mincore) and never sent; a restored VM's file-backed memory
-/// has its data in the file, resident or not. All-zero pages are not sent either (the
-/// destination's memory starts zero).
-fn touched_pages(memory: &GuestMemory) -> Result<Vec<u64>, MigrationError> {
+/// has its data in the file, resident or not, and so has memory a page-fault handler serves
+/// (`every_page`). All-zero pages are not sent either (the destination's memory starts zero).
+fn touched_pages(memory: &GuestMemory, every_page: bool) -> Result<Vec<u64>, MigrationError> {
     let mut out = Vec::new();
     let mut flags = Vec::new();
     let mut page = vec![0u8; PAGE];
@@ -296,7 +299,7 @@ fn touched_pages(memory: &GuestMemory) -> Result<Vec<u64>, MigrationError> {
             .map_err(|e| MigrationError::Internal(e.to_string()))?;
         let base = region.start_addr().raw_value();
         let len = region.len() as usize;
-        let anonymous = region.file_offset().is_none();
+        let anonymous = region.file_offset().is_none() && !every_page;
         let mut off = 0;
         while off < len {
             let chunk = CHUNK.min(len - off);
@@ -350,6 +353,8 @@ mod tests {
         }
         // Touched but zero: not sent either.
         mem.write_obj(0u64, GuestAddress(0x8000)).unwrap();
-        assert_eq!(touched_pages(&mem).unwrap(), written);
+        assert_eq!(touched_pages(&mem, false).unwrap(), written);
+        // Every page read (as for memory a page-fault handler serves): the same pages.
+        assert_eq!(touched_pages(&mem, true).unwrap(), written);
     }
 }

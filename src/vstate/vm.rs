@@ -18,6 +18,7 @@ use vmm_sys_util::ioctl_io_nr;
 use super::memory::GuestMemory;
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::seccomp::{SeccompFilters, ThreadCategory};
+use crate::snapshot::uffd::PageFaultHandler;
 
 ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
 
@@ -112,6 +113,8 @@ pub struct Vm {
     dirty: DirtyLog,
     /// Dirty-page tracking as configured (`track_dirty_pages`: Diff snapshots allowed).
     track_dirty_pages: bool,
+    /// With the `Uffd` snapshot backend: the handler serving the memory's missing pages.
+    page_fault_handler: Option<PageFaultHandler>,
 }
 
 /// KVM's dirty log and the memory's bitmaps, shareable with the thread that streams a live
@@ -160,6 +163,7 @@ impl Vm {
                 logging: Arc::new(AtomicBool::new(track_dirty_pages)),
             },
             track_dirty_pages,
+            page_fault_handler: None,
         })
     }
 
@@ -216,6 +220,17 @@ impl Vm {
     /// The dirty log, for a thread that reads it while the VM runs.
     pub fn dirty_log(&self) -> &DirtyLog {
         &self.dirty
+    }
+
+    /// Keeps the connection to the page-fault handler that serves guest memory (a `Uffd`
+    /// restore) for the VM's life.
+    pub fn keep_page_fault_handler(&mut self, handler: PageFaultHandler) {
+        self.page_fault_handler = Some(handler);
+    }
+
+    /// The page-fault handler serving guest memory, if any.
+    pub fn page_fault_handler(&self) -> Option<&PageFaultHandler> {
+        self.page_fault_handler.as_ref()
     }
 
     /// Moves KVM's dirty log (the pages vCPUs wrote since the last call) into the regions'
