@@ -403,7 +403,11 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
     }
 
     // The migration thread jails itself under its own filter (calls the VMM thread's lacks).
-    if let Err(e) = vmm.prepare_migration(seccomp.clone()) {
+    if !seccomp.has(ThreadCategory::Migration) {
+        log::warn!(
+            "live migration is not available: the --seccomp-filter file has no `migration` category"
+        );
+    } else if let Err(e) = vmm.prepare_migration(seccomp.clone()) {
         log::warn!("live migration is not available: cannot start its thread: {e}");
     }
     // Set-up is done: the main thread jails itself before it serves any guest event.

@@ -180,6 +180,11 @@ fn custom_filter_files() {
     .unwrap();
     let f = SeccompFilters::from_file(&good).unwrap();
     assert_eq!(f.unique_syscalls(ThreadCategory::Vmm), 2);
+    // A file without the `migration` category (written before live migration) still runs
+    // the VM, without a migration thread.
+    assert!(f.has(ThreadCategory::Vmm) && !f.has(ThreadCategory::Migration));
+    assert!(SeccompFilters::builtin().has(ThreadCategory::Migration));
+    assert!(SeccompFilters::disabled().has(ThreadCategory::Migration));
     // This filter does not even allow the SIGSYS report's write: the kernel kills the
     // process with SIGSYS instead of the handler's exit 148. Either way it does not survive.
     let status = in_filtered_child(&f, ThreadCategory::Vcpu, allowed_syscalls);
