@@ -588,7 +588,11 @@ pub fn restore(
     let state = read_state(Path::new(&params.snapshot_path), key)?;
     let t_state = started.elapsed();
     let mut config = state.config.clone();
-    apply_overrides(&mut config, &params.network_overrides, &params.drive_overrides)?;
+    apply_overrides(
+        &mut config,
+        &params.network_overrides,
+        &params.drive_overrides,
+    )?;
     // Firecracker's rule: the load decides whether the restored VM tracks dirty pages.
     config.machine_config.track_dirty_pages =
         params.track_dirty_pages || params.enable_diff_snapshots;
@@ -597,16 +601,17 @@ pub fn restore(
         .map_err(|e| StartError::Snapshot(SnapshotError::Invalid(e.to_string())))?;
     let (memory, digest, handler) = match backend {
         MemBackendType::File => {
-            let (memory, digest) =
-                crate::snapshot::memory::load(&mem_path, &state, key)?;
+            let (memory, digest) = crate::snapshot::memory::load(&mem_path, &state, key)?;
             (memory, digest, None)
         }
         // Nothing touches guest memory before the handler has it: only the builder, after.
         MemBackendType::Uffd => {
-            let (memory, handler) = uffd::hand_over(&mem_path, &state.memory)
-                .map_err(|source| SnapshotError::Uffd {
-                    path: mem_path.clone(),
-                    source,
+            let (memory, handler) =
+                uffd::hand_over(&mem_path, &state.memory).map_err(|source| {
+                    SnapshotError::Uffd {
+                        path: mem_path.clone(),
+                        source,
+                    }
                 })?;
             (memory, None, Some(handler))
         }

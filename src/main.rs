@@ -8,12 +8,12 @@ use std::time::Instant;
 use kiln::api::actions::{ActionHandler, Outcome, SinkError};
 use kiln::api::server::{ApiBridge, ApiError, ApiMetrics, start_api_server};
 use kiln::builder::{RunOptions, StartError, build_and_start, restore, restore_migrated};
-use kiln::migration::ReceiveParams;
-use kiln::migration::protocol::Kind as Protocol;
 use kiln::cli::{self, Args, CliError, DEFAULT_API_SOCK};
 use kiln::config::{ConfigError, VmConfig};
 use kiln::devices::boot_timer::process_cpu_us;
 use kiln::exit::{ExitCode, ExitReason};
+use kiln::migration::ReceiveParams;
+use kiln::migration::protocol::Kind as Protocol;
 use kiln::seccomp::{
     SeccompError, SeccompFilters, ThreadCategory, install_panic_hook, install_sigsys_handler,
     pin_allocator,
@@ -262,7 +262,10 @@ fn receive_migration(
             if let Err(e) = incoming.channel.send(Protocol::Resumed, &[]) {
                 log::warn!("migration: the source did not get the word that the VM runs here: {e}");
             }
-            log::info!("migration received: {} pages, the VM runs here", incoming.pages);
+            log::info!(
+                "migration received: {} pages, the VM runs here",
+                incoming.pages
+            );
             Ok(vmm)
         }
         Err(e) => {

@@ -16,17 +16,17 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use crate::api::actions::{ActionHandler, Machine};
 use crate::api::{VmmAction, VmmResponse};
-use crate::migration::send::{Job, Reply, Request};
-use crate::migration::worker::Worker;
-use crate::migration::{Backends, Endpoint, MigrationError, MigrationStats, SendParams};
-use crate::seccomp::SeccompFilters;
 use crate::config::VmConfig;
 use crate::devices::i8042::I8042Error;
 use crate::devices::registry::{Device, DeviceRegistry, lock};
 use crate::devices::virtio::block::DiskFile;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::{FLUSH_INTERVAL, Section, device_sections};
+use crate::migration::send::{Job, Reply, Request};
+use crate::migration::worker::Worker;
+use crate::migration::{Backends, Endpoint, MigrationError, MigrationStats, SendParams};
 use crate::rate_limiter::LimiterUpdate;
+use crate::seccomp::SeccompFilters;
 use crate::snapshot::digest::MemoryDigest;
 use crate::snapshot::working_set::Recorder;
 use crate::snapshot::{Key, SnapshotCreateParams, SnapshotError};
@@ -315,7 +315,11 @@ impl Vmm {
     /// Serves the migration thread: pauses and saves the VM when asked (then waits for the
     /// end, the vCPUs and devices standing still), and returns the API's answer once the
     /// migration ended.
-    fn migration_events(&mut self, config: Option<VmConfig>, key: Option<&Key>) -> Option<VmmResponse> {
+    fn migration_events(
+        &mut self,
+        config: Option<VmConfig>,
+        key: Option<&Key>,
+    ) -> Option<VmmResponse> {
         let worker = self.migration.take()?;
         let mut answer = None;
         while let Ok(request) = worker.requests.try_recv() {
@@ -354,7 +358,11 @@ impl Vmm {
         answer
     }
 
-    fn pause_and_save(&mut self, config: Option<&VmConfig>, key: Option<&Key>) -> Result<Vec<u8>, String> {
+    fn pause_and_save(
+        &mut self,
+        config: Option<&VmConfig>,
+        key: Option<&Key>,
+    ) -> Result<Vec<u8>, String> {
         let config = config.ok_or("the microVM has no configuration")?;
         if !self.paused {
             self.pause().map_err(|e| e.to_string())?;

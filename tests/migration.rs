@@ -64,18 +64,27 @@ fn migrate_with_tap(two_hosts: bool) {
     let ns_b_own = if two_hosts {
         let ns_b = NetNs::new("migb").unwrap();
         ns_b.add_tap("kmig0", "10.78.0.1/24").unwrap();
-        ns_a.ip(&["link", "add", "vmiga", "type", "veth", "peer", "name", "vmigb", "netns", &ns_b.name])
+        ns_a.ip(&[
+            "link", "add", "vmiga", "type", "veth", "peer", "name", "vmigb", "netns", &ns_b.name,
+        ])
+        .unwrap();
+        ns_a.ip(&["addr", "add", "10.79.0.1/30", "dev", "vmiga"])
             .unwrap();
-        ns_a.ip(&["addr", "add", "10.79.0.1/30", "dev", "vmiga"]).unwrap();
         ns_a.ip(&["link", "set", "vmiga", "up"]).unwrap();
-        ns_b.ip(&["addr", "add", "10.79.0.2/30", "dev", "vmigb"]).unwrap();
+        ns_b.ip(&["addr", "add", "10.79.0.2/30", "dev", "vmigb"])
+            .unwrap();
         ns_b.ip(&["link", "set", "vmigb", "up"]).unwrap();
         Some(ns_b)
     } else {
         None
     };
     let ns_b = ns_b_own.as_ref().unwrap_or(&ns_a);
-    let src = api_kiln_in(&ns_a, dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    let src = api_kiln_in(
+        &ns_a,
+        dir.path(),
+        "src",
+        &["--config-file", cfg.to_str().unwrap()],
+    );
     src.wait_line("info workload step=3 ", Duration::from_secs(60));
     let dst = api_kiln_in(ns_b, dir.path(), "dst", &[]);
     let listen = if two_hosts {
@@ -91,7 +100,10 @@ fn migrate_with_tap(two_hosts: bool) {
     assert_eq!(status, 204, "{text}");
     let (status, body) = send(&src, &listen, "");
     if status != 200 {
-        panic!("{status} {body}; the source: {}", src.finish(Duration::from_secs(10)));
+        panic!(
+            "{status} {body}; the source: {}",
+            src.finish(Duration::from_secs(10))
+        );
     }
     let src_out = src.finish(Duration::from_secs(10));
     assert_eq!(src_out.status, 0, "{src_out}");
@@ -178,7 +190,9 @@ fn send(k: &ApiKiln, destination: &str, extra: &str) -> (u16, String) {
 
 fn stat(body: &str, name: &str) -> u64 {
     let v: serde_json::Value = serde_json::from_str(body).unwrap();
-    v[name].as_u64().unwrap_or_else(|| panic!("no {name} in {body}"))
+    v[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
 }
 
 #[test]
@@ -187,7 +201,11 @@ fn the_running_workload_moves_to_a_new_process_and_carries_on() {
     let dir = TempDir::new("mig");
     let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
     let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
-    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap(), "--level", "Info"]);
+    let src = api_kiln(
+        dir.path(),
+        "src",
+        &["--config-file", cfg.to_str().unwrap(), "--level", "Info"],
+    );
     src.wait_line("info workload step=3 ", Duration::from_secs(60));
     let (dst, listen) = destination(&dir, &[]);
 
@@ -239,12 +257,14 @@ fn forge_cpu(msg: &[u8]) -> Vec<u8> {
         for entry in vcpu["cpuid"].as_array_mut().unwrap() {
             let bytes = entry.as_array_mut().unwrap();
             let word = |b: &[serde_json::Value], at: usize| {
-                (0..4).fold(0u32, |w, i| w | (b[at + i].as_u64().unwrap() as u32) << (8 * i))
+                (0..4).fold(0u32, |w, i| {
+                    w | (b[at + i].as_u64().unwrap() as u32) << (8 * i)
+                })
             };
             let (function, index) = (word(bytes, 0), word(bytes, 4));
             let at = match (function, index) {
-                (7, 0) => 16,               // ebx
-                (0x8000_0001, _) => 24,     // edx
+                (7, 0) => 16,           // ebx
+                (0x8000_0001, _) => 24, // edx
                 _ => continue,
             };
             for b in &mut bytes[at..at + 4] {
@@ -324,9 +344,9 @@ fn proxy(listen: &Path, upstream: PathBuf, fault: Fault) -> std::thread::JoinHan
                     let at = msg.len() / 2;
                     msg[at] ^= 0x40;
                 }
-                Fault::Throttle(rate) => std::thread::sleep(Duration::from_micros(
-                    msg.len() as u64 * 1_000_000 / rate,
-                )),
+                Fault::Throttle(rate) => {
+                    std::thread::sleep(Duration::from_micros(msg.len() as u64 * 1_000_000 / rate))
+                }
                 _ => {}
             }
             if to_dst.write_all(&msg).is_err() {
@@ -345,7 +365,10 @@ fn guest_stays_on_the_source(src: ApiKiln, dst: ApiKiln, what: &str) -> common::
     let (_, info) = src.api("GET", "/", None);
     assert!(info.contains(r#""state":"Running""#), "{what}: {info}");
     let dst_out = dst.finish(Duration::from_secs(30));
-    assert_ne!(dst_out.status, 0, "{what}: the destination claims success: {dst_out}");
+    assert_ne!(
+        dst_out.status, 0,
+        "{what}: the destination claims success: {dst_out}"
+    );
     assert!(
         steps(&dst_out.stdout).is_empty(),
         "{what}: the guest ran on the destination too: {dst_out}"
@@ -360,7 +383,11 @@ fn guest_stays_on_the_source(src: ApiKiln, dst: ApiKiln, what: &str) -> common::
     );
     let all = steps(&out.stdout);
     let distinct: BTreeSet<u64> = all.iter().copied().collect();
-    assert_eq!(distinct.len(), all.len(), "{what}: a step ran twice: {all:?}");
+    assert_eq!(
+        distinct.len(),
+        all.len(),
+        "{what}: a step ran twice: {all:?}"
+    );
     dst_out
 }
 
@@ -505,23 +532,44 @@ fn bad_migration_requests_are_refused_naming_the_field() {
     let (status, body) = send(&src, "ftp:somewhere", "");
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("destination"), "{body}");
-    let (status, body) = send(&src, &format!("unix:{}", dir.path().join("nobody").display()), "");
+    let (status, body) = send(
+        &src,
+        &format!("unix:{}", dir.path().join("nobody").display()),
+        "",
+    );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("cannot connect"), "{body}");
     // Receiving is for a fresh process only.
-    let (status, body) = src.api("PUT", "/migration/receive", Some(r#"{"listen": "unix:/x"}"#));
+    let (status, body) = src.api(
+        "PUT",
+        "/migration/receive",
+        Some(r#"{"listen": "unix:/x"}"#),
+    );
     assert_eq!(status, 400, "{body}");
     let (_, info) = src.api("GET", "/", None);
     assert!(info.contains(r#""state":"Running""#), "{info}");
     let dst = api_kiln(dir.path(), "dst", &[]);
     assert_eq!(
-        dst.api("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)).0,
+        dst.api(
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#)
+        )
+        .0,
         204
     );
-    let (status, body) = dst.api("PUT", "/migration/receive", Some(r#"{"listen": "unix:/x"}"#));
+    let (status, body) = dst.api(
+        "PUT",
+        "/migration/receive",
+        Some(r#"{"listen": "unix:/x"}"#),
+    );
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("after configuring"), "{body}");
-    let (status, body) = dst.api("PUT", "/migration/send", Some(r#"{"destination": "unix:/x"}"#));
+    let (status, body) = dst.api(
+        "PUT",
+        "/migration/send",
+        Some(r#"{"destination": "unix:/x"}"#),
+    );
     assert_eq!(status, 400, "{body}");
     let out = src.finish(Duration::from_secs(300));
     assert_eq!(out.status, 0, "{out}");
@@ -564,7 +612,12 @@ fn a_destination_that_fails_after_the_hand_over_gives_the_tap_and_drive_back() {
     let cfg = config_with_tap(&dir, &disk, &format!("workload:{STEPS}:blk"), Some("kmig1"));
     let ns = NetNs::new("migt").unwrap();
     ns.add_tap("kmig1", "10.78.1.1/24").unwrap();
-    let src = api_kiln_in(&ns, dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    let src = api_kiln_in(
+        &ns,
+        dir.path(),
+        "src",
+        &["--config-file", cfg.to_str().unwrap()],
+    );
     src.wait_line("info workload step=2 ", Duration::from_secs(60));
     let dst = api_kiln_in(&ns, dir.path(), "dst", &[]);
     // The destination accepts the state, then cannot open the drive it is told to use.
@@ -579,7 +632,11 @@ fn a_destination_that_fails_after_the_hand_over_gives_the_tap_and_drive_back() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("refused"), "{body}");
     // The source holds its drive's lock again.
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&disk).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
     use std::os::fd::AsRawFd;
     // SAFETY: flock on a file this test opened.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

@@ -270,7 +270,9 @@ impl ActionHandler {
         Outcome::Respond(match action {
             VmmAction::ReceiveMigration(params) => {
                 if self.is_configured() {
-                    bad("Receiving a migrated microVM is not allowed after configuring boot-specific resources.")
+                    bad(
+                        "Receiving a migrated microVM is not allowed after configuring boot-specific resources.",
+                    )
                 } else {
                     return Outcome::Receive(Box::new(params));
                 }

@@ -289,9 +289,9 @@ impl Backends {
         self.released.store(true, SeqCst);
         for b in &self.blocks {
             let d = lock(b.as_ref());
-            d.disk()
-                .release()
-                .map_err(|e| MigrationError::Release(format!("drive {}: {e}", d.config().drive_id)))?;
+            d.disk().release().map_err(|e| {
+                MigrationError::Release(format!("drive {}: {e}", d.config().drive_id))
+            })?;
         }
         for n in &self.nets {
             let mut d = lock(n.as_ref());
@@ -316,14 +316,20 @@ impl Backends {
             let d = lock(b.as_ref());
             let r = retry(deadline, || d.disk().relock().map_err(|e| e.to_string()));
             if let Err(e) = r {
-                log::error!("drive {}: cannot take its lock back: {e}", d.config().drive_id);
+                log::error!(
+                    "drive {}: cannot take its lock back: {e}",
+                    d.config().drive_id
+                );
             }
         }
         for n in &self.nets {
             let mut d = lock(n.as_ref());
             let r = retry(deadline, || d.reattach_tap().map_err(|e| e.to_string()));
             if let Err(e) = r {
-                log::error!("interface {}: cannot take its TAP back: {e}", d.config().iface_id);
+                log::error!(
+                    "interface {}: cannot take its TAP back: {e}",
+                    d.config().iface_id
+                );
             }
         }
     }

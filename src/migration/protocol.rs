@@ -89,8 +89,10 @@ impl Kind {
         match self {
             Kind::Hello => 64 << 10,
             Kind::Pages => 4 + MAX_BATCH * (8 + PAGE),
-            Kind::State => (crate::snapshot::format::MAX_PAYLOAD as usize)
-                + crate::snapshot::format::HEADER_LEN,
+            Kind::State => {
+                (crate::snapshot::format::MAX_PAYLOAD as usize)
+                    + crate::snapshot::format::HEADER_LEN
+            }
             Kind::Resumed | Kind::Ready | Kind::Go | Kind::Sync | Kind::Synced => 0,
             Kind::Abort => 4096,
         }
@@ -324,7 +326,9 @@ pub fn apply_pages(memory: &GuestMemory, payload: &[u8]) -> Result<usize, Protoc
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         .ok_or_else(|| invalid("a page batch without its count".into()))?;
     if count > MAX_BATCH {
-        return Err(invalid(format!("{count} pages in one batch (at most {MAX_BATCH})")));
+        return Err(invalid(format!(
+            "{count} pages in one batch (at most {MAX_BATCH})"
+        )));
     }
     let addrs_end = 4 + count * 8;
     if payload.len() != addrs_end + count * PAGE {

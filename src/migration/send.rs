@@ -57,7 +57,9 @@ pub struct Job {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("params", &self.params).finish_non_exhaustive()
+        f.debug_struct("Job")
+            .field("params", &self.params)
+            .finish_non_exhaustive()
     }
 }
 
@@ -136,7 +138,10 @@ fn stream_vm(
     job.dirty.set_logging(true)?;
     job.dirty.sync()?;
     job.dirty.clear();
-    let max_downtime = job.params.max_downtime_ms.unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
+    let max_downtime = job
+        .params
+        .max_downtime_ms
+        .unwrap_or(DEFAULT_MAX_DOWNTIME_MS);
     let max_rounds = job.params.max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS);
     let mut pages = touched_pages(memory, job.every_page)?;
     let mut sender = PageSender::default();
@@ -148,7 +153,9 @@ fn stream_vm(
         ch.send(Kind::Sync, &[])?;
         ch.expect(Kind::Synced, "Synced")?;
         rounds += 1;
-        metrics.rounds.store(u64::from(rounds), std::sync::atomic::Ordering::Relaxed);
+        metrics
+            .rounds
+            .store(u64::from(rounds), std::sync::atomic::Ordering::Relaxed);
         metrics
             .bytes_sent
             .store(ch.bytes_sent(), std::sync::atomic::Ordering::Relaxed);
@@ -307,8 +314,7 @@ fn touched_pages(memory: &GuestMemory, every_page: bool) -> Result<Vec<u64>, Mig
                 flags.resize(chunk.div_ceil(PAGE), 0);
                 // SAFETY: `host + off .. + chunk` lies inside this region's live mapping
                 // (kept by `memory`), and `flags` holds one byte per page of it.
-                let ret =
-                    unsafe { libc::mincore(host.add(off).cast(), chunk, flags.as_mut_ptr()) };
+                let ret = unsafe { libc::mincore(host.add(off).cast(), chunk, flags.as_mut_ptr()) };
                 if ret != 0 {
                     return Err(MigrationError::Internal(format!(
                         "mincore: {}",

@@ -257,8 +257,16 @@ impl Vm {
 /// Registers every region of `memory` as a KVM slot (slot number = region index), with
 /// KVM's dirty logging when `log_dirty`. Registering an existing slot again with the same
 /// range changes only its flags.
-fn register_slots(fd: &VmFd, memory: &GuestMemory, log_dirty: bool) -> Result<(), kvm_ioctls::Error> {
-    let flags = if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+fn register_slots(
+    fd: &VmFd,
+    memory: &GuestMemory,
+    log_dirty: bool,
+) -> Result<(), kvm_ioctls::Error> {
+    let flags = if log_dirty {
+        KVM_MEM_LOG_DIRTY_PAGES
+    } else {
+        0
+    };
     for (slot, region) in memory.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -290,7 +298,8 @@ impl DirtyLog {
         if self.logging.load(Ordering::SeqCst) == on {
             return Ok(());
         }
-        register_slots(&self.fd, &self.memory, on).map_err(ioctl("cannot switch dirty-page logging"))?;
+        register_slots(&self.fd, &self.memory, on)
+            .map_err(ioctl("cannot switch dirty-page logging"))?;
         self.logging.store(on, Ordering::SeqCst);
         Ok(())
     }

@@ -164,16 +164,19 @@ fn batch(addrs: &[u64], fill: u8) -> Vec<u8> {
 #[test]
 fn pages_land_where_they_say_and_bad_batches_write_nothing() {
     let mem = create_guest_memory(1).unwrap();
-    assert_eq!(apply_pages(&mem, &batch(&[0x1000, 0x3000], 0xab)).unwrap(), 2);
+    assert_eq!(
+        apply_pages(&mem, &batch(&[0x1000, 0x3000], 0xab)).unwrap(),
+        2
+    );
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0xab);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3fff)).unwrap(), 0xab);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(0x2000)).unwrap(), 0);
 
     let bad = [
-        batch(&[0x2000, 0x1001], 0xcd),          // unaligned
-        batch(&[0x2000, 1 << 20], 0xcd),         // past the end
+        batch(&[0x2000, 0x1001], 0xcd),           // unaligned
+        batch(&[0x2000, 1 << 20], 0xcd),          // past the end
         batch(&[0x2000, u64::MAX - 0xfff], 0xcd), // wraps
-        batch(&[0x2000], 0xcd)[..100].to_vec(),  // short
+        batch(&[0x2000], 0xcd)[..100].to_vec(),   // short
         {
             let mut b = batch(&[0x2000], 0xcd);
             b[..4].copy_from_slice(&((MAX_BATCH + 1) as u32).to_le_bytes());
