@@ -162,7 +162,7 @@ fn host_ram() -> u64 {
     if unsafe { libc::sysinfo(&mut info) } != 0 {
         return u64::MAX;
     }
-    u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit))
+    info.totalram.saturating_mul(u64::from(info.mem_unit))
 }
 
 /// Fresh memory for the layout the source announced (only a layout kiln itself makes).

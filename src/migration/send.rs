@@ -312,9 +312,10 @@ fn touched_pages(memory: &GuestMemory, every_page: bool) -> Result<Vec<u64>, Mig
             let chunk = CHUNK.min(len - off);
             if anonymous {
                 flags.resize(chunk.div_ceil(PAGE), 0);
-                // SAFETY: `host + off .. + chunk` lies inside this region's live mapping
+                let start = host.wrapping_add(off).cast::<libc::c_void>();
+                // SAFETY: `start .. start + chunk` lies inside this region's live mapping
                 // (kept by `memory`), and `flags` holds one byte per page of it.
-                let ret = unsafe { libc::mincore(host.add(off).cast(), chunk, flags.as_mut_ptr()) };
+                let ret = unsafe { libc::mincore(start, chunk, flags.as_mut_ptr()) };
                 if ret != 0 {
                     return Err(MigrationError::Internal(format!(
                         "mincore: {}",
@@ -323,7 +324,7 @@ fn touched_pages(memory: &GuestMemory, every_page: bool) -> Result<Vec<u64>, Mig
                 }
             }
             for p in 0..chunk / PAGE {
-                if anonymous && flags[p] & 1 == 0 {
+                if anonymous && flags.get(p).is_none_or(|f| f & 1 == 0) {
                     continue;
                 }
                 let addr = base + (off + p * PAGE) as u64;

@@ -200,7 +200,7 @@ impl SeccompFilters {
         for cat in ThreadCategory::ALL {
             // A file written before live migration existed still runs the VM; without a
             // `migration` category there is no migration thread (`has`).
-            if cat == ThreadCategory::Migration && compiled.get(cat.name()).is_none() {
+            if cat == ThreadCategory::Migration && !compiled.contains_key(cat.name()) {
                 continue;
             }
             let program =

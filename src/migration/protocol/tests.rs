@@ -53,8 +53,7 @@ fn stream(key: Option<Key>, msgs: &[(Kind, &[u8])]) -> Vec<u8> {
     for (kind, payload) in msgs {
         ch.send(*kind, &[payload]).unwrap();
     }
-    let bytes = out.lock().unwrap().clone();
-    bytes
+    out.lock().unwrap().clone()
 }
 
 #[test]
