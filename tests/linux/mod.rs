@@ -43,9 +43,11 @@ pub const GUEST_IP: &str = "10.0.2.15";
 pub const GUEST_MAC: &str = "06:00:0a:00:02:0f";
 pub const TAP: &str = "kiln-linux0";
 
-/// kiln's default command line (src/config.rs DEFAULT_BOOT_ARGS) without `pci=off` (the
-/// microVM kernel has no PCI) and `nomodule` (nor modules).
-pub const BASE_ARGS: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux i8042.nomux i8042.dumbkbd";
+/// kiln's default command line (src/config.rs DEFAULT_BOOT_ARGS) without `nomodule` (the
+/// microVM kernel has no modules). `pci=off`: the kernel has PCI support only because Linux's
+/// ACPI initialisation needs it, and kiln has no PCI bus to probe.
+pub const BASE_ARGS: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
 /// What the emulated KVM of the development machines needs (guest-kernel/README.md): no
 /// XSAVE, FSGSBASE or PCID; no CPU features whose instructions the emulator lacks (popcnt,
 /// SMAP's clac/stac, SSSE3/SSE4.x/AES/PCLMUL/MOVBE, RDRAND/RDSEED, INVPCID, and cmpxchg16b —
@@ -59,6 +61,15 @@ pub const EMULATION_ARGS: &str = "noxsave nofsgsbase nopcid mitigations=off no_t
 /// `root=/dev/vda rw`).
 pub fn boot_args() -> String {
     format!("{BASE_ARGS} {EMULATION_ARGS} ip=dhcp init=/{MARKER}")
+}
+
+/// The firmware tables Linux is expected to boot from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// ACPI (the default): the MADT for the CPUs and IOAPIC, the DSDT for the devices.
+    Acpi,
+    /// `acpi=off` on the command line: the MP table only, devices from the command line.
+    MpTable,
 }
 
 /// The milestones, in the order Linux reaches them, and the console line that marks each.
@@ -351,11 +362,14 @@ pub struct Options<'a> {
     pub timeout: Duration,
     /// Print serial lines to stderr as they arrive.
     pub echo: bool,
+    /// Appended to the kernel command line (e.g. `acpi=off`).
+    pub cmdline_extra: &'a str,
 }
 
 impl Default for Options<'_> {
     fn default() -> Self {
         Options {
+            cmdline_extra: "",
             extra: &[],
             dhcp_server: true,
             ctrl_alt_del_on: None,
@@ -442,7 +456,7 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
     let config = serde_json::json!({
         "boot-source": {
             "kernel_image_path": kernel,
-            "boot_args": boot_args(),
+            "boot_args": format!("{} {}", boot_args(), opts.cmdline_extra).trim_end(),
         },
         "machine-config": { "vcpu_count": VCPUS, "mem_size_mib": MEM_MIB },
         "drives": [{

@@ -319,7 +319,10 @@ mod tests {
     }
 
     fn count(haystack: &[u8], needle: &[u8]) -> usize {
-        haystack.windows(needle.len()).filter(|w| *w == needle).count()
+        haystack
+            .windows(needle.len())
+            .filter(|w| *w == needle)
+            .count()
     }
 
     const DEVICES: [MmioDevice; 2] = [
@@ -367,11 +370,18 @@ mod tests {
         assert_eq!(fadt[8], 6);
         assert_eq!(fadt[131], 5);
         let flags = u32_at(&fadt, 112);
-        assert_eq!(flags, (1 << 20) | (1 << 4) | (1 << 5), "HW_REDUCED_ACPI, no buttons");
+        assert_eq!(
+            flags,
+            (1 << 20) | (1 << 4) | (1 << 5),
+            "HW_REDUCED_ACPI, no buttons"
+        );
         assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), 0b11100);
         assert_eq!(u32_at(&fadt, 40), 0, "only the 64-bit DSDT pointer");
         let dsdt_addr = u64_at(&fadt, 140);
-        assert_eq!(dsdt_addr, start, "the DSDT comes first, right after the MP table");
+        assert_eq!(
+            dsdt_addr, start,
+            "the DSDT comes first, right after the MP table"
+        );
 
         // MADT (5.2.12): local APIC address at 36, flags at 40, then the structures.
         assert_eq!(&madt[0..4], b"APIC");
@@ -390,7 +400,11 @@ mod tests {
                 }
                 1 => {
                     assert_eq!(len, 12);
-                    ioapics.push((madt[off + 2], u32_at(&madt, off + 4), u32_at(&madt, off + 8)));
+                    ioapics.push((
+                        madt[off + 2],
+                        u32_at(&madt, off + 4),
+                        u32_at(&madt, off + 8),
+                    ));
                 }
                 other => panic!("unexpected MADT structure {other}"),
             }
@@ -456,16 +470,34 @@ mod tests {
 
     #[test]
     fn bad_input_is_an_error() {
-        assert!(matches!(build(0, &[], 0x9fd00), Err(AcpiError::TooManyCpus(0))));
-        assert!(matches!(build(255, &[], 0x9fd00), Err(AcpiError::TooManyCpus(255))));
+        assert!(matches!(
+            build(0, &[], 0x9fd00),
+            Err(AcpiError::TooManyCpus(0))
+        ));
+        assert!(matches!(
+            build(255, &[], 0x9fd00),
+            Err(AcpiError::TooManyCpus(255))
+        ));
         let high = MmioDevice {
             base: 0x1_0000_0000,
             len: 0x1000,
             gsi: 5,
         };
-        assert!(matches!(build(1, &[high], 0x9fd00), Err(AcpiError::BadDevice { .. })));
-        let legacy_gsi = MmioDevice { gsi: 4, ..DEVICES[0] };
-        assert!(matches!(build(1, &[legacy_gsi], 0x9fd00), Err(AcpiError::BadDevice { .. })));
-        assert!(matches!(build(1, &[], 0xdff00), Err(AcpiError::TooLarge { .. })));
+        assert!(matches!(
+            build(1, &[high], 0x9fd00),
+            Err(AcpiError::BadDevice { .. })
+        ));
+        let legacy_gsi = MmioDevice {
+            gsi: 4,
+            ..DEVICES[0]
+        };
+        assert!(matches!(
+            build(1, &[legacy_gsi], 0x9fd00),
+            Err(AcpiError::BadDevice { .. })
+        ));
+        assert!(matches!(
+            build(1, &[], 0xdff00),
+            Err(AcpiError::TooLarge { .. })
+        ));
     }
 }
