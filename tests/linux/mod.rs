@@ -739,6 +739,74 @@ pub fn drive_console(
     }
 }
 
+/// Which firmware tables Linux used: with ACPI, the RSDP kiln put at 0xe0000, its tables,
+/// the MADT for the CPUs and the IOAPIC, and no ACPI error; with `acpi=off`, no ACPI at all
+/// and the MP table at 0x9fc00.
+pub fn check_firmware(b: &Boot, firmware: Firmware) {
+    let rsdp = b.line("ACPI: RSDP ");
+    match firmware {
+        Firmware::Acpi => {
+            let rsdp = rsdp.unwrap_or_else(|| panic!("Linux found no ACPI RSDP\n{b}"));
+            assert!(
+                rsdp.contains("ACPI: RSDP 0x00000000000E0000 000024 (v02 KILN  )"),
+                "unexpected RSDP line `{rsdp}`\n{b}"
+            );
+            for table in ["XSDT", "FACP", "DSDT", "APIC"] {
+                assert!(
+                    b.line(&format!("ACPI: {table} 0x")).is_some(),
+                    "Linux did not list the {table}\n{b}"
+                );
+            }
+            assert!(
+                b.line("ACPI: Using ACPI (MADT) for SMP configuration information")
+                    .is_some(),
+                "Linux did not take its CPUs from the MADT\n{b}"
+            );
+            assert!(
+                b.line("IOAPIC[0]: apic_id 0, version ")
+                    .is_some_and(|l| l.contains("address 0xfec00000, GSI 0-23")),
+                "Linux did not take the IOAPIC from the MADT\n{b}"
+            );
+            for bad in ["ACPI Error", "ACPI BIOS Error", "ACPI Warning"] {
+                assert!(b.line(bad).is_none(), "`{bad}` on the console\n{b}");
+            }
+            assert!(
+                b.line("Intel MultiProcessor Specification").is_none(),
+                "Linux configured its CPUs from the MP table despite ACPI\n{b}"
+            );
+            // The DSDT and the command line name the same devices (as Firecracker's do):
+            // the second registration of each window finds it taken, so every device is
+            // driven once.
+            assert!(
+                b.line("[vdb]").is_none() && b.line("eth1").is_none(),
+                "a device was driven twice\n{b}"
+            );
+        }
+        Firmware::MpTable => {
+            assert!(rsdp.is_none(), "ACPI in use despite acpi=off\n{b}");
+            assert!(
+                b.line("ACPI: Interpreter disabled").is_some(),
+                "ACPI was not disabled\n{b}"
+            );
+            assert!(
+                b.line("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]")
+                    .is_some()
+                    && b.line("Intel MultiProcessor Specification v1.4").is_some(),
+                "Linux did not configure its CPUs from the MP table\n{b}"
+            );
+            // The MP table numbers the IOAPIC after the vCPUs (the MADT numbers it 0).
+            assert!(
+                b.line("IOAPIC[0]: apic_id ")
+                    .is_some_and(|l| l.contains(&format!(
+                        "apic_id {}, version 17, address 0xfec00000, GSI 0-23",
+                        VCPUS + 1
+                    ))),
+                "Linux did not take the IOAPIC from the MP table\n{b}"
+            );
+        }
+    }
+}
+
 /// The checks of the end-to-end test: the block device with the image's capacity, the ext4
 /// root mounted, the DHCP lease (and the server agrees), init reached on the mounted root,
 /// and kiln ended cleanly after the panic's reset.
