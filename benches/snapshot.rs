@@ -5,9 +5,14 @@
 //! and a block sector per step, progress lines on the serial console), configured through
 //! the same API requests, interleaved run by run. For each guest memory size:
 //! - **create**: `PUT /snapshot/create` (Full) on the paused guest, request → response;
-//! - **load**: in a fresh process, `PUT /snapshot/load` (File backend, `resume_vm`)
-//!   request → response, and request → the guest's next progress line (running again);
-//! - the memory file's allocated size.
+//!   then the guest runs two more steps and a **Diff** is created into a new file (both VMMs
+//!   track dirty pages: `track_dirty_pages` in machine-config), request → response;
+//! - **load**: in a fresh process, `PUT /snapshot/load` of the Full (File backend,
+//!   `resume_vm`) request → response; request → the guest's next progress line (which comes
+//!   after the rest of the guest's TSC-timed wait); and request → the guest's answer to a
+//!   byte written on its console right after the response (`echo=`: running again, measured
+//!   without any guest timer);
+//! - the memory files' allocated sizes.
 //!
 //! Medians (min–max) over `KILN_BENCH_SNAP_RUNS` runs (default 5) for each size in
 //! `KILN_BENCH_SNAP_MIB` (default `128,1024`), and the ratio kiln / Firecracker.
@@ -33,13 +38,17 @@ enum Vmm {
 #[derive(Debug, Default, Clone, Copy)]
 struct Sample {
     create_ms: f64,
+    diff_ms: f64,
     load_ms: f64,
     running_ms: f64,
+    echo_ms: f64,
     mem_alloc_mib: f64,
+    diff_alloc_mib: f64,
 }
 
 struct Proc {
     child: Child,
+    stdin: Option<std::process::ChildStdin>,
     lines: LineReader,
     sock: PathBuf,
 }
@@ -57,10 +66,11 @@ fn spawn(bin: &Path, sock: &Path) -> Result<Proc> {
     let mut child = Command::new(bin)
         .arg("--api-sock")
         .arg(sock)
-        .stdin(Stdio::null())
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
+    let stdin = child.stdin.take();
     let out = child.stdout.take().ok_or("no stdout")?;
     let lines = LineReader::spawn(out);
     let start = Instant::now();
@@ -72,6 +82,7 @@ fn spawn(bin: &Path, sock: &Path) -> Result<Proc> {
     }
     Ok(Proc {
         child,
+        stdin,
         lines,
         sock: sock.to_path_buf(),
     })
@@ -117,7 +128,7 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
         &src,
         "PUT",
         "/machine-config",
-        &format!(r#"{{"vcpu_count": 1, "mem_size_mib": {mem_mib}}}"#),
+        &format!(r#"{{"vcpu_count": 1, "mem_size_mib": {mem_mib}, "track_dirty_pages": true}}"#),
     )?;
     api(
         &src,
@@ -148,8 +159,29 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
         ),
     )?;
     let create_ms = common::ms(t.elapsed());
+    api(&src, "PATCH", "/vm", r#"{"state": "Resumed"}"#)?;
+    wait_line(&src, "info workload step=4 ", Duration::from_secs(60))?;
+    api(&src, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
+    let diff_state = dir.path(&format!("{tag}.diff-state"));
+    let diff = dir.path(&format!("{tag}.diff"));
+    let t = Instant::now();
+    api(
+        &src,
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type": "Diff", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            diff_state.display(),
+            diff.display()
+        ),
+    )?;
+    let diff_ms = common::ms(t.elapsed());
     drop(src);
-    let mem_alloc_mib = std::fs::metadata(&mem)?.blocks() as f64 * 512.0 / f64::from(1 << 20);
+    let alloc = |p: &Path| -> Result<f64> {
+        Ok(std::fs::metadata(p)?.blocks() as f64 * 512.0 / f64::from(1 << 20))
+    };
+    let mem_alloc_mib = alloc(&mem)?;
+    let diff_alloc_mib = alloc(&diff)?;
 
     let dst = spawn(bin, &dir.path(&format!("{tag}-dst.sock")))?;
     let t = Instant::now();
@@ -164,17 +196,40 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
         ),
     )?;
     let load_ms = common::ms(t.elapsed());
-    wait_line(&dst, "info workload step=", Duration::from_secs(60))?;
-    let running_ms = common::ms(t.elapsed());
+    {
+        use std::io::Write;
+        let stdin = dst.stdin.as_ref().ok_or("no stdin")?;
+        (&*stdin).write_all(b"k")?;
+    }
+    let (mut running_ms, mut echo_ms) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while running_ms.is_none() || echo_ms.is_none() {
+        let line = dst
+            .lines
+            .recv_until(deadline)
+            .map_err(|_| "the restored guest went quiet")?;
+        let at = common::ms(t.elapsed());
+        if std::env::var_os("KILN_BENCH_SNAP_TRACE").is_some() {
+            println!("  {vmm:?} +{at:.1} ms: {}", line.text);
+        }
+        if line.text.starts_with("info workload step=") {
+            running_ms.get_or_insert(at);
+        } else if line.text.starts_with("info workload echo=") {
+            echo_ms.get_or_insert(at);
+        }
+    }
     drop(dst);
-    for f in [&disk, &state, &mem] {
+    for f in [&disk, &state, &mem, &diff, &diff_state] {
         let _ = std::fs::remove_file(f);
     }
     Ok(Sample {
         create_ms,
+        diff_ms,
         load_ms,
-        running_ms,
+        running_ms: running_ms.unwrap_or_default(),
+        echo_ms: echo_ms.unwrap_or_default(),
         mem_alloc_mib,
+        diff_alloc_mib,
     })
 }
 
@@ -208,11 +263,14 @@ fn main() {
                 "", "kiln", "firecracker", "ratio"
             );
             type Get = fn(&Sample) -> f64;
-            let rows: [(&str, Get); 4] = [
+            let rows: [(&str, Get); 7] = [
                 ("create Full (ms)", |s| s.create_ms),
+                ("create Diff, 2 steps (ms)", |s| s.diff_ms),
                 ("load -> response (ms)", |s| s.load_ms),
-                ("load -> guest running (ms)", |s| s.running_ms),
-                ("memory file on disk (MiB)", |s| s.mem_alloc_mib),
+                ("load -> next progress (ms)", |s| s.running_ms),
+                ("load -> console echo (ms)", |s| s.echo_ms),
+                ("Full memory file (MiB)", |s| s.mem_alloc_mib),
+                ("Diff memory file (MiB)", |s| s.diff_alloc_mib),
             ];
             for (name, get) in rows {
                 let ks = stats(&k.iter().map(get).collect::<Vec<_>>());

@@ -39,11 +39,12 @@ use crate::exit::{ExitCode, ExitSignal};
 use crate::rate_limiter::RateLimiter;
 use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
+use crate::snapshot::digest::MemoryDigest;
 use crate::snapshot::{
     Key, MemBackendType, MicrovmState, SnapshotError, SnapshotLoadParams, read_state,
 };
 use crate::vmm::{ExitWatcher, Subscriber, Vmm};
-use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory};
+use crate::vstate::memory::{GuestMemory, MemoryError, create_guest_memory_with};
 use crate::vstate::vcpu::{Vcpu, VcpuError, install_kick_handler};
 use crate::vstate::vm::{Vm, VmError, open_kvm};
 
@@ -563,9 +564,6 @@ pub fn restore(
     if params.vsock_override.is_some() {
         return unsupported("vsock_override: kiln has no vsock device");
     }
-    if params.track_dirty_pages || params.enable_diff_snapshots {
-        return unsupported("track_dirty_pages: Diff snapshots are not supported by this kiln yet");
-    }
     let mem_path = match (&params.mem_backend, &params.mem_file_path) {
         (Some(b), None) if b.backend_type == MemBackendType::File => b.backend_path.clone(),
         (Some(_), None) => {
@@ -601,6 +599,9 @@ pub fn restore(
         };
         drive.path_on_host = o.path_on_host.clone();
     }
+    // Firecracker's rule: the load decides whether the restored VM tracks dirty pages.
+    config.machine_config.track_dirty_pages =
+        params.track_dirty_pages || params.enable_diff_snapshots;
     config
         .validate()
         .map_err(|e| StartError::Snapshot(SnapshotError::Invalid(e.to_string())))?;
@@ -612,16 +613,23 @@ pub fn restore(
     };
     let file = File::open(&mem_path)
         .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
+    let mut digest = None;
     if let (Some(k), Some(want)) = (key, state.memory_digest) {
         let len = state.memory.iter().map(|r| r.size).sum();
-        let got = crate::snapshot::memory::digest(&file, len, k)
+        let got = MemoryDigest::of_file(&file, len, k)
             .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
-        if blake3::Hash::from(got) != blake3::Hash::from(want) {
+        if blake3::Hash::from(got.total(k)) != blake3::Hash::from(want) {
             return Err(StartError::Snapshot(SnapshotError::MemoryDigest(mem_path)));
         }
+        digest = Some(got);
     }
-    let memory = crate::snapshot::memory::map(&file, &state.memory).map_err(mem_err)?;
-    let vmm = build(
+    let memory = crate::snapshot::memory::map(
+        &file,
+        &state.memory,
+        config.machine_config.track_dirty_pages,
+    )
+    .map_err(mem_err)?;
+    let mut vmm = build(
         &config,
         opts,
         Boot::Snapshot {
@@ -630,6 +638,7 @@ pub fn restore(
             resume: params.resume_vm,
         },
     )?;
+    vmm.set_memory_digest(digest);
     Ok((vmm, config))
 }
 
@@ -640,7 +649,7 @@ fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, St
     // KVM, memory, VM.
     let kvm = open_kvm(vcpu_count)?;
     let memory = match &boot {
-        Boot::Kernel => create_guest_memory(machine.mem_size_mib)?,
+        Boot::Kernel => create_guest_memory_with(machine.mem_size_mib, machine.track_dirty_pages)?,
         Boot::Snapshot { memory, .. } => memory.clone(),
     };
     let mut vm = Vm::new(&kvm, memory, machine.track_dirty_pages)?;

@@ -22,6 +22,7 @@ use crate::devices::virtio::block::DiskFile;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::{FLUSH_INTERVAL, Section, device_sections};
 use crate::rate_limiter::LimiterUpdate;
+use crate::snapshot::digest::MemoryDigest;
 use crate::snapshot::{Key, SnapshotCreateParams, SnapshotError};
 use crate::vstate::vcpu::{VcpuHandle, VcpuMetrics, VcpuState};
 use crate::vstate::vm::Vm;
@@ -155,6 +156,8 @@ pub struct Vmm {
     vcpu_metrics: Vec<Arc<VcpuMetrics>>,
     wake: Arc<Wake>,
     paused: bool,
+    /// With a snapshot key: the memory's chunk digests as of the last snapshot or restore.
+    memory_digest: Option<MemoryDigest>,
     vm: Vm,
 }
 
@@ -187,6 +190,7 @@ impl Vmm {
             vcpu_metrics,
             wake: Arc::new(Wake::default()),
             paused: false,
+            memory_digest: None,
             vm,
         };
         match TimerFd::new() {
@@ -197,6 +201,11 @@ impl Vmm {
             Err(e) => log::warn!("periodic metrics disabled: {e}"),
         }
         vmm
+    }
+
+    /// Records the memory's chunk digests a keyed restore verified, for the next Diff.
+    pub fn set_memory_digest(&mut self, digest: Option<MemoryDigest>) {
+        self.memory_digest = digest;
     }
 
     /// Waits until every vCPU is parked (a VM restored paused) and records it as paused.
@@ -378,7 +387,15 @@ impl Machine for Vmm {
     ) -> Result<(), SnapshotError> {
         // The action handler refuses a running VM; a vCPU that is not parked refuses to
         // save its state.
-        crate::snapshot::create(params, config, &self.vm, &self.vcpus, &self.devices, key)
+        crate::snapshot::create(
+            params,
+            config,
+            &self.vm,
+            &self.vcpus,
+            &self.devices,
+            key,
+            &mut self.memory_digest,
+        )
     }
 }
 

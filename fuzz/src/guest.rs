@@ -3,16 +3,18 @@
 
 use std::cell::RefCell;
 
-use kiln::vstate::memory::GuestMemory;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use kiln::vstate::memory::{GuestMemory, anonymous_memory};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Guest RAM of the device targets: 256 KiB from address 0 (the start of kiln's layout),
 /// small enough that a whole-memory snapshot is cheap.
 pub const MEM_SIZE: u64 = 256 << 10;
 
 thread_local! {
+    // With dirty-page tracking: the devices' marking of the buffers they hand the host
+    // kernel runs under the fuzzer too.
     static MEMORY: GuestMemory =
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
+        anonymous_memory(&[(GuestAddress(0), MEM_SIZE as usize)], true)
             .expect("256 KiB of guest memory");
 }
 

@@ -16,8 +16,8 @@
 
 /// The first bytes of every kiln state file.
 pub const MAGIC: [u8; 8] = *b"KILNSNAP";
-/// The format this kiln writes and reads.
-pub const VERSION: u32 = 1;
+/// The format this kiln writes and reads (2: the memory digest is over 2 MiB chunks).
+pub const VERSION: u32 = 2;
 /// Header length.
 pub const HEADER_LEN: usize = 56;
 /// Largest payload accepted (a state is tens of KiB per vCPU).
@@ -181,9 +181,16 @@ mod tests {
             decode(&longer, None),
             Err(FormatError::Length { .. })
         ));
-        let mut v2 = file.clone();
-        v2[8] = 2;
-        assert_eq!(decode(&v2, None), Err(FormatError::Version { found: 2 }));
+        for other in [1u8, 3] {
+            let mut v = file.clone();
+            v[8] = other;
+            assert_eq!(
+                decode(&v, None),
+                Err(FormatError::Version {
+                    found: u32::from(other)
+                })
+            );
+        }
         assert_eq!(decode(&file, Some(&key)), Err(FormatError::NotKeyed));
         let keyed = encode(b"payload", Some(&key));
         assert_eq!(decode(&keyed, None), Err(FormatError::KeyNeeded));

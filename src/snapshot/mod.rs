@@ -4,12 +4,15 @@
 //!
 //! - `format.rs`: the state file's header, size cap and digest (a keyed MAC with a key),
 //!   checked before the state is parsed;
-//! - `memory.rs`: the memory file (sparse) and its private mapping on restore;
+//! - `memory.rs`: the memory file (sparse, or only the dirty pages of a Diff) and its private
+//!   mapping on restore;
+//! - `digest.rs`: the memory file's keyed digest, in chunks a Diff re-hashes as it dirties them;
 //! - this file: the API's parameters (Firecracker's `SnapshotCreateParams` and
 //!   `SnapshotLoadParams`), the saved state, and creating a snapshot from a paused VM.
 //!   Restoring is the builder's other way to make a VM ([`crate::builder::restore`]).
 
 pub mod cpu;
+pub mod digest;
 pub mod format;
 pub mod memory;
 
@@ -194,7 +197,7 @@ pub struct MicrovmState {
     pub config: VmConfig,
     /// Guest memory regions and their place in the memory file.
     pub memory: Vec<RegionInfo>,
-    /// With a key: the keyed BLAKE3 of the memory file.
+    /// With a key: the memory file's keyed digest (`digest.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_digest: Option<[u8; 32]>,
     /// What the guest saw of the host.
@@ -368,8 +371,42 @@ pub fn save_devices(devices: &DeviceRegistry) -> Result<DevicesSnapshot, Snapsho
     })
 }
 
+/// Where a snapshot's memory goes.
+enum MemoryTarget {
+    /// A new file, renamed into place once complete.
+    New(Staged),
+    /// A Diff merged in place onto the memory file of an earlier snapshot.
+    Base(File),
+}
+
+impl MemoryTarget {
+    fn file(&self) -> &File {
+        match self {
+            MemoryTarget::New(staged) => &staged.file,
+            MemoryTarget::Base(file) => file,
+        }
+    }
+
+    fn commit(self, path: &Path) -> Result<(), SnapshotError> {
+        match self {
+            MemoryTarget::New(staged) => staged.commit(),
+            MemoryTarget::Base(file) => file.sync_all().map_err(file_err(path)),
+        }
+    }
+}
+
 /// Writes a snapshot of a paused VM: the memory file first, then the state file (which
-/// names the memory's digest when keyed); both are synced and appear only when complete.
+/// names the memory's digest when keyed); both are synced and a new file appears only when
+/// complete.
+///
+/// `Full` writes all of guest memory to a new file. `Diff` (the VM must track dirty pages)
+/// writes only the pages dirtied since the last snapshot — the vCPUs' (KVM's dirty log) and
+/// device emulation's (the memory bitmaps): merged in place when `mem_file_path` is the
+/// guest-sized memory file of an earlier snapshot, else into a new file that holds only
+/// those pages (Firecracker's diff layer, to be merged onto its base before a load).
+/// Dirty pages are forgotten only once the snapshot is complete, so a failed attempt can be
+/// retried. `digest` carries the memory's chunk digests from one keyed snapshot (or restore)
+/// to the next.
 pub fn create(
     params: &SnapshotCreateParams,
     config: &VmConfig,
@@ -377,10 +414,12 @@ pub fn create(
     vcpus: &[VcpuHandle],
     devices: &DeviceRegistry,
     key: Option<&Key>,
+    digest: &mut Option<digest::MemoryDigest>,
 ) -> Result<(), SnapshotError> {
-    if params.snapshot_type == SnapshotType::Diff {
+    let diff = params.snapshot_type == SnapshotType::Diff;
+    if diff && !vm.tracks_dirty_pages() {
         return Err(SnapshotError::Unsupported(
-            "snapshot_type Diff is not supported by this kiln yet: create a Full snapshot".into(),
+            "Diff snapshots are not allowed on uVMs with dirty page tracking disabled (machine-config track_dirty_pages, or track_dirty_pages on the snapshot load)".into(),
         ));
     }
     let mut vcpu_states = Vec::with_capacity(vcpus.len());
@@ -391,19 +430,43 @@ pub fn create(
     let devices = save_devices(devices)?;
 
     let mem_path = Path::new(&params.mem_file_path);
-    let mem_file = Staged::create(mem_path)?;
-    let mut hasher = key.map(blake3::Hasher::new_keyed);
-    memory::save(vm.memory(), &mem_file.file, hasher.as_mut()).map_err(|source| {
-        SnapshotError::Memory {
-            path: params.mem_file_path.clone(),
-            source,
-        }
-    })?;
+    let mem_err = |source| SnapshotError::Memory {
+        path: params.mem_file_path.clone(),
+        source,
+    };
+    let (target, new_digest) = if diff {
+        vm.sync_dirty_log()?;
+        let target = match File::options().read(true).write(true).open(mem_path) {
+            Ok(file) if file.metadata().map(|m| m.is_file()).unwrap_or(false) => {
+                MemoryTarget::Base(file)
+            }
+            Ok(_) => {
+                return Err(mem_err(memory::MemoryFileError::Base {
+                    needed: memory::layout(vm.memory()).iter().map(|r| r.size).sum(),
+                    found: 0,
+                }));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                MemoryTarget::New(Staged::create(mem_path)?)
+            }
+            Err(e) => return Err(file_err(mem_path)(e)),
+        };
+        let mut d = match (key, digest.clone()) {
+            (Some(k), None) => Some(memory::digest_of(vm.memory(), k).map_err(mem_err)?),
+            (_, d) => d,
+        };
+        memory::save_dirty(vm.memory(), target.file(), key.zip(d.as_mut())).map_err(mem_err)?;
+        (target, d)
+    } else {
+        let staged = Staged::create(mem_path)?;
+        let (_, d) = memory::save(vm.memory(), &staged.file, key).map_err(mem_err)?;
+        (MemoryTarget::New(staged), d)
+    };
     let state = MicrovmState {
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
         config: config.clone(),
         memory: memory::layout(vm.memory()),
-        memory_digest: hasher.map(|h| *h.finalize().as_bytes()),
+        memory_digest: key.zip(new_digest.as_ref()).map(|(k, d)| d.total(k)),
         host: HostInfo {
             tsc_khz: vcpu_states.first().and_then(|v| v.tsc_khz),
         },
@@ -418,8 +481,13 @@ pub fn create(
         .file
         .write_all(&format::encode(&payload, key))
         .map_err(file_err(state_path))?;
-    mem_file.commit()?;
+    target.commit(mem_path)?;
     state_file.commit()?;
+    // Complete: what was dirty is saved.
+    if vm.tracks_dirty_pages() {
+        vm.reset_dirty()?;
+    }
+    *digest = new_digest;
     Ok(())
 }
 

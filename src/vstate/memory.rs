@@ -2,14 +2,29 @@
 //!
 //! Memory is reserved, never touched or zeroed by kiln: the host kernel hands out zero pages
 //! on the guest's first access, so a VM costs only what its guest actually uses.
+//!
+//! With dirty-page tracking on (`track_dirty_pages`, for Diff snapshots), each region carries
+//! a bitmap in which vm-memory marks every page device emulation writes through it; writes
+//! the host kernel makes straight into guest buffers (readv/preadv on host addresses) are
+//! marked by whoever hands those buffers out ([`mark_dirty`]). vCPU writes are KVM's dirty
+//! log. Without tracking the bitmap is `None` and costs nothing.
 
-use vm_memory::mmap::FromRangesError;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
+use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
+use vm_memory::{
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::arch::x86_64::layout::{FIRST_ADDR_PAST_32BITS, MMIO_GAP_START};
 
+/// A region's dirty-page bitmap: `Some` when the VM tracks dirty pages.
+pub type DirtyBitmap = Option<AtomicBitmap>;
+
 /// The guest memory type used throughout kiln.
-pub type GuestMemory = GuestMemoryMmap<()>;
+pub type GuestMemory = GuestMemoryMmap<DirtyBitmap>;
+
+/// One region of [`GuestMemory`].
+pub type GuestRegion = GuestRegionMmap<DirtyBitmap>;
 
 const MIB: u64 = 1 << 20;
 
@@ -32,8 +47,11 @@ pub enum MemoryError {
         /// Requested size.
         size_mib: u64,
         /// Why the mapping failed.
-        source: FromRangesError,
+        source: MmapRegionError,
     },
+    /// The regions do not form a valid guest memory.
+    #[error("machine-config.mem_size_mib: invalid guest memory layout: {0}")]
+    Layout(String),
 }
 
 /// Splits `size` bytes of RAM into guest-physical regions: below the MMIO gap, and the rest
@@ -58,8 +76,22 @@ pub fn host_phys_bits() -> u8 {
     (std::arch::x86_64::__cpuid(0x8000_0008).eax & 0xff) as u8
 }
 
-/// Reserves `size_mib` MiB of guest RAM.
+/// Reserves `size_mib` MiB of guest RAM, without dirty-page tracking.
 pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemory, MemoryError> {
+    create_guest_memory_with(size_mib, false)
+}
+
+/// The bitmap a region of `len` bytes gets: one bit per page when tracking dirty pages.
+pub fn new_bitmap(len: usize, track_dirty_pages: bool) -> DirtyBitmap {
+    track_dirty_pages.then(|| AtomicBitmap::with_len(len))
+}
+
+/// Reserves `size_mib` MiB of guest RAM, each region with a dirty-page bitmap when
+/// `track_dirty_pages`.
+pub fn create_guest_memory_with(
+    size_mib: u64,
+    track_dirty_pages: bool,
+) -> Result<GuestMemory, MemoryError> {
     let phys_bits = host_phys_bits();
     let too_large = MemoryError::TooLarge {
         size_mib,
@@ -83,7 +115,40 @@ pub fn create_guest_memory(size_mib: u64) -> Result<GuestMemory, MemoryError> {
         .iter()
         .map(|(start, len)| (*start, *len as usize))
         .collect();
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { size_mib, source })
+    anonymous_memory(&ranges, track_dirty_pages)
+}
+
+/// Anonymous, private, `MAP_NORESERVE` guest memory with the regions `ranges` (sorted, not
+/// overlapping), each with a dirty-page bitmap when `track_dirty_pages`.
+pub fn anonymous_memory(
+    ranges: &[(GuestAddress, usize)],
+    track_dirty_pages: bool,
+) -> Result<GuestMemory, MemoryError> {
+    let size_mib = ranges.iter().map(|(_, l)| *l as u64).sum::<u64>() / MIB;
+    let mut mapped = Vec::with_capacity(ranges.len());
+    for &(start, len) in ranges {
+        let region = MmapRegionBuilder::new_with_bitmap(len, new_bitmap(len, track_dirty_pages))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|source| MemoryError::Map { size_mib, source })?;
+        let region = GuestRegionMmap::new(region, start)
+            .ok_or_else(|| MemoryError::Layout("a region wraps the address space".into()))?;
+        mapped.push(region);
+    }
+    GuestMemoryMmap::from_regions(mapped).map_err(|e| MemoryError::Layout(e.to_string()))
+}
+
+/// Records that the host kernel is about to write `len` bytes at `addr` straight into guest
+/// memory (through a host address vm-memory does not see). A no-op without tracking;
+/// addresses outside guest memory are ignored (the caller's own checks refuse them).
+pub fn mark_dirty(mem: &GuestMemory, addr: GuestAddress, len: usize) {
+    if len == 0 {
+        return;
+    }
+    if let Some((region, offset)) = mem.to_region_addr(addr) {
+        region.bitmap().mark_dirty(offset.raw_value() as usize, len);
+    }
 }
 
 /// Bytes of guest memory currently resident in host RAM (pages the guest or kiln touched).

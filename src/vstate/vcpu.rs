@@ -43,6 +43,20 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     /// KVM accepted fewer boot MSRs than given.
+    /// The snapshot's TSC frequency differs from this host's and KVM cannot scale it.
+    #[error(
+        "vCPU {cpu}: the snapshot's guest ran with a TSC of {saved} kHz, this host's is {host} kHz, and KVM cannot scale it (KVM_SET_TSC_KHZ: {source}); restore on a host with the same TSC frequency or with TSC scaling"
+    )]
+    TscScaling {
+        /// The vCPU.
+        cpu: u8,
+        /// The frequency the guest saw.
+        saved: u32,
+        /// This host's.
+        host: u32,
+        /// Why KVM refused.
+        source: kvm_ioctls::Error,
+    },
     #[error("vCPU {cpu}: KVM set {set} of {wanted} boot MSRs")]
     Msrs {
         /// vCPU index.

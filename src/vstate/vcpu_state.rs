@@ -135,10 +135,22 @@ pub fn restore(fd: &VcpuFd, s: &VcpuSnapshot) -> Result<(), VcpuError> {
     let cpu = s.index;
     let cpuid = CpuId::from_entries(&s.cpuid).map_err(VcpuError::CpuidList)?;
     fd.set_cpuid2(&cpuid).map_err(step(cpu, "KVM_SET_CPUID2"))?;
-    if let Some(khz) = s.tsc_khz
-        && fd.get_tsc_khz().ok() != Some(khz)
+    // Another host (or another TSC frequency): the guest keeps the frequency it calibrated,
+    // scaled by KVM where the host can, refused naming both where it cannot.
+    if let Some(saved) = s.tsc_khz
+        && let Ok(host) = fd.get_tsc_khz()
+        && host != saved
     {
-        fd.set_tsc_khz(khz).map_err(step(cpu, "KVM_SET_TSC_KHZ"))?;
+        fd.set_tsc_khz(saved)
+            .map_err(|source| VcpuError::TscScaling {
+                cpu,
+                saved,
+                host,
+                source,
+            })?;
+        log::info!(
+            "vCPU {cpu}: TSC scaled from this host's {host} kHz to the snapshot's {saved} kHz"
+        );
     }
     fd.set_mp_state(s.mp_state)
         .map_err(step(cpu, "KVM_SET_MP_STATE"))?;

@@ -215,6 +215,49 @@ impl Vm {
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
     }
+
+    /// Moves KVM's dirty log (the pages vCPUs wrote since the last call) into the regions'
+    /// dirty bitmaps, where device emulation marks its own writes. A no-op for memory without
+    /// bitmaps (dirty-page tracking off).
+    pub fn sync_dirty_log(&self) -> Result<(), VmError> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() else {
+                continue;
+            };
+            let log = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(ioctl("cannot read the dirty-page log"))?;
+            for (word, bits) in log.iter().enumerate() {
+                let mut bits = *bits;
+                while bits != 0 {
+                    let bit = bits.trailing_zeros() as usize;
+                    bitmap.set_bit(word * 64 + bit);
+                    bits &= bits - 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets every dirty page (after a snapshot has saved them): KVM's log is read and
+    /// dropped, the bitmaps cleared.
+    pub fn reset_dirty(&self) -> Result<(), VmError> {
+        self.sync_dirty_log()?;
+        for region in self.memory.iter() {
+            if let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() {
+                bitmap.reset();
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether guest memory tracks dirty pages.
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.memory
+            .iter()
+            .any(|r| std::ops::Deref::deref(r).bitmap().is_some())
+    }
 }
 
 #[cfg(test)]

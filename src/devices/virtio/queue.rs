@@ -8,7 +8,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::vstate::memory::GuestMemory;
+use crate::vstate::memory::{GuestMemory, mark_dirty};
 
 /// Size of a split-ring descriptor.
 const DESC_SIZE: u64 = 16;
@@ -37,12 +37,18 @@ pub struct HostBuffer {
 
 /// Resolves walked guest buffers to host buffers (each lies inside one region, which
 /// `walk_chain` checked). Empty buffers carry nothing and are left out (their address is
-/// not checked by the walk).
+/// not checked by the walk). The host kernel writes device-writable buffers behind
+/// vm-memory's back, so they are marked dirty here, where they are handed out (a buffer
+/// that ends up not written is merely saved once more by the next Diff snapshot).
 pub fn host_buffers(mem: &GuestMemory, bufs: &[Buffer]) -> Option<Vec<HostBuffer>> {
     bufs.iter()
         .filter(|b| b.len > 0)
         .map(|b| {
-            mem.get_host_address(b.addr).ok().map(|ptr| HostBuffer {
+            let ptr = mem.get_host_address(b.addr).ok()?;
+            if b.writable {
+                mark_dirty(mem, b.addr, b.len as usize);
+            }
+            Some(HostBuffer {
                 ptr,
                 len: b.len as usize,
             })
@@ -443,5 +449,34 @@ pub(crate) mod tests {
         assert_eq!(pop_head(&mut q, &mem), Ok(None));
         mem.write_obj(100u16, GuestAddress(AVAIL + 2)).unwrap();
         assert_eq!(pop_head(&mut q, &mem), Err(RingError::AvailIndexJump));
+    }
+
+    #[test]
+    fn buffers_handed_to_the_host_kernel_for_writing_are_marked_dirty() {
+        use std::ops::Deref;
+        use vm_memory::bitmap::Bitmap;
+        let mem = crate::vstate::memory::create_guest_memory_with(16, true).unwrap();
+        let bufs = [
+            Buffer {
+                addr: GuestAddress(0x10_0000),
+                len: 0x1800,
+                writable: true,
+            },
+            Buffer {
+                addr: GuestAddress(0x20_0000),
+                len: 0x1000,
+                writable: false,
+            },
+        ];
+        assert_eq!(host_buffers(&mem, &bufs).unwrap().len(), 2);
+        let region = mem.iter().next().unwrap();
+        let bitmap = region.deref().bitmap();
+        // The writable buffer's two pages, and nothing else.
+        assert!(bitmap.dirty_at(0x10_0000) && bitmap.dirty_at(0x10_1000));
+        assert!(!bitmap.dirty_at(0x10_2000));
+        assert!(
+            !bitmap.dirty_at(0x20_0000),
+            "a device-readable buffer is not dirtied"
+        );
     }
 }
