@@ -27,11 +27,17 @@
 //!   device thread's CPU per iteration, wake-ups included;
 //! - `kiln --no-seccomp`: the seccomp filters' share.
 //!
+//! Then the queue-depth part (issue 18, `block/depth.rs`): random reads at depths 1, 8 and
+//! 32, page-cached and cold, kiln Sync vs kiln Async vs Firecracker Async.
+//! `KILN_BENCH_BLK=depth` runs only that part, `KILN_BENCH_BLK=qd1` only the first.
+//!
 //! Environment: `KILN_BENCH_BLK_RUNS` (runs per variant and size, default 11),
 //! `KILN_BENCH_BLK_N` (reads per run, default 500), `KILN_BENCH_BLK_FLOOR_ITERS` (iterations
 //! per floor measurement, default 2000).
 
 mod common;
+#[path = "block/depth.rs"]
+mod depth;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -394,6 +400,17 @@ struct SizeResults {
 }
 
 fn bench() -> Result<()> {
+    let part = std::env::var("KILN_BENCH_BLK").unwrap_or_default();
+    if part != "depth" {
+        bench_qd1()?;
+    }
+    if part != "qd1" {
+        depth::bench(&Scratch::new("block-depth")?)?;
+    }
+    Ok(())
+}
+
+fn bench_qd1() -> Result<()> {
     let runs = env_usize("KILN_BENCH_BLK_RUNS", 11);
     let n = env_usize("KILN_BENCH_BLK_N", 500) as u64;
     let floor_iters = env_usize("KILN_BENCH_BLK_FLOOR_ITERS", 2000);

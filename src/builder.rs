@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{Cursor, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -22,7 +23,7 @@ use crate::arch::x86_64::layout::{
     VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::loader::{LoadError, LoadedKernel, load_initrd, load_kernel};
-use crate::config::{BUILTIN_KERNEL, DEFAULT_BOOT_ARGS, VmConfig};
+use crate::config::{BUILTIN_KERNEL, DEFAULT_BOOT_ARGS, IoEngine, VmConfig};
 use crate::devices::IrqLine;
 use crate::devices::boot_timer::{BOOT_TIMER_SIZE, BootTimer};
 use crate::devices::bus::{Bus, BusError};
@@ -39,7 +40,9 @@ use crate::exit::{ExitCode, ExitSignal};
 use crate::rate_limiter::RateLimiter;
 use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
-use crate::snapshot::digest::MemoryDigest;
+use crate::snapshot::WorkingSetParams;
+use crate::snapshot::uffd::{self, PageFaultHandler};
+use crate::snapshot::working_set::{Recorder, WorkingSet, WorkingSetError};
 use crate::snapshot::{
     Key, MemBackendType, MicrovmState, SnapshotError, SnapshotLoadParams, read_state,
 };
@@ -136,6 +139,14 @@ pub enum StartError {
         path: String,
         /// Why.
         source: crate::devices::virtio::block::DiskError,
+    },
+    /// A drive asks for the `Async` engine, which this host cannot run.
+    #[error("drives[{index}].io_engine: Async needs io_uring: {source}")]
+    IoEngine {
+        /// Position in `drives`.
+        index: usize,
+        /// Why.
+        source: crate::devices::virtio::block::uring::UringError,
     },
     /// A network interface's TAP could not be used.
     #[error("network-interfaces[{index}].host_dev_name: {source}")]
@@ -350,12 +361,20 @@ fn attach_block_devices(
             path: drive.path_on_host.clone(),
             source,
         };
+        let io_engine = drive.io_engine.unwrap_or_default();
+        if io_engine == IoEngine::Async {
+            // Refused now, never silently served synchronously; the ring itself is made on
+            // the drive's first request.
+            crate::devices::virtio::block::uring::probe()
+                .map_err(|source| StartError::IoEngine { index, source })?;
+        }
         let disk = DiskFile::open(Path::new(&drive.path_on_host), drive.is_read_only)
             .map_err(drive_err)?;
         let block_config = BlockConfig {
             drive_id: drive.drive_id.clone(),
             read_only: drive.is_read_only,
             cache_type: drive.cache_type,
+            io_engine,
         };
         let mut block = Block::new(block_config, disk).map_err(event_err("a drive's queue"))?;
         block.set_rate_limiter(
@@ -539,10 +558,12 @@ fn restore_devices(devices: &DeviceRegistry, state: &MicrovmState) -> Result<(),
 enum Boot<'a> {
     /// A kernel, entered through its boot protocol.
     Kernel,
-    /// A snapshot's state, with its memory already mapped.
+    /// A snapshot's state, with its memory already mapped (and, with the `Uffd` backend,
+    /// the page-fault handler that serves it).
     Snapshot {
         state: &'a MicrovmState,
         memory: GuestMemory,
+        handler: Option<PageFaultHandler>,
         resume: bool,
     },
 }
@@ -553,7 +574,8 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
 }
 
 /// Restores the snapshot `params` names into a new VM: the state file is authenticated
-/// (with `key`) and checked before use, the memory file mapped privately; the VM is left
+/// (with `key`) and checked before use, the memory file mapped privately (or, with the
+/// `Uffd` backend, guest memory handed to the page-fault handler first); the VM is left
 /// paused unless `resume_vm`.
 pub fn restore(
     params: &SnapshotLoadParams,
@@ -564,18 +586,31 @@ pub fn restore(
     if params.vsock_override.is_some() {
         return unsupported("vsock_override: kiln has no vsock device");
     }
-    let mem_path = match (&params.mem_backend, &params.mem_file_path) {
-        (Some(b), None) if b.backend_type == MemBackendType::File => b.backend_path.clone(),
-        (Some(_), None) => {
-            return unsupported("mem_backend.backend_type Uffd is not supported by this kiln yet");
-        }
-        (None, Some(p)) => p.clone(),
+    let (backend, mem_path) = match (&params.mem_backend, &params.mem_file_path) {
+        (Some(b), None) => (b.backend_type, b.backend_path.clone()),
+        (None, Some(p)) => (MemBackendType::File, p.clone()),
         (Some(_), Some(_)) => {
             return unsupported("give either mem_backend or mem_file_path, not both");
         }
         (None, None) => return unsupported("mem_backend: missing"),
     };
+    if backend == MemBackendType::Uffd && key.is_some() {
+        return unsupported(
+            "mem_backend.backend_type Uffd: kiln never reads the memory file, so it cannot check \
+             it against the snapshot's keyed digest (--snapshot-key-file): use the File backend, \
+             or no key and a page-fault handler that checks the memory itself",
+        );
+    }
+    if backend == MemBackendType::Uffd && params.working_set.is_some() {
+        return unsupported(
+            "working_set: not with mem_backend.backend_type Uffd: the page-fault handler \
+             decides which pages come first",
+        );
+    }
+    // Where restore time goes, logged at the end.
+    let started = Instant::now();
     let state = read_state(Path::new(&params.snapshot_path), key)?;
+    let t_state = started.elapsed();
     let mut config = state.config.clone();
     for o in &params.network_overrides {
         let Some(iface) = config
@@ -605,46 +640,100 @@ pub fn restore(
     config
         .validate()
         .map_err(|e| StartError::Snapshot(SnapshotError::Invalid(e.to_string())))?;
-    let mem_err = |source| {
-        StartError::Snapshot(SnapshotError::Memory {
-            path: mem_path.clone(),
-            source,
-        })
-    };
-    let file = File::open(&mem_path)
-        .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
-    let mut digest = None;
-    if let (Some(k), Some(want)) = (key, state.memory_digest) {
-        let len = state.memory.iter().map(|r| r.size).sum();
-        let got = MemoryDigest::of_file(&file, len, k)
-            .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
-        if blake3::Hash::from(got.total(k)) != blake3::Hash::from(want) {
-            return Err(StartError::Snapshot(SnapshotError::MemoryDigest(mem_path)));
+    let track_dirty_pages = config.machine_config.track_dirty_pages;
+    let (memory, digest, handler) = match backend {
+        MemBackendType::File => {
+            let (memory, digest) =
+                crate::snapshot::memory::load(&mem_path, &state, key, track_dirty_pages)?;
+            (memory, digest, None)
         }
-        digest = Some(got);
-    }
-    let memory = crate::snapshot::memory::map(
-        &file,
-        &state.memory,
-        config.machine_config.track_dirty_pages,
-    )
-    .map_err(mem_err)?;
+        // Nothing touches guest memory before the handler has it: only the builder, after.
+        MemBackendType::Uffd => {
+            let (memory, handler) = uffd::hand_over(&mem_path, &state.memory, track_dirty_pages)
+                .map_err(|source| SnapshotError::Uffd {
+                    path: mem_path.clone(),
+                    source,
+                })?;
+            (memory, None, Some(handler))
+        }
+    };
+    let t_memory = started.elapsed();
+    let recorder = match &params.working_set {
+        Some(ws) => working_set(ws, &memory)?,
+        None => None,
+    };
+    let t_working_set = started.elapsed();
     let mut vmm = build(
         &config,
         opts,
         Boot::Snapshot {
             state: &state,
             memory,
+            handler,
             resume: params.resume_vm,
         },
     )?;
     vmm.set_memory_digest(digest);
+    if let Some((recorder, timer_fd)) = recorder {
+        vmm.record_working_set(recorder, timer_fd);
+    }
+    let t_vm = started.elapsed();
+    log::info!(
+        "snapshot loaded in {t_vm:?}: state file {t_state:?}, memory {:?} (checked and mapped, or handed to the page-fault handler), working set {:?}, VM, vCPUs and devices {:?}",
+        t_memory - t_state,
+        t_working_set - t_memory,
+        t_vm - t_working_set
+    );
     Ok((vmm, config))
 }
 
-fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, StartError> {
+/// A load's `working_set`: an existing file is faulted into `memory` now; a missing one is
+/// recorded later (the recorder and its timer's descriptor for the VMM).
+fn working_set(
+    params: &WorkingSetParams,
+    memory: &GuestMemory,
+) -> Result<Option<(Recorder, OwnedFd)>, StartError> {
+    let invalid = |m: String| StartError::Snapshot(SnapshotError::Invalid(m));
+    let path = Path::new(&params.path);
+    if params.path.is_empty() {
+        return Err(invalid("working_set.path: empty".into()));
+    }
+    let after_ms = params
+        .record_after_ms
+        .unwrap_or(crate::snapshot::WORKING_SET_RECORD_MS);
+    if after_ms > crate::snapshot::WORKING_SET_RECORD_MAX_MS {
+        return Err(invalid(format!(
+            "working_set.record_after_ms: {after_ms} is over {}",
+            crate::snapshot::WORKING_SET_RECORD_MAX_MS
+        )));
+    }
+    let fail = |e: WorkingSetError| invalid(format!("working_set.path {}: {e}", params.path));
+    if path.exists() {
+        let pages = crate::snapshot::memory::layout(memory)
+            .iter()
+            .map(|r| r.size / 4096)
+            .sum();
+        let started = Instant::now();
+        let ws = WorkingSet::read(path, pages).map_err(fail)?;
+        let faulted = ws.prefault(memory).map_err(fail)?;
+        log::info!(
+            "working set: {faulted} pages ({} KiB) in {} runs faulted in in {:?}",
+            faulted * 4,
+            ws.runs().len(),
+            started.elapsed()
+        );
+        return Ok(None);
+    }
+    Recorder::new(path, after_ms).map(Some).map_err(fail)
+}
+
+fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm, StartError> {
     let vcpu_count = config.vcpus();
     let machine = &config.machine_config;
+    let handler = match &mut boot {
+        Boot::Snapshot { handler, .. } => handler.take(),
+        Boot::Kernel => None,
+    };
 
     // KVM, memory, VM.
     let kvm = open_kvm(vcpu_count)?;
@@ -810,6 +899,18 @@ fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, St
             input_ready,
         )));
         event_manager.add_subscriber(input);
+    }
+
+    // The page-fault handler (`Uffd` backend) must have taken the handshake: a handler gone
+    // without it would leave the guest's first fault waiting forever.
+    if let Some(handler) = handler {
+        handler.check().map_err(|source| {
+            StartError::Snapshot(SnapshotError::Uffd {
+                path: handler.path().to_string(),
+                source,
+            })
+        })?;
+        vm.keep_page_fault_handler(handler);
     }
 
     // Go.

@@ -88,6 +88,8 @@ pub struct Args {
     pub restore_snapshot: Option<PathBuf>,
     /// `--restore-mem`: its memory file.
     pub restore_mem: Option<PathBuf>,
+    /// `--working-set`: prefault (or record) the restored guest's working set.
+    pub working_set: Option<PathBuf>,
     /// `--snapshot-key-file`: 32 bytes authenticating snapshot state files.
     pub snapshot_key_file: Option<PathBuf>,
     /// `--describe-snapshot`: print a state file's summary and exit.
@@ -135,6 +137,9 @@ Snapshots:
     --restore-snapshot FILE --restore-mem FILE
                            restore a snapshot at start and run it (instead of a kernel;
                            with the API, PUT /snapshot/load does the same)
+    --working-set FILE     with --restore-snapshot: fault the pages FILE lists in before the
+                           guest runs; without FILE, record there the pages the guest touches
+                           in its first second (PUT /snapshot/load's working_set)
     --snapshot-key-file FILE
                            32 bytes (the file's first 32) authenticating snapshot state files:
                            snapshots are written with a keyed MAC, and a state file without
@@ -230,6 +235,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Args, CliError> 
             "--print-seccomp" => out.print_seccomp = true,
             "--restore-snapshot" => out.restore_snapshot = Some(value(&mut it)?.into()),
             "--restore-mem" => out.restore_mem = Some(value(&mut it)?.into()),
+            "--working-set" => out.working_set = Some(value(&mut it)?.into()),
             "--snapshot-key-file" => out.snapshot_key_file = Some(value(&mut it)?.into()),
             "--describe-snapshot" => out.describe_snapshot = Some(value(&mut it)?.into()),
             "--enable-pci" => out.enable_pci = true,
@@ -251,6 +257,11 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Args, CliError> 
     if out.restore_snapshot.is_some() != out.restore_mem.is_some() {
         return Err(CliError::Conflict(
             "--restore-snapshot and --restore-mem go together",
+        ));
+    }
+    if out.working_set.is_some() && out.restore_snapshot.is_none() {
+        return Err(CliError::Conflict(
+            "--working-set goes with --restore-snapshot",
         ));
     }
     if out.restore_snapshot.is_some() && (quick || out.config_file.is_some()) {

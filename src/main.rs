@@ -16,7 +16,7 @@ use kiln::seccomp::{
     SeccompError, SeccompFilters, ThreadCategory, install_panic_hook, install_sigsys_handler,
     pin_allocator,
 };
-use kiln::snapshot::{Key, SnapshotLoadParams};
+use kiln::snapshot::{Key, SnapshotLoadParams, WorkingSetParams};
 use kiln::terminal::RawTerminal;
 use kiln::vmm::{ApiChannel, Vmm};
 
@@ -301,7 +301,11 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
         .zip(args.restore_mem.as_ref());
     let mut vmm = match (restore_files, config, &api) {
         (Some((state, mem)), _, _) => {
-            let params = SnapshotLoadParams::from_files(state, mem);
+            let mut params = SnapshotLoadParams::from_files(state, mem);
+            params.working_set = args.working_set.as_ref().map(|p| WorkingSetParams {
+                path: p.display().to_string(),
+                record_after_ms: None,
+            });
             let t = Instant::now();
             let (vmm, config) = restore(&params, &opts, actions.snapshot_key())?;
             actions.restored(Ok(config));

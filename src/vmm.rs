@@ -6,7 +6,7 @@
 //! the timers (periodic metrics) on the main thread until the VM must end, then stops every
 //! vCPU. Pausing and resuming at a safe point live here too.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +23,7 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::metrics::{FLUSH_INTERVAL, Section, device_sections};
 use crate::rate_limiter::LimiterUpdate;
 use crate::snapshot::digest::MemoryDigest;
+use crate::snapshot::working_set::Recorder;
 use crate::snapshot::{Key, SnapshotCreateParams, SnapshotError};
 use crate::vstate::vcpu::{VcpuHandle, VcpuMetrics, VcpuState};
 use crate::vstate::vm::Vm;
@@ -66,6 +67,14 @@ pub enum VmmError {
     /// No network interface has that id.
     #[error("no network interface `{0}`")]
     NoSuchInterface(String),
+    /// A drive could not finish the requests it had in flight.
+    #[error("drive {id}: cannot finish its requests in flight: {source}")]
+    Drain {
+        /// The drive.
+        id: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A rate limiter's timer could not be set.
     #[error("cannot update the rate limiter of `{id}`: {source}")]
     RateLimiter {
@@ -113,6 +122,8 @@ pub struct Wake {
     pub api: AtomicBool,
     /// Metrics are due.
     pub metrics: AtomicBool,
+    /// The working set is due to be recorded.
+    pub working_set: AtomicBool,
 }
 
 /// Raises a [`Wake`] flag whenever its eventfd (or timerfd) fires.
@@ -158,6 +169,8 @@ pub struct Vmm {
     paused: bool,
     /// With a snapshot key: the memory's chunk digests as of the last snapshot or restore.
     memory_digest: Option<MemoryDigest>,
+    /// A working set to record once the restored guest has run for a while.
+    working_set: Option<Recorder>,
     vm: Vm,
 }
 
@@ -191,6 +204,7 @@ impl Vmm {
             wake: Arc::new(Wake::default()),
             paused: false,
             memory_digest: None,
+            working_set: None,
             vm,
         };
         match TimerFd::new() {
@@ -201,6 +215,31 @@ impl Vmm {
             Err(e) => log::warn!("periodic metrics disabled: {e}"),
         }
         vmm
+    }
+
+    /// Records the guest's working set with `recorder` (its timer's descriptor `timer_fd`)
+    /// once the guest has run for the recorder's delay; armed now if the vCPUs run.
+    pub fn record_working_set(&mut self, mut recorder: Recorder, timer_fd: OwnedFd) {
+        self.wake_on(timer_fd, |w| &w.working_set);
+        if !self.paused {
+            recorder.arm();
+        }
+        self.working_set = Some(recorder);
+    }
+
+    fn working_set_due(&mut self) {
+        let Some(recorder) = self.working_set.take() else {
+            return;
+        };
+        match recorder.record(self.vm.memory()) {
+            Ok(ws) => log::info!(
+                "working set recorded: {} pages ({} KiB) in {} runs",
+                ws.pages(),
+                ws.pages() * 4,
+                ws.runs().len()
+            ),
+            Err(e) => log::warn!("working set not recorded: {e}"),
+        }
     }
 
     /// Records the memory's chunk digests a keyed restore verified, for the next Diff.
@@ -272,10 +311,25 @@ impl Vmm {
             if self.wake.metrics.swap(false, Ordering::SeqCst) {
                 actions.flush_metrics(Some(self));
             }
+            if self.wake.working_set.swap(false, Ordering::SeqCst) {
+                self.working_set_due();
+            }
         };
         self.stop_vcpus();
         actions.flush_metrics(Some(self));
         reason
+    }
+
+    /// Finishes every async drive's requests in flight (answering them), so a paused or
+    /// saved VM has none half-done. Sync drives never hold any.
+    fn drain_drives(&self) -> Result<(), (String, std::io::Error)> {
+        for block in self.devices.blocks() {
+            let mut b = lock(block.as_ref());
+            if let Err(e) = b.drain() {
+                return Err((b.config().drive_id.clone(), e));
+            }
+        }
+        Ok(())
     }
 
     /// Asks every vCPU thread to stop, then waits for all of them.
@@ -303,11 +357,12 @@ impl Machine for Vmm {
             vcpu.wait_paused();
         }
         self.paused = self.vcpus.iter().all(|v| v.state() == VcpuState::Paused);
-        if self.paused {
-            Ok(())
-        } else {
-            Err(VmmError::VcpuGone)
+        if !self.paused {
+            return Err(VmmError::VcpuGone);
         }
+        // The guest cannot ask for more now; what it asked for before is finished.
+        self.drain_drives()
+            .map_err(|(id, source)| VmmError::Drain { id, source })
     }
 
     fn resume(&mut self) -> Result<(), VmmError> {
@@ -315,6 +370,9 @@ impl Machine for Vmm {
             vcpu.resume();
         }
         self.paused = false;
+        if let Some(recorder) = &mut self.working_set {
+            recorder.arm();
+        }
         // As after a restore: a driver with EVENT_IDX may have notified while the device
         // could not see it; a spurious notification costs one look at the ring.
         for entry in self.devices.iter() {
@@ -386,7 +444,10 @@ impl Machine for Vmm {
         key: Option<&Key>,
     ) -> Result<(), SnapshotError> {
         // The action handler refuses a running VM; a vCPU that is not parked refuses to
-        // save its state.
+        // save its state. Requests taken since the pause (a notification the loop saw
+        // late, a rate limiter's timer) are finished first.
+        self.drain_drives()
+            .map_err(|(id, source)| SnapshotError::Drain { id, source })?;
         crate::snapshot::create(
             params,
             config,

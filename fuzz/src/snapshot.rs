@@ -4,7 +4,9 @@
 //! The first input byte picks the mode: bit 0 clear, the rest is a whole state file (the
 //! header and digest checks face the fuzzer); bit 0 set, the rest is a payload sealed with
 //! the harness's key, so the JSON parser and the validation face it. Bit 1 asks for the
-//! parse without the key.
+//! parse without the key. Bit 2 set: the rest is a working-set file instead (the first
+//! 4 bytes of it, little endian, the memory's page count), with and without a valid
+//! checksum (bit 3 re-seals it, so the run checks face the fuzzer).
 //!
 //! Invariants: nothing panics; a file sealed with the key never opens without it; every
 //! state the parser accepts restores into real device models (COM1, the i8042, a
@@ -37,6 +39,10 @@ pub fn run(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
+    if mode & 4 != 0 {
+        working_set(mode & 8 != 0, rest);
+        return;
+    }
     let file = if mode & 1 == 0 {
         rest.to_vec()
     } else {
@@ -65,6 +71,7 @@ pub fn run(data: &[u8]) {
             drive_id: saved.id.clone(),
             read_only: false,
             cache_type: Default::default(),
+            io_engine: kiln::config::IoEngine::Sync,
         };
         let block = Arc::new(Mutex::new(Block::new(config, disk).expect("a block device")));
         let device: Arc<Mutex<dyn VirtioDevice>> = block.clone();
@@ -88,4 +95,29 @@ pub fn run(data: &[u8]) {
             block.lock().expect("not poisoned").process_queue();
         }
     }
+}
+
+/// A working-set file: accepted sets are in bounds, ordered, and encode back to the bytes.
+fn working_set(reseal: bool, data: &[u8]) {
+    use kiln::snapshot::working_set::WorkingSet;
+    if data.len() < 4 {
+        return;
+    }
+    let pages = u64::from(u32::from_le_bytes([data[0], data[1], data[2], data[3]]));
+    let mut file = data[4..].to_vec();
+    if reseal && file.len() >= 32 {
+        let body = file.len() - 32;
+        let digest = blake3::hash(&file[..body]);
+        file[body..].copy_from_slice(digest.as_bytes());
+    }
+    let Ok(ws) = WorkingSet::decode(&file, pages) else {
+        return;
+    };
+    let mut next = 0;
+    for &(first, count) in ws.runs() {
+        assert!(count > 0 && first >= next, "runs out of order: {:?}", ws.runs());
+        next = first + count;
+        assert!(next <= pages, "a run past the memory: {:?} of {pages}", ws.runs());
+    }
+    assert_eq!(ws.encode(), file, "an accepted file does not encode back to itself");
 }

@@ -71,6 +71,12 @@ impl Timer {
         Ok(())
     }
 
+    /// Another descriptor of the same timer (for an event loop that watches it while its
+    /// owner arms it).
+    pub fn try_clone_fd(&self) -> std::io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
+
     /// Reads the expiration count (nothing to read is fine: the timer is non-blocking).
     pub fn clear(&self) {
         let mut buf = [0u8; 8];

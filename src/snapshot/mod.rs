@@ -7,6 +7,8 @@
 //! - `memory.rs`: the memory file (sparse, or only the dirty pages of a Diff) and its private
 //!   mapping on restore;
 //! - `digest.rs`: the memory file's keyed digest, in chunks a Diff re-hashes as it dirties them;
+//! - `uffd.rs`: the `Uffd` backend: anonymous memory whose pages a page-fault handler in
+//!   another process serves, and Firecracker's handshake with that handler;
 //! - this file: the API's parameters (Firecracker's `SnapshotCreateParams` and
 //!   `SnapshotLoadParams`), the saved state, and creating a snapshot from a paused VM.
 //!   Restoring is the builder's other way to make a VM ([`crate::builder::restore`]).
@@ -15,6 +17,8 @@ pub mod cpu;
 pub mod digest;
 pub mod format;
 pub mod memory;
+pub mod uffd;
+pub mod working_set;
 
 use std::fs::File;
 use std::io::Write;
@@ -100,6 +104,24 @@ pub struct DriveOverride {
     pub path_on_host: String,
 }
 
+/// `working_set` (a kiln extension): prefault the pages a restored guest touches first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkingSetParams {
+    /// The working-set file: faulted in before the vCPUs run when it exists; recorded
+    /// `record_after_ms` after the guest starts running when it does not.
+    pub path: String,
+    /// When to record (default 1000 ms of running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_after_ms: Option<u64>,
+}
+
+/// Default delay between a restored guest starting to run and its working set being
+/// recorded.
+pub const WORKING_SET_RECORD_MS: u64 = 1000;
+/// The longest recording delay accepted (one hour).
+pub const WORKING_SET_RECORD_MAX_MS: u64 = 3_600_000;
+
 /// `PUT /snapshot/load` (Firecracker's `SnapshotLoadParams`, every version's spelling).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +156,9 @@ pub struct SnapshotLoadParams {
     /// vsock (kiln has no vsock device: refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock_override: Option<serde_json::Value>,
+    /// Prefault or record the guest's working set (kiln extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_set: Option<WorkingSetParams>,
 }
 
 impl SnapshotLoadParams {
@@ -151,6 +176,7 @@ impl SnapshotLoadParams {
             drive_overrides: Vec::new(),
             clock_realtime: None,
             vsock_override: None,
+            working_set: None,
         }
     }
 }
@@ -265,9 +291,25 @@ pub enum SnapshotError {
     /// This host lacks CPU features the guest saw.
     #[error("this host lacks CPU features the snapshot's guest uses: {}", .0.join(", "))]
     CpuFeatures(Vec<String>),
+    /// The `Uffd` backend's page-fault handler could not be given guest memory.
+    #[error("mem_backend.backend_path {path}: {source}")]
+    Uffd {
+        /// The handler's socket.
+        path: String,
+        /// Why.
+        source: uffd::UffdError,
+    },
     /// The memory file's digest does not match the state's.
     #[error("{0}: the memory file does not match the snapshot (corrupted or replaced)")]
     MemoryDigest(String),
+    /// A drive could not finish the requests it had in flight.
+    #[error("drive {id}: cannot finish its requests in flight: {source}")]
+    Drain {
+        /// The drive.
+        id: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
@@ -459,7 +501,8 @@ pub fn create(
         (target, d)
     } else {
         let staged = Staged::create(mem_path)?;
-        let (_, d) = memory::save(vm.memory(), &staged.file, key).map_err(mem_err)?;
+        let every_page = vm.page_fault_handler().is_some();
+        let (_, d) = memory::save(vm.memory(), &staged.file, key, every_page).map_err(mem_err)?;
         (MemoryTarget::New(staged), d)
     };
     let state = MicrovmState {

@@ -5,15 +5,19 @@
 //! - [`tmp`]: unique names and temporary directories removed on drop;
 //! - [`host`]: the `/dev/kvm` and root checks (tests fail, they never skip);
 //! - [`http`]: one HTTP/1.1 request on a Unix socket (kiln's API);
-//! - [`netns`]: network namespaces with TAP devices;
+//! - [`netns`]: network namespaces with TAP devices, and pinging from inside one;
+//! - [`fuse`]: a disk whose reads wait until the test lets them go (a FUSE file system);
 //! - [`process`]: reading a child's output line by line with deadlines, waiting, signals;
 //! - [`procfs`]: per-thread CPU time (schedstat) and memory (smaps, status) of a process;
-//! - [`stats`]: median, minimum and maximum, and how the benchmarks print them.
+//! - [`stats`]: median, minimum and maximum, and how the benchmarks print them;
+//! - [`uffd`]: a page-fault handler for snapshot restores through userfaultfd (Firecracker's
+//!   handshake), serving from the memory file on a thread and counting what it served.
 //!
 //! Fallible helpers return `std::io::Result`: benchmarks report the error, tests unwrap.
 //! kiln-specific helpers (the kiln binary, the test guest, a kiln serving its API) stay in
 //! `tests/common` and `benches/common`.
 
+pub mod fuse;
 pub mod host;
 pub mod http;
 pub mod netns;
@@ -21,6 +25,7 @@ pub mod process;
 pub mod procfs;
 pub mod stats;
 pub mod tmp;
+pub mod uffd;
 
 pub use host::{check_kvm, is_root, require_kvm, require_root};
 pub use netns::NetNs;
