@@ -764,7 +764,7 @@ fn libvmm(cmdline: &str) -> Result<()> {
     let vm = Vm::new(&kvm, memory, false)?;
     let kernel = load_kernel(vm.memory(), &mut File::open(guest_elf())?)?;
     let cmdline = Cmdline::try_from(cmdline, CMDLINE_MAX_SIZE)?;
-    configure_system(vm.memory(), &kernel, &cmdline, None, 1)?;
+    configure_system(vm.memory(), &kernel, &cmdline, None, 1, &[])?;
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     let exit = Arc::new(ExitSignal::new()?);
     let mut vcpu = Vcpu::new(vm.fd(), 0, Arc::new(Bus::new()), Arc::new(Bus::new()), exit)?;
