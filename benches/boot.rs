@@ -30,11 +30,18 @@
 //!    timed by the guest's rdtsc) through kiln's vCPU loop (with and without seccomp),
 //!    Firecracker's and `libvmm`'s raw loop, converted to µs with the vCPU's TSC frequency
 //!    (KVM_GET_TSC_KHZ).
+//! 4. **Start rate**: 50 VMs (`kiln.run=hello`, each to its reset), 4 at a time on this
+//!    2-core host, for kiln and Firecracker in turn (the order alternating); VMs per second
+//!    = 50 / wall time from the first spawn to the last exit, and the median per-VM spawn →
+//!    exit and CPU.
 //!
 //! Runs are interleaved (the order rotates) so drift affects every variant alike; ratios
 //! against Firecracker are of medians of the same run. Medians are reported with min/max. Environment: `KILN_BENCH_RUNS` (start-up runs per variant,
 //! default 30), `KILN_BENCH_MEM_RUNS` (default 10), `KILN_BENCH_PIO_RUNS` (default 15),
-//! `KILN_BENCH_PIO_N` (exits per PIO run, default 30000).
+//! `KILN_BENCH_PIO_N` (exits per PIO run, default 30000), `KILN_BENCH_RATE_RUNS` (start-rate
+//! runs per VMM, default 3), `KILN_BENCH_RATE_VMS` (default 50), `KILN_BENCH_RATE_PARALLEL`
+//! (default 4), `KILN_BENCH_BOOT_ONLY` (a comma list of `startup`, `memory`, `pio`, `rate`:
+//! only those sections).
 
 mod common;
 
@@ -738,6 +745,111 @@ fn print_pio(r: &PioResult, runs: usize) {
     }
 }
 
+// ---- 4. start rate --------------------------------------------------------------------------
+
+/// One start-rate run: `total` VMs of `variant`, `parallel` at a time. Returns the wall time
+/// from the first spawn to the last exit and every VM's sample.
+fn rate_run(
+    scratch: &Scratch,
+    variant: Variant,
+    total: usize,
+    parallel: usize,
+) -> Result<(Duration, Vec<Sample>)> {
+    let config = scratch.kiln_config("hello")?;
+    let fc_config = scratch.firecracker_config("hello")?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    let results: Vec<std::result::Result<Vec<Sample>, String>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..parallel)
+            .map(|w| {
+                let (next, config, fc_config) = (&next, &config, &fc_config);
+                s.spawn(move || -> std::result::Result<Vec<Sample>, String> {
+                    let stderr = scratch.path(&format!("stderr-rate-{w}"));
+                    let mut out = Vec::new();
+                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                        let cmd = command(variant, "hello", config, fc_config)
+                            .map_err(|e| e.to_string())?;
+                        out.push(measure(cmd, &stderr, HELLO_OUTPUT).map_err(|e| e.to_string())?);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err("a worker panicked".into())))
+            .collect()
+    });
+    let wall = start.elapsed();
+    let mut samples = Vec::with_capacity(total);
+    for r in results {
+        samples.extend(r?);
+    }
+    Ok((wall, samples))
+}
+
+/// Start-rate runs of kiln and (when it can be had) Firecracker, alternating.
+fn start_rate(
+    scratch: &Scratch,
+    runs: usize,
+    total: usize,
+    parallel: usize,
+) -> Result<Vec<(Variant, Vec<(Duration, Vec<Sample>)>)>> {
+    let vmms: Vec<Variant> = [Variant::Kiln, Variant::Firecracker]
+        .into_iter()
+        .filter(|v| variants().contains(v))
+        .collect();
+    let mut out: Vec<(Variant, Vec<(Duration, Vec<Sample>)>)> =
+        vmms.iter().map(|v| (*v, Vec::new())).collect();
+    for i in 0..runs {
+        for k in 0..vmms.len() {
+            let j = (i + k) % vmms.len();
+            out[j].1.push(rate_run(scratch, vmms[j], total, parallel)?);
+        }
+    }
+    Ok(out)
+}
+
+fn print_rate(r: &[(Variant, Vec<(Duration, Vec<Sample>)>)], total: usize, parallel: usize) {
+    println!();
+    println!(
+        "== 4. start rate: {total} VMs (kiln.run=hello, each to its reset), {parallel} at a time; \
+         {} runs per VMM; cells: median [min-max]",
+        r.first().map_or(0, |x| x.1.len())
+    );
+    println!(
+        "{:<26} {:>22} {:>22} {:>22} {:>22}",
+        "variant", "VMs/s", "wall ms (all VMs)", "per VM: exit ms", "per VM: CPU ms"
+    );
+    let mut rates = Vec::new();
+    for (v, runs) in r {
+        let rate = stats(
+            &runs
+                .iter()
+                .map(|(w, _)| total as f64 / w.as_secs_f64())
+                .collect::<Vec<_>>(),
+        );
+        let all: Vec<&Sample> = runs.iter().flat_map(|(_, s)| s).collect();
+        println!(
+            "{:<26} {:>22} {:>22} {:>22} {:>22}",
+            v.name(),
+            cell(rate, 1),
+            cell(stats(&runs.iter().map(|(w, _)| ms(*w)).collect::<Vec<_>>()), 0),
+            cell(stats(&all.iter().map(|x| ms(x.exit)).collect::<Vec<_>>()), 2),
+            cell(stats(&all.iter().map(|x| ms(x.cpu())).collect::<Vec<_>>()), 2),
+        );
+        rates.push(rate.median);
+    }
+    if rates.len() < 2 {
+        println!("kiln / firecracker 1.12.1: baseline absent");
+    } else {
+        println!(
+            "kiln / firecracker 1.12.1, VMs started per second: {} (goal >= 1.5)",
+            ratio(rates[0], rates[1])
+        );
+    }
+}
+
 // ---- the benchmark -------------------------------------------------------------------------
 
 fn bench() -> Result<()> {
@@ -763,12 +875,32 @@ fn bench() -> Result<()> {
          kiln's library, one thread, KVM_RUN + exit decode"
     );
 
-    let s = startup(&scratch, runs)?;
-    print_startup(&s, runs);
-    let m = memory(&scratch, mem_runs)?;
-    print_memory(&m, mem_runs);
-    let p = pio(&scratch, pio_runs, pio_n)?;
-    print_pio(&p, pio_runs);
+    match firecracker() {
+        Some(fc) => println!("              firecracker 1.12.1 = {}", fc.display()),
+        None => println!("              firecracker: baseline absent (benches/firecracker.sh)"),
+    }
+    // `KILN_BENCH_BOOT_ONLY=startup,memory,pio,rate` runs only the sections named.
+    let only = std::env::var("KILN_BENCH_BOOT_ONLY").unwrap_or_default();
+    let section = |name: &str| only.is_empty() || only.split(',').any(|s| s == name);
+    if section("startup") {
+        let s = startup(&scratch, runs)?;
+        print_startup(&s, runs);
+    }
+    if section("memory") {
+        let m = memory(&scratch, mem_runs)?;
+        print_memory(&m, mem_runs);
+    }
+    if section("pio") {
+        let p = pio(&scratch, pio_runs, pio_n)?;
+        print_pio(&p, pio_runs);
+    }
+    if section("rate") {
+        let rate_runs = env_usize("KILN_BENCH_RATE_RUNS", 3);
+        let rate_vms = env_usize("KILN_BENCH_RATE_VMS", 50);
+        let parallel = env_usize("KILN_BENCH_RATE_PARALLEL", 4);
+        let r = start_rate(&scratch, rate_runs, rate_vms, parallel)?;
+        print_rate(&r, rate_vms, parallel);
+    }
     println!();
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
