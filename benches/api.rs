@@ -579,7 +579,11 @@ fn print_startup(kiln: &[StartSample], fc: &[StartSample], floor: &[FloorSample]
         ),
         ratio(response.median, fc_response.median),
         cell(paired, 2),
-        if r <= GOAL_START_RATIO { "met" } else { "not met" },
+        if r <= GOAL_START_RATIO {
+            "met"
+        } else {
+            "not met"
+        },
         ratio(
             cpu_response.median,
             col(fc, |s| s.cpu_response as f64 / 1e6).median
@@ -912,7 +916,9 @@ fn bench() -> Result<()> {
     let fc = common::firecracker();
     match &fc {
         Some(fc) => println!("   baseline: {} (Firecracker 1.12.1)", fc.display()),
-        None => println!("   baseline absent: Firecracker could not be had (benches/firecracker.sh)"),
+        None => {
+            println!("   baseline absent: Firecracker could not be had (benches/firecracker.sh)")
+        }
     }
     let (kiln, fcs, floor) = startup(&scratch, start_runs, fc.as_deref())?;
     print_startup(&kiln, &fcs, &floor);

@@ -130,7 +130,10 @@ impl Scratch {
         let name = format!("{name}{}", if fc { "-fc" } else { "" });
         let path = self.path(&format!("{name}.json"));
         let logger = if fc {
-            format!(",\n  {}", common::firecracker_logger(&self.path(&format!("{name}.log")))?)
+            format!(
+                ",\n  {}",
+                common::firecracker_logger(&self.path(&format!("{name}.log")))?
+            )
         } else {
             String::new()
         };
@@ -453,7 +456,12 @@ fn bench() -> Result<()> {
     };
     let configs = SIZES
         .iter()
-        .map(|&size| Ok((scratch.config(n, size, false)?, scratch.config(n, size, true)?)))
+        .map(|&size| {
+            Ok((
+                scratch.config(n, size, false)?,
+                scratch.config(n, size, true)?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
 
     println!("kiln block benchmark (issue 3)");
@@ -669,7 +677,11 @@ fn print_size(size: u64, n: u64, runs: usize, floor_iters: usize, tsc_khz: f64, 
          {GOAL_RATIO}: {}); all threads: {} (per-round {})",
         ratio(kiln, main_medians[2]),
         cell(paired(&main), 2),
-        if ratio_main <= GOAL_RATIO { "met" } else { "not met" },
+        if ratio_main <= GOAL_RATIO {
+            "met"
+        } else {
+            "not met"
+        },
         ratio(kiln_all, fc_all),
         cell(paired(&all), 2),
     );
@@ -726,11 +738,9 @@ fn flood_run(
             if line.text.starts_with("info blk-flood begin") {
                 begun = Some(line.at);
             }
-            let (Some(from), Some(cpu), Some(n)) = (
-                begun.map(|b| b + SETTLE),
-                line.cpu,
-                field(&line.text, "n"),
-            ) else {
+            let (Some(from), Some(cpu), Some(n)) =
+                (begun.map(|b| b + SETTLE), line.cpu, field(&line.text, "n"))
+            else {
                 continue;
             };
             if line.at < from {
@@ -742,7 +752,11 @@ fn flood_run(
                     let reads = n.saturating_sub(*n0).max(1) as f64;
                     let d = CpuDelta::between(c0, &cpu);
                     let secs = (line.at - *t0).as_secs_f64();
-                    return Ok((d.main as f64 / reads, d.total() as f64 / reads, reads / secs));
+                    return Ok((
+                        d.main as f64 / reads,
+                        d.total() as f64 / reads,
+                        reads / secs,
+                    ));
                 }
                 Some(_) => {}
             }

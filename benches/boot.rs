@@ -349,13 +349,21 @@ fn startup(scratch: &Scratch, runs: usize) -> Result<Vec<Vec<Sample>>> {
     // Warm-ups: page cache, KVM module state, CPU frequency.
     for _ in 0..2 {
         for &v in &variants {
-            measure(command(v, "hello", &config, &fc_config)?, &stderr, HELLO_OUTPUT)?;
+            measure(
+                command(v, "hello", &config, &fc_config)?,
+                &stderr,
+                HELLO_OUTPUT,
+            )?;
         }
     }
     for i in 0..runs {
         for k in 0..variants.len() {
             let v = variants[(i + k) % variants.len()];
-            let s = measure(command(v, "hello", &config, &fc_config)?, &stderr, HELLO_OUTPUT)?;
+            let s = measure(
+                command(v, "hello", &config, &fc_config)?,
+                &stderr,
+                HELLO_OUTPUT,
+            )?;
             samples[v.index()].push(s);
         }
     }
@@ -834,9 +842,18 @@ fn print_rate(r: &[(Variant, Vec<(Duration, Vec<Sample>)>)], total: usize, paral
             "{:<26} {:>22} {:>22} {:>22} {:>22}",
             v.name(),
             cell(rate, 1),
-            cell(stats(&runs.iter().map(|(w, _)| ms(*w)).collect::<Vec<_>>()), 0),
-            cell(stats(&all.iter().map(|x| ms(x.exit)).collect::<Vec<_>>()), 2),
-            cell(stats(&all.iter().map(|x| ms(x.cpu())).collect::<Vec<_>>()), 2),
+            cell(
+                stats(&runs.iter().map(|(w, _)| ms(*w)).collect::<Vec<_>>()),
+                0
+            ),
+            cell(
+                stats(&all.iter().map(|x| ms(x.exit)).collect::<Vec<_>>()),
+                2
+            ),
+            cell(
+                stats(&all.iter().map(|x| ms(x.cpu())).collect::<Vec<_>>()),
+                2
+            ),
         );
         rates.push(rate.median);
     }

@@ -300,7 +300,10 @@ fn kiln_run(scratch: &Scratch, shape: &Shape, socks: &Sockets, vmm: Vmm) -> Resu
     let mut sample = result.map_err(|e| {
         let err = fs::read_to_string(&stderr).unwrap_or_default();
         let m = fs::read_to_string(&metrics).unwrap_or_default();
-        format!("{} ({vmm:?}): {e}\n--- stderr\n{err}--- metrics\n{m}", shape.name())
+        format!(
+            "{} ({vmm:?}): {e}\n--- stderr\n{err}--- metrics\n{m}",
+            shape.name()
+        )
     })?;
     if vmm != Vmm::Kiln {
         // The guest counted its frames (follow_run checks them); Firecracker's metrics are
