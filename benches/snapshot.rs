@@ -12,6 +12,9 @@
 //!   after the rest of the guest's TSC-timed wait); and request → the guest's answer to a
 //!   byte written on its console right after the response (`echo=`: running again, measured
 //!   without any guest timer);
+//! - **load (Uffd)**: a load through testkit's page-fault handler serving the Full memory
+//!   file (Firecracker's handshake on both sides): request → response, request → console
+//!   echo, and the pages the handler had served by the echo;
 //! - the memory files' allocated sizes;
 //! - kiln only: its first restore records the guest's working set (`working_set`, 1 s after
 //!   it runs); a second restore faults it in before the guest runs: load → response and
@@ -36,6 +39,7 @@ use std::time::{Duration, Instant};
 use common::{Result, Scratch, cell, env_usize, guest_elf, ratio, stats};
 use testkit::LineReader;
 use testkit::http::request;
+use testkit::uffd::{Mode, PageServer};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Vmm {
@@ -62,6 +66,10 @@ struct Sample {
     cold_echo_ms: f64,
     /// kiln only: cold, with the working set.
     cold_ws_echo_ms: f64,
+    /// Through a page-fault handler (the Uffd backend).
+    uffd_load_ms: f64,
+    uffd_echo_ms: f64,
+    uffd_pages: f64,
 }
 
 struct Proc {
@@ -297,6 +305,8 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
         true,
     )?
     .2;
+    let (uffd_load_ms, uffd_echo_ms, uffd_pages) =
+        restore_uffd(vmm, bin, dir, &format!("{tag}-uffd"), &state, &mem)?;
     for f in [&disk, &state, &mem, &diff, &diff_state, &ws] {
         let _ = std::fs::remove_file(f);
     }
@@ -312,6 +322,9 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
         ws_echo_ms,
         cold_echo_ms,
         cold_ws_echo_ms,
+        uffd_load_ms,
+        uffd_echo_ms,
+        uffd_pages,
     })
 }
 
@@ -372,6 +385,21 @@ fn restore_until(
         ),
     )?;
     let load_ms = common::ms(t.elapsed());
+    let (running_ms, echo_ms) = answers(vmm, tag, &dst, t, progress)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while recording && !ws.exists() {
+        if Instant::now() > deadline {
+            return Err("the working set was never recorded".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(dst);
+    Ok((load_ms, running_ms, echo_ms))
+}
+
+/// Writes a byte on a restored guest's console right away and times (from `t`, the load's
+/// request) its next progress line (if `progress`) and its answer to the byte.
+fn answers(vmm: Vmm, tag: &str, dst: &Proc, t: Instant, progress: bool) -> Result<(f64, f64)> {
     {
         use std::io::Write;
         let stdin = dst.stdin.as_ref().ok_or("no stdin")?;
@@ -394,18 +422,39 @@ fn restore_until(
             echo_ms.get_or_insert(at);
         }
     }
-    while recording && !ws.exists() {
-        if Instant::now() > deadline {
-            return Err("the working set was never recorded".into());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    Ok((running_ms.unwrap_or_default(), echo_ms.unwrap_or_default()))
+}
+
+/// Loads the snapshot with the Uffd backend, testkit's page-fault handler serving `mem`:
+/// the load's answer, the guest's answer to a console byte, and the pages served by then.
+fn restore_uffd(
+    vmm: Vmm,
+    bin: &Path,
+    dir: &Scratch,
+    tag: &str,
+    state: &Path,
+    mem: &Path,
+) -> Result<(f64, f64, f64)> {
+    let sock = dir.path(&format!("{tag}.sock"));
+    let server = PageServer::start(&sock, mem, Mode::Serve)?;
+    let dst = spawn(bin, &dir.path(&format!("{tag}-dst.sock")))?;
+    let t = Instant::now();
+    api(
+        &dst,
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state.display(),
+            sock.display()
+        ),
+    )?;
+    let load_ms = common::ms(t.elapsed());
+    let (_, echo_ms) = answers(vmm, tag, &dst, t, false)?;
+    let pages = server.served() as f64;
     drop(dst);
-    Ok((
-        load_ms,
-        running_ms.unwrap_or_default(),
-        echo_ms.unwrap_or_default(),
-    ))
+    server.finish()?;
+    Ok((load_ms, echo_ms, pages))
 }
 
 fn main() {
@@ -438,13 +487,16 @@ fn main() {
                 "", "kiln", "firecracker", "ratio"
             );
             type Get = fn(&Sample) -> f64;
-            let rows: [(&str, Get); 8] = [
+            let rows: [(&str, Get); 11] = [
                 ("create Full (ms)", |s| s.create_ms),
                 ("create Diff, 2 steps (ms)", |s| s.diff_ms),
                 ("load -> response (ms)", |s| s.load_ms),
                 ("load -> next progress (ms)", |s| s.running_ms),
                 ("load -> console echo (ms)", |s| s.echo_ms),
                 ("cold load -> echo (ms)", |s| s.cold_echo_ms),
+                ("Uffd load -> response (ms)", |s| s.uffd_load_ms),
+                ("Uffd load -> echo (ms)", |s| s.uffd_echo_ms),
+                ("Uffd pages served by then", |s| s.uffd_pages),
                 ("Full memory file (MiB)", |s| s.mem_alloc_mib),
                 ("Diff memory file (MiB)", |s| s.diff_alloc_mib),
             ];

@@ -40,7 +40,7 @@ use crate::rate_limiter::RateLimiter;
 use crate::seccomp::SeccompFilters;
 use crate::signals::SignalWatcher;
 use crate::snapshot::WorkingSetParams;
-use crate::snapshot::digest::MemoryDigest;
+use crate::snapshot::uffd::{self, PageFaultHandler};
 use crate::snapshot::working_set::{Recorder, WorkingSet, WorkingSetError};
 use crate::snapshot::{
     Key, MemBackendType, MicrovmState, SnapshotError, SnapshotLoadParams, read_state,
@@ -517,10 +517,12 @@ fn restore_devices(devices: &DeviceRegistry, state: &MicrovmState) -> Result<(),
 enum Boot<'a> {
     /// A kernel, entered through its boot protocol.
     Kernel,
-    /// A snapshot's state, with its memory already mapped.
+    /// A snapshot's state, with its memory already mapped (and, with the `Uffd` backend,
+    /// the page-fault handler that serves it).
     Snapshot {
         state: &'a MicrovmState,
         memory: GuestMemory,
+        handler: Option<PageFaultHandler>,
         resume: bool,
     },
 }
@@ -531,7 +533,8 @@ pub fn build_and_start(config: &VmConfig, opts: &RunOptions) -> Result<Vmm, Star
 }
 
 /// Restores the snapshot `params` names into a new VM: the state file is authenticated
-/// (with `key`) and checked before use, the memory file mapped privately; the VM is left
+/// (with `key`) and checked before use, the memory file mapped privately (or, with the
+/// `Uffd` backend, guest memory handed to the page-fault handler first); the VM is left
 /// paused unless `resume_vm`.
 pub fn restore(
     params: &SnapshotLoadParams,
@@ -542,17 +545,27 @@ pub fn restore(
     if params.vsock_override.is_some() {
         return unsupported("vsock_override: kiln has no vsock device");
     }
-    let mem_path = match (&params.mem_backend, &params.mem_file_path) {
-        (Some(b), None) if b.backend_type == MemBackendType::File => b.backend_path.clone(),
-        (Some(_), None) => {
-            return unsupported("mem_backend.backend_type Uffd is not supported by this kiln yet");
-        }
-        (None, Some(p)) => p.clone(),
+    let (backend, mem_path) = match (&params.mem_backend, &params.mem_file_path) {
+        (Some(b), None) => (b.backend_type, b.backend_path.clone()),
+        (None, Some(p)) => (MemBackendType::File, p.clone()),
         (Some(_), Some(_)) => {
             return unsupported("give either mem_backend or mem_file_path, not both");
         }
         (None, None) => return unsupported("mem_backend: missing"),
     };
+    if backend == MemBackendType::Uffd && key.is_some() {
+        return unsupported(
+            "mem_backend.backend_type Uffd: kiln never reads the memory file, so it cannot check \
+             it against the snapshot's keyed digest (--snapshot-key-file): use the File backend, \
+             or no key and a page-fault handler that checks the memory itself",
+        );
+    }
+    if backend == MemBackendType::Uffd && params.working_set.is_some() {
+        return unsupported(
+            "working_set: not with mem_backend.backend_type Uffd: the page-fault handler \
+             decides which pages come first",
+        );
+    }
     // Where restore time goes, logged at the end.
     let started = Instant::now();
     let state = read_state(Path::new(&params.snapshot_path), key)?;
@@ -586,30 +599,23 @@ pub fn restore(
     config
         .validate()
         .map_err(|e| StartError::Snapshot(SnapshotError::Invalid(e.to_string())))?;
-    let mem_err = |source| {
-        StartError::Snapshot(SnapshotError::Memory {
-            path: mem_path.clone(),
-            source,
-        })
-    };
-    let file = File::open(&mem_path)
-        .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
-    let mut digest = None;
-    if let (Some(k), Some(want)) = (key, state.memory_digest) {
-        let len = state.memory.iter().map(|r| r.size).sum();
-        let got = MemoryDigest::of_file(&file, len, k)
-            .map_err(|e| mem_err(crate::snapshot::memory::MemoryFileError::Io(e)))?;
-        if blake3::Hash::from(got.total(k)) != blake3::Hash::from(want) {
-            return Err(StartError::Snapshot(SnapshotError::MemoryDigest(mem_path)));
+    let track_dirty_pages = config.machine_config.track_dirty_pages;
+    let (memory, digest, handler) = match backend {
+        MemBackendType::File => {
+            let (memory, digest) =
+                crate::snapshot::memory::load(&mem_path, &state, key, track_dirty_pages)?;
+            (memory, digest, None)
         }
-        digest = Some(got);
-    }
-    let memory = crate::snapshot::memory::map(
-        &file,
-        &state.memory,
-        config.machine_config.track_dirty_pages,
-    )
-    .map_err(mem_err)?;
+        // Nothing touches guest memory before the handler has it: only the builder, after.
+        MemBackendType::Uffd => {
+            let (memory, handler) = uffd::hand_over(&mem_path, &state.memory, track_dirty_pages)
+                .map_err(|source| SnapshotError::Uffd {
+                    path: mem_path.clone(),
+                    source,
+                })?;
+            (memory, None, Some(handler))
+        }
+    };
     let t_memory = started.elapsed();
     let recorder = match &params.working_set {
         Some(ws) => working_set(ws, &memory)?,
@@ -622,6 +628,7 @@ pub fn restore(
         Boot::Snapshot {
             state: &state,
             memory,
+            handler,
             resume: params.resume_vm,
         },
     )?;
@@ -631,7 +638,7 @@ pub fn restore(
     }
     let t_vm = started.elapsed();
     log::info!(
-        "snapshot loaded in {t_vm:?}: state file {t_state:?}, memory {:?} (checked and mapped), working set {:?}, VM, vCPUs and devices {:?}",
+        "snapshot loaded in {t_vm:?}: state file {t_state:?}, memory {:?} (checked and mapped, or handed to the page-fault handler), working set {:?}, VM, vCPUs and devices {:?}",
         t_memory - t_state,
         t_working_set - t_memory,
         t_vm - t_working_set
@@ -679,9 +686,13 @@ fn working_set(
     Recorder::new(path, after_ms).map(Some).map_err(fail)
 }
 
-fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, StartError> {
+fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm, StartError> {
     let vcpu_count = config.vcpus();
     let machine = &config.machine_config;
+    let handler = match &mut boot {
+        Boot::Snapshot { handler, .. } => handler.take(),
+        Boot::Kernel => None,
+    };
 
     // KVM, memory, VM.
     let kvm = open_kvm(vcpu_count)?;
@@ -847,6 +858,18 @@ fn build(config: &VmConfig, opts: &RunOptions, boot: Boot<'_>) -> Result<Vmm, St
             input_ready,
         )));
         event_manager.add_subscriber(input);
+    }
+
+    // The page-fault handler (`Uffd` backend) must have taken the handshake: a handler gone
+    // without it would leave the guest's first fault waiting forever.
+    if let Some(handler) = handler {
+        handler.check().map_err(|source| {
+            StartError::Snapshot(SnapshotError::Uffd {
+                path: handler.path().to_string(),
+                source,
+            })
+        })?;
+        vm.keep_page_fault_handler(handler);
     }
 
     // Go.

@@ -7,131 +7,16 @@
 
 mod common;
 
-use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use common::api::ApiKiln;
-use common::{TempDir, kiln, require_kvm};
-
-const STEPS: u64 = 20;
-
-fn api_kiln(dir: &Path, name: &str, extra: &[&str]) -> ApiKiln {
-    let sock = dir.join(format!("{name}.sock"));
-    let mut cmd = Command::new(kiln());
-    cmd.args(["--api-sock", sock.to_str().unwrap()]).args(extra);
-    ApiKiln::spawn(cmd, &sock)
-}
-
-fn config(dir: &TempDir, disk: &Path) -> PathBuf {
-    config_with(dir, disk, false)
-}
-
-fn config_with(dir: &TempDir, disk: &Path, track_dirty_pages: bool) -> PathBuf {
-    let text = format!(
-        r#"{{"boot-source": {{"kernel_image_path": "builtin:test-guest",
-              "boot_args": "console=ttyS0 reboot=k panic=1 kiln.run=workload:{STEPS}:blk"}},
-            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": {track_dirty_pages}}},
-            "drives": [{{"drive_id": "scratch", "path_on_host": "{}", "is_root_device": false}}]}}"#,
-        disk.display()
-    );
-    dir.file("vm.json", text.as_bytes())
-}
-
-/// Step numbers of the complete `info workload step=N mem=ok blk=ok` lines in `text`.
-fn steps(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("info workload step="))
-        .filter(|l| l.ends_with(" mem=ok blk=ok"))
-        .filter_map(|l| l.split(' ').next()?.parse().ok())
-        .collect()
-}
-
-/// Boots the workload, pauses it after a few steps, snapshots it and kills it. Returns the
-/// steps printed before the snapshot.
-fn snapshot_running_guest(
-    dir: &TempDir,
-    disk: &Path,
-    extra: &[&str],
-) -> (Vec<u64>, PathBuf, PathBuf) {
-    let cfg = config(dir, disk);
-    let mut args = vec!["--config-file", cfg.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let k = api_kiln(dir.path(), "src", &args);
-    k.wait_line("info workload step=3 ", Duration::from_secs(60));
-    assert_eq!(k.api("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
-    let state = dir.path().join("vm.state");
-    let mem = dir.path().join("vm.mem");
-    // Without dirty-page tracking a Diff is refused (Firecracker's words), and writes nothing.
-    let diff = format!(
-        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Diff"}}"#,
-        state.display(),
-        mem.display()
-    );
-    let (status, text) = k.api("PUT", "/snapshot/create", Some(&diff));
-    assert_eq!(status, 400, "{text}");
-    assert!(text.contains("dirty page tracking disabled"), "{text}");
-    assert!(!state.exists() && !mem.exists());
-    let body = format!(
-        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Full"}}"#,
-        state.display(),
-        mem.display()
-    );
-    let (status, text) = k.api("PUT", "/snapshot/create", Some(&body));
-    assert_eq!(status, 204, "{text}");
-    // The snapshot files are complete on disk before the answer: kill the source hard.
-    kill_hard(k.pid());
-    let out = k.finish(Duration::from_secs(10));
-    (steps(&out.stdout), state, mem)
-}
-
-fn kill_hard(pid: u32) {
-    Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-}
-
-fn load_body(state: &Path, mem: &Path, extra: &str) -> String {
-    format!(
-        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true{extra}}}"#,
-        state.display(),
-        mem.display()
-    )
-}
-
-/// The steps before and after the restore: each step once, the restored process starting
-/// right after the last step before the snapshot (a line cut by the snapshot may be lost),
-/// the guest finishing cleanly.
-fn check_continuation(before: &[u64], after_out: &common::Output) {
-    assert_eq!(after_out.status, 0, "{after_out}");
-    assert!(
-        !after_out.stdout.contains("fail "),
-        "the restored guest found damage:\n{after_out}"
-    );
-    assert!(
-        after_out
-            .stdout
-            .contains(&format!("ok workload steps={STEPS}")),
-        "{after_out}"
-    );
-    let after = steps(&after_out.stdout);
-    let last_before = *before.last().unwrap();
-    let first_after = after[0];
-    assert!(
-        first_after == last_before + 1 || first_after == last_before + 2,
-        "before the snapshot: {before:?}; after the restore: {after:?}"
-    );
-    let all: BTreeSet<u64> = before.iter().chain(&after).copied().collect();
-    assert_eq!(
-        all.len(),
-        before.len() + after.len(),
-        "a step ran twice: {before:?} / {after:?}"
-    );
-    assert!(all.len() as u64 >= STEPS - 1, "{before:?} / {after:?}");
-}
+use common::snapshot::{
+    STEPS, api_kiln, check_continuation, config, config_with, kill_hard, load_body,
+    snapshot_running_guest, steps,
+};
+use common::{TempDir, require_kvm};
 
 #[test]
 fn a_full_snapshot_restores_in_a_new_process_and_the_guest_carries_on() {
@@ -182,7 +67,7 @@ fn a_diff_after_more_work_merges_onto_the_full_and_restores_where_the_guest_was(
     let dir = TempDir::new("snap-diff");
     let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
     let key = dir.file("key", &[0x33; 32]);
-    let cfg = config_with(&dir, &disk, true);
+    let cfg = config_with(&dir, &disk, None, true);
     let keyed = ["--snapshot-key-file", key.to_str().unwrap()];
     let mut args = vec!["--config-file", cfg.to_str().unwrap()];
     args.extend_from_slice(&keyed);
@@ -326,12 +211,31 @@ fn a_recorded_working_set_is_faulted_in_before_the_next_restore_runs() {
         "resident before the guest ran: {warm_kib} KiB with the working set ({} KiB), {plain_kib} KiB without",
         set.pages() * 4
     );
-    // The prefaulted guest carries on as any other.
+    // While paused after the load, its drive moves to a copy (PATCH /drives, as after a
+    // boot); the prefaulted guest carries on as any other, on the copy: the original disk
+    // is left as it was, the copy has the guest's later steps.
+    let copy = dir.path().join("copy.img");
+    std::fs::copy(&disk, &copy).unwrap();
+    let original = std::fs::read(&disk).unwrap();
+    let patch = format!(
+        r#"{{"drive_id": "scratch", "path_on_host": "{}"}}"#,
+        copy.display()
+    );
+    let (status, text) = k.api("PATCH", "/drives/scratch", Some(&patch));
+    assert_eq!(status, 204, "{text}");
     assert_eq!(
         k.api("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)).0,
         204
     );
     check_continuation(&before, &k.finish(Duration::from_secs(300)));
+    assert!(
+        std::fs::read(&disk).unwrap() == original,
+        "the original disk was written"
+    );
+    assert!(
+        std::fs::read(&copy).unwrap() != original,
+        "the copy was not written"
+    );
 
     // A damaged working-set file is refused, naming the field.
     let mut bytes = std::fs::read(&ws).unwrap();
@@ -617,7 +521,7 @@ fn a_guest_paused_and_resumed_a_thousand_times_loses_no_interrupt() {
     require_kvm();
     let dir = TempDir::new("snap-pause");
     let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
-    let cfg = config(&dir, &disk);
+    let cfg = config(&dir, &disk, None);
     let k = api_kiln(
         dir.path(),
         "pause",

@@ -48,6 +48,41 @@ pub const DEVICES: [Device; 2] = [
     },
 ];
 
+/// Where the host says which device number `/dev/userfaultfd` has (a misc device whose
+/// minor is given out at boot, e.g. `10:126` or `10:257`); absent on hosts without it.
+pub const USERFAULTFD_SYSFS: &str = "/sys/class/misc/userfaultfd/dev";
+
+/// `/dev/userfaultfd` for the jail when the host has it (read before entering the jail),
+/// as Firecracker's jailer makes it: a VMM without privileges needs it to restore a
+/// snapshot whose memory a page-fault handler serves (the `Uffd` backend).
+pub fn host_userfaultfd() -> Result<Option<Device>, ChrootError> {
+    let text = match fs::read_to_string(USERFAULTFD_SYSFS) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(path_err("read", Path::new(USERFAULTFD_SYSFS))(e)),
+    };
+    parse_dev_numbers(&text)
+        .map(|(major, minor)| {
+            Some(Device {
+                path: "dev/userfaultfd",
+                major,
+                minor,
+            })
+        })
+        .ok_or_else(|| {
+            path_err("parse", Path::new(USERFAULTFD_SYSFS))(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{:?} is not MAJOR:MINOR", text.trim()),
+            ))
+        })
+}
+
+/// `MAJOR:MINOR` (a sysfs `dev` file).
+fn parse_dev_numbers(text: &str) -> Option<(u32, u32)> {
+    let (major, minor) = text.trim().split_once(':')?;
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
 /// A jail step failure, naming the path involved.
 #[derive(Debug, thiserror::Error)]
 pub enum ChrootError {
@@ -228,8 +263,14 @@ impl Jail {
 
     /// Inside the jail: gives the jail root to `uid:gid` (mode 0700), makes
     /// `/dev`, `/dev/net` and `/run` likewise, and the device nodes
-    /// `/dev/kvm` and `/dev/net/tun` (mode 0600).
-    pub fn make_devices(&mut self, uid: u32, gid: u32) -> Result<(), ChrootError> {
+    /// `/dev/kvm`, `/dev/net/tun` and `extra` (`/dev/userfaultfd` when the host
+    /// has it), mode 0600.
+    pub fn make_devices(
+        &mut self,
+        uid: u32,
+        gid: u32,
+        extra: Option<Device>,
+    ) -> Result<(), ChrootError> {
         self.own_dir(Path::new("/"), uid, gid)?;
         for dir in JAIL_DIRS {
             let path = self.path(dir);
@@ -240,7 +281,7 @@ impl Jail {
             }
             self.own_dir(&path, uid, gid)?;
         }
-        for device in DEVICES {
+        for device in DEVICES.into_iter().chain(extra) {
             let path = self.path(device.path);
             let c_path =
                 sys::cstring(path.as_os_str().as_bytes()).map_err(path_err("mknod", &path))?;
@@ -430,5 +471,23 @@ mod tests {
         jail.remove_created();
         assert!(base.0.join("kiln/vm1/root/kiln").exists());
         assert!(!base.0.join("kiln/vm1/root/kiln.pid").exists());
+    }
+
+    #[test]
+    fn userfaultfd_numbers_come_from_sysfs() {
+        assert_eq!(parse_dev_numbers("10:126\n"), Some((10, 126)));
+        assert_eq!(parse_dev_numbers("10:257"), Some((10, 257)));
+        assert_eq!(parse_dev_numbers("10"), None);
+        assert_eq!(parse_dev_numbers("10:x"), None);
+        // On this host: present exactly when sysfs lists it, with its numbers.
+        let host = host_userfaultfd().unwrap();
+        match fs::read_to_string(USERFAULTFD_SYSFS) {
+            Ok(text) => {
+                let d = host.expect("sysfs lists userfaultfd");
+                assert_eq!(format!("{}:{}", d.major, d.minor), text.trim());
+                assert_eq!(d.path, "dev/userfaultfd");
+            }
+            Err(_) => assert!(host.is_none()),
+        }
     }
 }

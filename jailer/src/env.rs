@@ -7,7 +7,7 @@
 //! 5. set the resource limits;
 //! 6. create the cgroups and move in;
 //! 7. new mount namespace, `pivot_root` into the jail;
-//! 8. `/dev/kvm` and `/dev/net/tun`;
+//! 8. `/dev/kvm`, `/dev/net/tun`, and `/dev/userfaultfd` when the host has it;
 //! 9. daemonize, if asked;
 //! 10. new pid namespace, if asked; write `<exec name>.pid`;
 //! 11. drop to uid:gid;
@@ -177,8 +177,10 @@ fn jail_and_exec(
         ),
         false => None,
     };
+    // The host's /sys is out of reach once inside the jail.
+    let userfaultfd = crate::chroot::host_userfaultfd().map_err(Error::Devices)?;
     jail.enter().map_err(Error::MountNamespace)?;
-    jail.make_devices(config.uid, config.gid)
+    jail.make_devices(config.uid, config.gid, userfaultfd)
         .map_err(Error::Devices)?;
 
     let exec = Exec::new(config, jail, start)?;

@@ -14,23 +14,37 @@ fn own(kind: &str) -> String {
     namespace(i32::try_from(std::process::id()).expect("pid"), kind)
 }
 
-/// The jail holds the binary, its pid file and the two device nodes, and
-/// nothing else; everything but the root-owned copy belongs to uid:gid.
+/// The misc device number of userfaultfd on this host, from /proc/misc (`MINOR
+/// userfaultfd`; misc devices have major 10), if the host has the device.
+fn host_userfaultfd_minor() -> Option<u32> {
+    let misc = fs::read_to_string("/proc/misc").expect("read /proc/misc");
+    misc.lines().find_map(|l| {
+        let (minor, name) = l.trim().split_once(' ')?;
+        (name == "userfaultfd").then(|| minor.parse().expect("a minor number"))
+    })
+}
+
+/// The jail holds the binary, its pid file and the device nodes (kvm, net/tun,
+/// and userfaultfd when the host has it), and nothing else; everything but the
+/// root-owned copy belongs to uid:gid.
 fn assert_jail_contents(r: &Report) {
     let owner = format!("{UID}:{GID}");
     assert_eq!(r.get("root"), format!("d - 0700 {owner}"));
-    assert_eq!(
-        r.all("entry"),
-        [
-            format!("/dev d - 0700 {owner}"),
-            format!("/dev/kvm c 10:232 0600 {owner}"),
-            format!("/dev/net d - 0700 {owner}"),
-            format!("/dev/net/tun c 10:200 0600 {owner}"),
-            format!("/{INSPECTOR_NAME} f - 0755 0:0"),
-            format!("/{INSPECTOR_NAME}.pid f - 0644 0:0"),
-            format!("/run d - 0700 {owner}"),
-        ]
-    );
+    let mut want = vec![
+        format!("/dev d - 0700 {owner}"),
+        format!("/dev/kvm c 10:232 0600 {owner}"),
+        format!("/dev/net d - 0700 {owner}"),
+        format!("/dev/net/tun c 10:200 0600 {owner}"),
+    ];
+    if let Some(minor) = host_userfaultfd_minor() {
+        want.push(format!("/dev/userfaultfd c 10:{minor} 0600 {owner}"));
+    }
+    want.extend([
+        format!("/{INSPECTOR_NAME} f - 0755 0:0"),
+        format!("/{INSPECTOR_NAME}.pid f - 0644 0:0"),
+        format!("/run d - 0700 {owner}"),
+    ]);
+    assert_eq!(r.all("entry"), want);
 }
 
 fn assert_dropped_privileges(r: &Report) {

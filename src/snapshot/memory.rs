@@ -108,11 +108,14 @@ unsafe fn region_bytes(region: &GuestRegion) -> Result<&[u8], MemoryFileError> {
 
 /// Writes guest memory into `file` (already empty), leaving holes for pages that were never
 /// touched (anonymous memory not resident) or are all zero. With a key, returns the memory's
-/// chunk digests as well. Returns the bytes written.
+/// chunk digests as well. Returns the bytes written. With `every_page` (memory a page-fault
+/// handler serves: a page not resident is one it has not served yet, not a zero one) every
+/// page is read, which has the handler serve the rest.
 pub fn save(
     mem: &GuestMemory,
     file: &File,
     key: Option<&Key>,
+    every_page: bool,
 ) -> Result<(u64, Option<MemoryDigest>), MemoryFileError> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     file.set_len(total)?;
@@ -124,7 +127,7 @@ pub fn save(
         let bytes = unsafe { region_bytes(region)? };
         // A file-backed region (a restored VM) has its data in the file whether resident or
         // not: every page is read. Anonymous memory never touched is not resident.
-        let anonymous = region.file_offset().is_none();
+        let anonymous = region.file_offset().is_none() && !every_page;
         for (c, chunk) in bytes.chunks(CHUNK as usize).enumerate() {
             let chunk_off = c * CHUNK as usize;
             if anonymous {
@@ -305,6 +308,32 @@ pub fn check_layout(regions: &[RegionInfo], size_mib: u64) -> Result<(), MemoryF
     Ok(())
 }
 
+/// The `File` backend of a load: opens the memory file at `path`, checks it against the
+/// state's keyed digest when there is a key (returning its chunk digests), and maps it.
+pub fn load(
+    path: &str,
+    state: &super::MicrovmState,
+    key: Option<&Key>,
+    track_dirty_pages: bool,
+) -> Result<(GuestMemory, Option<MemoryDigest>), super::SnapshotError> {
+    let err = |source| super::SnapshotError::Memory {
+        path: path.to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(|e| err(MemoryFileError::Io(e)))?;
+    let mut digest = None;
+    if let (Some(k), Some(want)) = (key, state.memory_digest) {
+        let len = state.memory.iter().map(|r| r.size).sum();
+        let got = MemoryDigest::of_file(&file, len, k).map_err(|e| err(MemoryFileError::Io(e)))?;
+        if blake3::Hash::from(got.total(k)) != blake3::Hash::from(want) {
+            return Err(super::SnapshotError::MemoryDigest(path.to_string()));
+        }
+        digest = Some(got);
+    }
+    let memory = map(&file, &state.memory, track_dirty_pages).map_err(err)?;
+    Ok((memory, digest))
+}
+
 /// Maps `file` as guest memory laid out as `regions`: private, so the guest's writes stay
 /// in this process and the file is never changed; with dirty-page bitmaps when
 /// `track_dirty_pages`.
@@ -365,7 +394,7 @@ mod tests {
             .unwrap();
         mem.write_obj(0x1234_u64, GuestAddress(0xff_f000)).unwrap();
         let (file, path) = scratch("holes");
-        let (written, _) = save(&mem, &file, None).unwrap();
+        let (written, _) = save(&mem, &file, None, false).unwrap();
         assert_eq!(written, 2 * PAGE as u64, "only the two touched pages");
         assert_eq!(file.metadata().unwrap().len(), 16 << 20);
         let restored = map(&file, &layout(&mem), false).unwrap();
@@ -385,7 +414,7 @@ mod tests {
         assert_eq!(u64::from_le_bytes(b), 0xdead_beef);
         // A snapshot of the restored (file-backed) memory keeps every page.
         let (file2, path2) = scratch("again");
-        save(&restored, &file2, None).unwrap();
+        save(&restored, &file2, None, false).unwrap();
         let again = map(&file2, &layout(&mem), false).unwrap();
         assert_eq!(again.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 7);
         assert_eq!(
@@ -447,7 +476,7 @@ mod tests {
         mem.write_obj(0x1111_u64, GuestAddress(0x1000)).unwrap();
         mem.write_obj(0x2222_u64, GuestAddress(0x40_0000)).unwrap();
         let (base, path) = scratch("diff-base");
-        let (_, full) = save(&mem, &base, Some(&key)).unwrap();
+        let (_, full) = save(&mem, &base, Some(&key), false).unwrap();
         let mut digest = full.unwrap();
         assert_eq!(
             digest.total(&key),

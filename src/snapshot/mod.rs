@@ -7,6 +7,8 @@
 //! - `memory.rs`: the memory file (sparse, or only the dirty pages of a Diff) and its private
 //!   mapping on restore;
 //! - `digest.rs`: the memory file's keyed digest, in chunks a Diff re-hashes as it dirties them;
+//! - `uffd.rs`: the `Uffd` backend: anonymous memory whose pages a page-fault handler in
+//!   another process serves, and Firecracker's handshake with that handler;
 //! - this file: the API's parameters (Firecracker's `SnapshotCreateParams` and
 //!   `SnapshotLoadParams`), the saved state, and creating a snapshot from a paused VM.
 //!   Restoring is the builder's other way to make a VM ([`crate::builder::restore`]).
@@ -15,6 +17,7 @@ pub mod cpu;
 pub mod digest;
 pub mod format;
 pub mod memory;
+pub mod uffd;
 pub mod working_set;
 
 use std::fs::File;
@@ -288,6 +291,14 @@ pub enum SnapshotError {
     /// This host lacks CPU features the guest saw.
     #[error("this host lacks CPU features the snapshot's guest uses: {}", .0.join(", "))]
     CpuFeatures(Vec<String>),
+    /// The `Uffd` backend's page-fault handler could not be given guest memory.
+    #[error("mem_backend.backend_path {path}: {source}")]
+    Uffd {
+        /// The handler's socket.
+        path: String,
+        /// Why.
+        source: uffd::UffdError,
+    },
     /// The memory file's digest does not match the state's.
     #[error("{0}: the memory file does not match the snapshot (corrupted or replaced)")]
     MemoryDigest(String),
@@ -482,7 +493,8 @@ pub fn create(
         (target, d)
     } else {
         let staged = Staged::create(mem_path)?;
-        let (_, d) = memory::save(vm.memory(), &staged.file, key).map_err(mem_err)?;
+        let every_page = vm.page_fault_handler().is_some();
+        let (_, d) = memory::save(vm.memory(), &staged.file, key, every_page).map_err(mem_err)?;
         (MemoryTarget::New(staged), d)
     };
     let state = MicrovmState {

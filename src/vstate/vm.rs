@@ -17,6 +17,7 @@ use vmm_sys_util::ioctl_io_nr;
 use super::memory::GuestMemory;
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_START, KVM_TSS_START};
 use crate::seccomp::{SeccompFilters, ThreadCategory};
+use crate::snapshot::uffd::PageFaultHandler;
 
 ioctl_io_nr!(KVM_REINJECT_CONTROL, kvm_bindings::KVMIO, 0x71);
 
@@ -110,6 +111,8 @@ pub struct Vm {
     pit_reinject_off: Option<JoinHandle<bool>>,
     fd: VmFd,
     memory: GuestMemory,
+    /// With the `Uffd` snapshot backend: the handler serving the memory's missing pages.
+    page_fault_handler: Option<PageFaultHandler>,
 }
 
 impl Drop for Vm {
@@ -163,6 +166,7 @@ impl Vm {
             pit_reinject_off: None,
             fd,
             memory,
+            page_fault_handler: None,
         })
     }
 
@@ -214,6 +218,17 @@ impl Vm {
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
+    }
+
+    /// Keeps the connection to the page-fault handler that serves guest memory (a `Uffd`
+    /// restore) for the VM's life.
+    pub fn keep_page_fault_handler(&mut self, handler: PageFaultHandler) {
+        self.page_fault_handler = Some(handler);
+    }
+
+    /// The page-fault handler serving guest memory, if any.
+    pub fn page_fault_handler(&self) -> Option<&PageFaultHandler> {
+        self.page_fault_handler.as_ref()
     }
 
     /// Moves KVM's dirty log (the pages vCPUs wrote since the last call) into the regions'

@@ -8,7 +8,9 @@
 //! - [`netns`]: network namespaces with TAP devices;
 //! - [`process`]: reading a child's output line by line with deadlines, waiting, signals;
 //! - [`procfs`]: per-thread CPU time (schedstat) and memory (smaps, status) of a process;
-//! - [`stats`]: median, minimum and maximum, and how the benchmarks print them.
+//! - [`stats`]: median, minimum and maximum, and how the benchmarks print them;
+//! - [`uffd`]: a page-fault handler for snapshot restores through userfaultfd (Firecracker's
+//!   handshake), serving from the memory file on a thread and counting what it served.
 //!
 //! Fallible helpers return `std::io::Result`: benchmarks report the error, tests unwrap.
 //! kiln-specific helpers (the kiln binary, the test guest, a kiln serving its API) stay in
@@ -21,6 +23,7 @@ pub mod process;
 pub mod procfs;
 pub mod stats;
 pub mod tmp;
+pub mod uffd;
 
 pub use host::{check_kvm, is_root, require_kvm, require_root};
 pub use netns::NetNs;

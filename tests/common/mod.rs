@@ -176,3 +176,4 @@ pub fn fnv1a(data: &[u8]) -> u32 {
 }
 
 pub mod api;
+pub mod snapshot;

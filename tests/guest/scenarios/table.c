@@ -47,7 +47,7 @@ static const struct scenario scenarios[] = {
     { "net-flood",         scn_net_flood,         true,  "virtio-net: <tx|rx>:<size> UDP frames flat out, forever, progress lines" },
     { "blk-resize",        scn_blk_resize,        true,  "virtio-blk: wait for a backing-file swap, new capacity" },
     { "blk-fuzz",          scn_blk_fuzz,          true,  "virtio-blk: random register/queue/chain abuse, <seed>[:<batches>[:<ops>]]" },
-    { "workload",          scn_workload,          true,  "run <steps> steps: memory pattern (and blk) checked, progress lines" },
+    { "workload",          scn_workload,          true,  "run <steps> steps: memory pattern (and blk, net) checked, progress lines" },
 };
 
 void scn_boot(const char *arg)

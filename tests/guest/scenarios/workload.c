@@ -1,20 +1,24 @@
 /*
- * workload:<steps>[:blk][:ws=<MiB>] - a guest that runs for a while, for snapshot,
- * restore and migration tests. Every step checks the memory pattern the
- * previous step left in a 64 KiB buffer and writes the next one; with `blk`
- * it also writes a sector of the first block device and reads back (and
- * checks) the one written the step before. Then it prints
- *   info workload step=<k> mem=ok[ blk=ok]
- * and waits ~100 ms. Throughout (every 256 words of the pattern, every ~1 ms
+ * workload:<steps>[:blk][:net][:ws=<MiB>] - a guest that runs for a while,
+ * for snapshot, restore and migration tests. Every step checks the memory
+ * pattern the previous step left in a 64 KiB buffer and writes the next one;
+ * with `blk` it also writes a sector of the first block device and reads back
+ * (and checks) the one written the step before; with `net` it pings the peer
+ * (kiln.net=, default 10.0.0.1) through the first network device, ARPing for
+ * it again once if the ping goes unanswered (a restored guest may sit behind
+ * another TAP, with another MAC). Then it prints
+ *   info workload step=<k> mem=ok[ blk=ok][ net=ok]
+ * and waits ~100 ms. Throughout (every 64 words of the pattern, every ~1 ms
  * of the wait) it answers each byte that arrives on COM1 with
  * `info workload echo=<hex>`: a sign of life that depends on no guest timer,
  * for measuring when a restored guest runs again. With `ws=<MiB>` it first
  * writes one word per page of a <MiB> MiB area, and reads every one of them
  * back (checking it) before each answer, `echo=<hex> ws=ok`: a request that
- * needs its working set, as a function invoked after a restore does. A guest restored
- * from a snapshot carries on from its
- * last step: the first step after the restore checks what the step before
- * the snapshot left, in memory and on the disk (through the restored queue).
+ * needs its working set, as a function invoked after a restore does. A guest
+ * restored from a snapshot carries on from its last step: the first step
+ * after the restore checks what the step before the snapshot left, in memory
+ * and on the disk (through the restored queue), and uses the restored
+ * network queues.
  * Ends with `ok workload steps=<n>`.
  */
 #include "console.h"
@@ -22,6 +26,7 @@
 #include "io.h"
 #include "lib.h"
 #include "mm.h"
+#include "net.h"
 #include "report.h"
 #include "scenario.h"
 #include "virtio_blk.h"
@@ -30,6 +35,8 @@
 #define WL_SECTOR_BASE  2048
 #define WL_SECTORS      64
 #define WL_STEP_US      100000
+#define WL_PING_ID      0x776c          /* "wl" */
+#define WL_PING_MS      2000
 
 static u64 wl_word(u64 step, u64 i)
 {
@@ -72,26 +79,39 @@ static void wl_sector(u8 *buf, u64 step)
         buf[j] = (u8)(wl_word(step, j / 8) >> ((j % 8) * 8));
 }
 
+/* One ping of the peer, ARPing for it again once if it goes unanswered. */
+static const char *wl_ping(struct net_dev *n, u64 step)
+{
+    const char *why = net_ping(n, WL_PING_ID, (u16)step, 56, WL_PING_MS);
+    if (!why)
+        return NULL;
+    if (!net_resolve_peer(n))
+        return "arp-timeout";
+    return net_ping(n, WL_PING_ID, (u16)step, 56, WL_PING_MS);
+}
+
 void scn_workload(const char *arg)
 {
     u64 steps = 0;
-    const char *colon = arg ? arg : "";
+    const char *opts = arg ? arg : "";
     size_t n = 0;
-    while (colon[n] && colon[n] != ':')
+    while (opts[n] && opts[n] != ':')
         n++;
     if (!arg || !parse_u64(arg, n, &steps) || steps == 0) {
         fail("workload", "bad-arg=%s", arg ? arg : "");
         return;
     }
-    bool use_blk = false;
+    bool use_blk = false, use_net = false;
     u64 ws_mib = 0;
-    for (const char *p = colon + n; *p == ':';) {
+    for (const char *p = opts + n; *p == ':';) {
         const char *tok = ++p;
         while (*p && *p != ':')
             p++;
         size_t len = (size_t)(p - tok);
         if (len == 3 && strncmp(tok, "blk", 3) == 0) {
             use_blk = true;
+        } else if (len == 3 && strncmp(tok, "net", 3) == 0) {
+            use_net = true;
         } else if (len > 3 && strncmp(tok, "ws=", 3) == 0 && parse_u64(tok + 3, len - 3, &ws_mib)) {
         } else {
             fail("workload", "bad-arg=%s", arg);
@@ -124,10 +144,22 @@ void scn_workload(const char *arg)
             return;
         }
     }
+    struct net_dev *nd = NULL;
+    if (use_net) {
+        const char *why = "";
+        if (!net_cfg_load(&why) || !(nd = net_open(0, 0, 0, 0, &why))) {
+            fail("workload", "net-init %s", why);
+            return;
+        }
+        if (!net_resolve_peer(nd)) {
+            fail("workload", "net-arp timeout");
+            return;
+        }
+    }
     for (u64 step = 0; step < steps; step++) {
         if (step > 0) {
             for (u64 i = 0; i < WL_WORDS; i++) {
-                if ((i & 255) == 0)
+                if ((i & 63) == 0)
                     wl_poll();      /* the pattern takes most of a step under emulation */
                 if (mem[i] != wl_word(step - 1, i)) {
                     fail("workload", "step=%llu mem-word=%llu", step, i);
@@ -136,7 +168,7 @@ void scn_workload(const char *arg)
             }
         }
         for (u64 i = 0; i < WL_WORDS; i++) {
-            if ((i & 255) == 0)
+            if ((i & 63) == 0)
                 wl_poll();
             mem[i] = wl_word(step, i);
         }
@@ -164,7 +196,14 @@ void scn_workload(const char *arg)
                 }
             }
         }
-        info("workload", "step=%llu mem=ok%s", step, b ? " blk=ok" : "");
+        if (nd) {
+            const char *why = wl_ping(nd, step);
+            if (why) {
+                fail("workload", "step=%llu net %s", step, why);
+                return;
+            }
+        }
+        info("workload", "step=%llu mem=ok%s%s", step, b ? " blk=ok" : "", nd ? " net=ok" : "");
         wl_wait();
     }
     ok("workload", "steps=%llu", steps);
