@@ -755,14 +755,14 @@ fn print_pio(r: &PioResult, runs: usize) {
 
 // ---- 4. start rate --------------------------------------------------------------------------
 
+/// A start-rate run: the wall time from the first spawn to the last exit, and each VM's sample.
+type RateRun = (Duration, Vec<Sample>);
+/// Every start-rate run of each VMM.
+type RateRuns = Vec<(Variant, Vec<RateRun>)>;
+
 /// One start-rate run: `total` VMs of `variant`, `parallel` at a time. Returns the wall time
 /// from the first spawn to the last exit and every VM's sample.
-fn rate_run(
-    scratch: &Scratch,
-    variant: Variant,
-    total: usize,
-    parallel: usize,
-) -> Result<(Duration, Vec<Sample>)> {
+fn rate_run(scratch: &Scratch, variant: Variant, total: usize, parallel: usize) -> Result<RateRun> {
     let config = scratch.kiln_config("hello")?;
     let fc_config = scratch.firecracker_config("hello")?;
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -797,18 +797,12 @@ fn rate_run(
 }
 
 /// Start-rate runs of kiln and (when it can be had) Firecracker, alternating.
-fn start_rate(
-    scratch: &Scratch,
-    runs: usize,
-    total: usize,
-    parallel: usize,
-) -> Result<Vec<(Variant, Vec<(Duration, Vec<Sample>)>)>> {
+fn start_rate(scratch: &Scratch, runs: usize, total: usize, parallel: usize) -> Result<RateRuns> {
     let vmms: Vec<Variant> = [Variant::Kiln, Variant::Firecracker]
         .into_iter()
         .filter(|v| variants().contains(v))
         .collect();
-    let mut out: Vec<(Variant, Vec<(Duration, Vec<Sample>)>)> =
-        vmms.iter().map(|v| (*v, Vec::new())).collect();
+    let mut out: RateRuns = vmms.iter().map(|v| (*v, Vec::new())).collect();
     for i in 0..runs {
         for k in 0..vmms.len() {
             let j = (i + k) % vmms.len();
@@ -818,7 +812,7 @@ fn start_rate(
     Ok(out)
 }
 
-fn print_rate(r: &[(Variant, Vec<(Duration, Vec<Sample>)>)], total: usize, parallel: usize) {
+fn print_rate(r: &[(Variant, Vec<RateRun>)], total: usize, parallel: usize) {
     println!();
     println!(
         "== 4. start rate: {total} VMs (kiln.run=hello, each to its reset), {parallel} at a time; \
