@@ -224,7 +224,7 @@ fn process_cpu(pid: u32) -> Result<Cpu> {
             Kind::Main => cpu.main += t.ns,
             Kind::Api => cpu.api += t.ns,
             Kind::Vcpu => cpu.vcpu += t.ns,
-            Kind::Other => cpu.other += t.ns,
+            Kind::IoWorker | Kind::Other => cpu.other += t.ns,
         }
     }
     Ok(cpu)

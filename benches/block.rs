@@ -30,17 +30,17 @@
 //!   device thread's CPU per iteration, wake-ups included;
 //! - `kiln --no-seccomp`: the seccomp filters' share.
 //!
-//! Queue depth 32: `kiln.run=blk-flood:<size>:0:32` keeps 32 reads in flight (each re-posted
-//! as it completes, EVENT_IDX) and prints its completion count every ~0.1 s; the CPU of the
-//! main thread and of all threads per completed read over a window after the first second
-//! (sampled at those lines), kiln and Firecracker interleaved.
+//! Then the queue-depth part (issue 18, `block/depth.rs`): random reads at depths 1, 8 and
+//! 32, page-cached and cold, kiln Sync vs kiln Async vs Firecracker Async.
+//! `KILN_BENCH_BLK=depth` runs only that part, `KILN_BENCH_BLK=qd1` only the first.
 //!
 //! Environment: `KILN_BENCH_BLK_RUNS` (runs per variant and size, default 11),
 //! `KILN_BENCH_BLK_N` (reads per run, default 500), `KILN_BENCH_BLK_FLOOR_ITERS` (iterations
-//! per floor measurement, default 2000), `KILN_BENCH_BLK_DEEP_RUNS` (queue-depth-32 runs per
-//! VMM and size, default 5), `KILN_BENCH_BLK_WINDOW_MS` (their window, default 2000).
+//! per floor measurement, default 2000).
 
 mod common;
+#[path = "block/depth.rs"]
+mod depth;
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
@@ -120,14 +120,7 @@ impl Scratch {
     /// A config file booting the test guest with `blk-bench:<n>:<size>,idle` and the image as
     /// a read-only root drive; Firecracker's (`fc`) adds its logger (a file, not stdout).
     fn config(&self, n: u64, size: u64, fc: bool) -> Result<PathBuf> {
-        let name = format!("blk-{n}-{size}");
-        self.config_for(&name, &format!("blk-bench:{n}:{size},idle"), fc)
-    }
-
-    /// A config file booting the test guest with `kiln.run=<scenario>` and the image as a
-    /// read-only root drive.
-    fn config_for(&self, name: &str, scenario: &str, fc: bool) -> Result<PathBuf> {
-        let name = format!("{name}{}", if fc { "-fc" } else { "" });
+        let name = format!("blk-{n}-{size}{}", if fc { "-fc" } else { "" });
         let path = self.path(&format!("{name}.json"));
         let logger = if fc {
             format!(
@@ -141,7 +134,7 @@ impl Scratch {
             r#"{{
   "boot-source": {{
     "kernel_image_path": "{}",
-    "boot_args": "{BASE_ARGS} kiln.run={scenario}"
+    "boot_args": "{BASE_ARGS} kiln.run=blk-bench:{n}:{size},idle"
   }},
   "machine-config": {{ "vcpu_count": 1, "mem_size_mib": {MEM_MIB} }},
   "drives": [{{ "drive_id": "bench", "path_on_host": "{}", "is_root_device": true,
@@ -441,6 +434,17 @@ struct SizeResults {
 }
 
 fn bench() -> Result<()> {
+    let part = std::env::var("KILN_BENCH_BLK").unwrap_or_default();
+    if part != "depth" {
+        bench_qd1()?;
+    }
+    if part != "qd1" {
+        depth::bench(&Scratch::new("block-depth")?)?;
+    }
+    Ok(())
+}
+
+fn bench_qd1() -> Result<()> {
     let runs = env_usize("KILN_BENCH_BLK_RUNS", 11);
     let n = env_usize("KILN_BENCH_BLK_N", 500) as u64;
     let floor_iters = env_usize("KILN_BENCH_BLK_FLOOR_ITERS", 2000);
@@ -518,9 +522,6 @@ fn bench() -> Result<()> {
     for (si, &size) in SIZES.iter().enumerate() {
         print_size(size, n, runs, floor_iters, tsc_khz, &results[si]);
     }
-    let deep_runs = env_usize("KILN_BENCH_BLK_DEEP_RUNS", 5);
-    let window = Duration::from_millis(env_usize("KILN_BENCH_BLK_WINDOW_MS", 2000) as u64);
-    deep(&scratch, deep_runs, window)?;
     println!();
     println!(
         "Notes: main = kiln's main thread, the whole device path (epoll_wait, eventfd read, \
@@ -691,139 +692,3 @@ fn print_size(size: u64, n: u64, runs: usize, floor_iters: usize, tsc_khz: f64, 
     );
 }
 
-// ---- queue depth 32 --------------------------------------------------------------------------
-
-/// Reads kept in flight by the queue-depth rows.
-const DEPTH: u64 = 32;
-/// Time after the flood's `begin` line before the window opens.
-const SETTLE: Duration = Duration::from_millis(1000);
-
-/// One flood run: main-thread and all-thread CPU ns per read, and reads/s, over `window`.
-fn flood_run(
-    variant: Variant,
-    config: &(PathBuf, PathBuf),
-    window: Duration,
-    stderr: &Path,
-) -> Result<(f64, f64, f64)> {
-    let bin = match variant {
-        Variant::Firecracker => firecracker().ok_or("baseline absent")?,
-        _ => Path::new(KILN),
-    };
-    let path = if variant == Variant::Firecracker {
-        &config.1
-    } else {
-        &config.0
-    };
-    let mut child = Command::new(bin)
-        .arg("--no-api")
-        .arg("--config-file")
-        .arg(path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(File::create(stderr)?))
-        .spawn()?;
-    let pid = child.id();
-    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
-    // The VMM's threads, sampled as each progress line arrives.
-    let rx: Lines = testkit::LineReader::spawn_with(stdout, move |text| {
-        text.starts_with("bench blk-flood ")
-            .then(|| common::thread_cpu(pid).map_err(|e| e.to_string()))
-    });
-    let result = (|| -> Result<(f64, f64, f64)> {
-        let mut output = String::new();
-        let mut begun = None;
-        let mut first: Option<(Instant, u64, ThreadCpu)> = None;
-        loop {
-            let line = next_line(&rx, LINE_TIMEOUT, &mut output)?;
-            if line.text.starts_with("info blk-flood begin") {
-                begun = Some(line.at);
-            }
-            let (Some(from), Some(cpu), Some(n)) =
-                (begun.map(|b| b + SETTLE), line.cpu, field(&line.text, "n"))
-            else {
-                continue;
-            };
-            if line.at < from {
-                continue;
-            }
-            match &first {
-                None => first = Some((line.at, n, cpu)),
-                Some((t0, n0, c0)) if line.at >= *t0 + window => {
-                    let reads = n.saturating_sub(*n0).max(1) as f64;
-                    let d = CpuDelta::between(c0, &cpu);
-                    let secs = (line.at - *t0).as_secs_f64();
-                    return Ok((
-                        d.main as f64 / reads,
-                        d.total() as f64 / reads,
-                        reads / secs,
-                    ));
-                }
-                Some(_) => {}
-            }
-        }
-    })();
-    let status = stop(&mut child)?;
-    result.map_err(|e| {
-        let err = fs::read_to_string(stderr).unwrap_or_default();
-        format!("{variant:?} blk-flood: {e} ({status})\n--- stderr\n{err}").into()
-    })
-}
-
-/// Queue depth 32, 4 KiB and 64 KiB reads: kiln and Firecracker interleaved.
-fn deep(scratch: &Scratch, runs: usize, window: Duration) -> Result<()> {
-    let stderr = scratch.path("stderr-deep");
-    let vmms: Vec<Variant> = [Variant::Kiln, Variant::Firecracker]
-        .into_iter()
-        .filter(|v| measured(*v))
-        .collect();
-    for size in SIZES {
-        let name = format!("flood-{size}");
-        let scenario = format!("blk-flood:{size}:0:{DEPTH}");
-        let config = (
-            scratch.config_for(&name, &scenario, false)?,
-            scratch.config_for(&name, &scenario, true)?,
-        );
-        let mut samples: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); vmms.len()];
-        for i in 0..runs {
-            for k in 0..vmms.len() {
-                let j = (i + k) % vmms.len();
-                samples[j].push(flood_run(vmms[j], &config, window, &stderr)?);
-            }
-        }
-        println!();
-        println!(
-            "== {} KiB reads, queue depth {DEPTH} (blk-flood, EVENT_IDX): {runs} runs per VMM, \
-             {window:?} windows after {SETTLE:?}; cells: median [min-max]",
-            size / 1024
-        );
-        println!(
-            "{:<30} {:>20} {:>22} {:>22}",
-            "variant", "requests/s", "main µs/req", "all threads µs/req"
-        );
-        let mut mains = Vec::new();
-        for (j, v) in vmms.iter().enumerate() {
-            let c = |f: &dyn Fn(&(f64, f64, f64)) -> f64| {
-                stats(&samples[j].iter().map(f).collect::<Vec<_>>())
-            };
-            let main = c(&|x| x.0 / 1e3);
-            println!(
-                "{:<30} {:>20} {:>22} {:>22}",
-                v.name(),
-                cell(c(&|x| x.2), 0),
-                cell(main, 2),
-                cell(c(&|x| x.1 / 1e3), 1)
-            );
-            mains.push(main.median);
-        }
-        if mains.len() < 2 {
-            println!("kiln / firecracker 1.12.1: baseline absent");
-        } else {
-            println!(
-                "kiln / firecracker 1.12.1, device thread (main) CPU per read: {} (goal <= \
-                 {GOAL_RATIO})",
-                ratio(mains[0], mains[1])
-            );
-        }
-    }
-    Ok(())
-}

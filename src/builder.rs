@@ -22,7 +22,7 @@ use crate::arch::x86_64::layout::{
     VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use crate::arch::x86_64::loader::{LoadError, LoadedKernel, load_initrd, load_kernel};
-use crate::config::{BUILTIN_KERNEL, DEFAULT_BOOT_ARGS, VmConfig};
+use crate::config::{BUILTIN_KERNEL, DEFAULT_BOOT_ARGS, IoEngine, VmConfig};
 use crate::devices::IrqLine;
 use crate::devices::boot_timer::{BOOT_TIMER_SIZE, BootTimer};
 use crate::devices::bus::{Bus, BusError};
@@ -138,6 +138,14 @@ pub enum StartError {
         path: String,
         /// Why.
         source: crate::devices::virtio::block::DiskError,
+    },
+    /// A drive asks for the `Async` engine, which this host cannot run.
+    #[error("drives[{index}].io_engine: Async needs io_uring: {source}")]
+    IoEngine {
+        /// Position in `drives`.
+        index: usize,
+        /// Why.
+        source: crate::devices::virtio::block::uring::UringError,
     },
     /// A network interface's TAP could not be used.
     #[error("network-interfaces[{index}].host_dev_name: {source}")]
@@ -352,12 +360,20 @@ fn attach_block_devices(
             path: drive.path_on_host.clone(),
             source,
         };
+        let io_engine = drive.io_engine.unwrap_or_default();
+        if io_engine == IoEngine::Async {
+            // Refused now, never silently served synchronously; the ring itself is made on
+            // the drive's first request.
+            crate::devices::virtio::block::uring::probe()
+                .map_err(|source| StartError::IoEngine { index, source })?;
+        }
         let disk = DiskFile::open(Path::new(&drive.path_on_host), drive.is_read_only)
             .map_err(drive_err)?;
         let block_config = BlockConfig {
             drive_id: drive.drive_id.clone(),
             read_only: drive.is_read_only,
             cache_type: drive.cache_type,
+            io_engine,
         };
         let mut block = Block::new(block_config, disk).map_err(event_err("a drive's queue"))?;
         block.set_rate_limiter(

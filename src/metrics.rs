@@ -352,6 +352,7 @@ mod tests {
                 "get_id_count",
                 "interrupts",
                 "invalid_requests",
+                "io_engine_errors",
                 "io_errors",
                 "queue_errors",
                 "queue_events",

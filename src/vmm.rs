@@ -67,6 +67,14 @@ pub enum VmmError {
     /// No network interface has that id.
     #[error("no network interface `{0}`")]
     NoSuchInterface(String),
+    /// A drive could not finish the requests it had in flight.
+    #[error("drive {id}: cannot finish its requests in flight: {source}")]
+    Drain {
+        /// The drive.
+        id: String,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A rate limiter's timer could not be set.
     #[error("cannot update the rate limiter of `{id}`: {source}")]
     RateLimiter {
@@ -312,6 +320,18 @@ impl Vmm {
         reason
     }
 
+    /// Finishes every async drive's requests in flight (answering them), so a paused or
+    /// saved VM has none half-done. Sync drives never hold any.
+    fn drain_drives(&self) -> Result<(), (String, std::io::Error)> {
+        for block in self.devices.blocks() {
+            let mut b = lock(block.as_ref());
+            if let Err(e) = b.drain() {
+                return Err((b.config().drive_id.clone(), e));
+            }
+        }
+        Ok(())
+    }
+
     /// Asks every vCPU thread to stop, then waits for all of them.
     pub fn stop_vcpus(&mut self) {
         for vcpu in &self.vcpus {
@@ -337,11 +357,12 @@ impl Machine for Vmm {
             vcpu.wait_paused();
         }
         self.paused = self.vcpus.iter().all(|v| v.state() == VcpuState::Paused);
-        if self.paused {
-            Ok(())
-        } else {
-            Err(VmmError::VcpuGone)
+        if !self.paused {
+            return Err(VmmError::VcpuGone);
         }
+        // The guest cannot ask for more now; what it asked for before is finished.
+        self.drain_drives()
+            .map_err(|(id, source)| VmmError::Drain { id, source })
     }
 
     fn resume(&mut self) -> Result<(), VmmError> {
@@ -423,7 +444,10 @@ impl Machine for Vmm {
         key: Option<&Key>,
     ) -> Result<(), SnapshotError> {
         // The action handler refuses a running VM; a vCPU that is not parked refuses to
-        // save its state.
+        // save its state. Requests taken since the pause (a notification the loop saw
+        // late, a rate limiter's timer) are finished first.
+        self.drain_drives()
+            .map_err(|(id, source)| SnapshotError::Drain { id, source })?;
         crate::snapshot::create(
             params,
             config,

@@ -29,8 +29,25 @@ const SEG_MAX: u64 = 1 << 2;
 const RO: u64 = 1 << 5;
 const FLUSH: u64 = 1 << 9;
 
+/// A drive's `io_engine`: the tests below run against both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Sync,
+    Async,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Sync => "Sync",
+            Engine::Async => "Async",
+        }
+    }
+}
+
 /// One entry of the config file's `drives`.
 struct Drive {
+    engine: Engine,
     id: &'static str,
     path: PathBuf,
     root: bool,
@@ -39,8 +56,9 @@ struct Drive {
 }
 
 impl Drive {
-    fn new(id: &'static str, path: &Path, root: bool) -> Drive {
+    fn new(engine: Engine, id: &'static str, path: &Path, root: bool) -> Drive {
         Drive {
+            engine,
             id,
             path: path.to_path_buf(),
             root,
@@ -57,7 +75,7 @@ impl Drive {
 
     fn json(&self) -> String {
         format!(
-            r#"{{"drive_id": "{}", "path_on_host": "{}", "is_root_device": {}, "is_read_only": {}, "cache_type": "{}"}}"#,
+            r#"{{"drive_id": "{}", "path_on_host": "{}", "is_root_device": {}, "is_read_only": {}, "cache_type": "{}", "io_engine": "{}"}}"#,
             self.id,
             self.path.display(),
             self.root,
@@ -66,7 +84,8 @@ impl Drive {
                 "Writeback"
             } else {
                 "Unsafe"
-            }
+            },
+            self.engine.name()
         )
     }
 
@@ -245,12 +264,11 @@ fn count_ok(lines: &[String]) -> usize {
     lines.iter().filter(|l| l.starts_with("ok ")).count()
 }
 
-#[test]
-fn read_write_flush_get_id_on_the_root_drive() {
+fn read_write_flush_get_id_on_the_root_drive(e: Engine) {
     let dir = TempDir::new("blk-rw");
     let image = filler(1 << 20, 1);
     let path = dir.file("root.img", &image);
-    let root = Drive::new("rootfs", &path, true);
+    let root = Drive::new(e, "rootfs", &path, true);
     // Plain rings, EVENT_IDX, indirect descriptors, both: four runs, four sector ranges.
     let runs = [
         (8, 8, false, false),
@@ -290,8 +308,7 @@ fn read_write_flush_get_id_on_the_root_drive() {
     assert_image(&path, &after);
 }
 
-#[test]
-fn two_drives_root_first_whatever_the_config_order() {
+fn two_drives_root_first_whatever_the_config_order(e: Engine) {
     let dir = TempDir::new("blk-two");
     let data_image = filler(2 << 20, 2);
     let root_image = filler(1 << 20, 3);
@@ -299,8 +316,8 @@ fn two_drives_root_first_whatever_the_config_order() {
     let root_path = dir.file("root.img", &root_image);
     // The root drive is listed second: it must still be the first device (/dev/vda).
     let drives = [
-        Drive::new("data", &data_path, false),
-        Drive::new("rootfs", &root_path, true),
+        Drive::new(e, "data", &data_path, false),
+        Drive::new(e, "rootfs", &root_path, true),
     ];
     let root_run = BlkRun {
         dev: 0,
@@ -343,8 +360,7 @@ fn two_drives_root_first_whatever_the_config_order() {
     assert_image(&data_path, &with_pattern(&data_image, 4000, 8));
 }
 
-#[test]
-fn read_only_drive_keeps_its_bytes() {
+fn read_only_drive_keeps_its_bytes(e: Engine) {
     let dir = TempDir::new("blk-ro");
     let root_image = filler(1 << 20, 4);
     // Not a multiple of 512: the tail is invisible to the guest and must stay as it is.
@@ -352,8 +368,8 @@ fn read_only_drive_keeps_its_bytes() {
     let root_path = dir.file("root.img", &root_image);
     let ro_path = dir.file("ro.img", &ro_image);
     let drives = [
-        Drive::new("rootfs", &root_path, true),
-        Drive::new("data-ro", &ro_path, false).read_only(),
+        Drive::new(e, "rootfs", &root_path, true),
+        Drive::new(e, "data-ro", &ro_path, false).read_only(),
     ];
     let visible = &ro_image[..ro_image.len() / SECTOR * SECTOR];
     let ro_run = BlkRun {
@@ -485,16 +501,15 @@ fn hostile_all_expected(dev: u32, capacity: u64) -> Vec<String> {
     l
 }
 
-#[test]
-fn hostile_driver_every_case() {
+fn hostile_driver_every_case(e: Engine) {
     let dir = TempDir::new("blk-hostile");
     let image = filler(1 << 20, 6);
     let ro_image = filler(64 << 10, 7);
     let path = dir.file("root.img", &image);
     let ro_path = dir.file("ro.img", &ro_image);
     let drives = [
-        Drive::new("rootfs", &path, true),
-        Drive::new("ro", &ro_path, false).read_only(),
+        Drive::new(e, "rootfs", &path, true),
+        Drive::new(e, "ro", &ro_path, false).read_only(),
     ];
     // 4 GiB: RAM runs up to the MMIO hole and continues above 4 GiB, so buffers and rings
     // can straddle it; then a second, read-only drive for the read-only case.
@@ -559,8 +574,7 @@ fn run_in_mount_namespace(script: &str) -> Output {
     wait_with_deadline(child, Duration::from_secs(60))
 }
 
-#[test]
-fn full_filesystem_gives_the_guest_ioerr() {
+fn full_filesystem_gives_the_guest_ioerr(e: Engine) {
     let dir = TempDir::new("blk-enospc");
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
@@ -570,7 +584,7 @@ fn full_filesystem_gives_the_guest_ioerr() {
     // and a filler file takes the rest of the 64 KiB tmpfs: writing into the hole needs a
     // page the filesystem no longer has (ENOSPC), rewriting sectors 0-7 does not.
     let run = "blk-write:0:16:8:expect-ioerr,blk-write:0:0:8,blk-read:0:0:8,blk-write:0:24:1:expect-ioerr";
-    let cfg = config(&dir, run, 64, &[Drive::new("rootfs", &image, true)]);
+    let cfg = config(&dir, run, 64, &[Drive::new(e, "rootfs", &image, true)]);
     let script = format!(
         "set -e; mount -t tmpfs -o size=64k tmpfs '{mnt}'; \
          head -c 4096 /dev/zero > '{img}'; truncate -s 1M '{img}'; \
@@ -671,6 +685,9 @@ fn parse_strace(text: &str) -> Vec<Traced> {
 /// so the bytes alone could not tell a real sync from none; the trace can.)
 #[test]
 fn flush_syncs_the_image_before_completing_and_flushed_writes_survive_sigkill() {
+    // Sync only: the oracle is the fdatasync system call in the trace; an Async FLUSH is an
+    // io_uring operation no trace shows (tests/block_async.rs checks its ordering).
+    let e = Engine::Sync;
     require_kvm();
     let strace = ["/usr/bin/strace", "/bin/strace"]
         .into_iter()
@@ -683,7 +700,7 @@ fn flush_syncs_the_image_before_completing_and_flushed_writes_survive_sigkill() 
         &dir,
         "blk-write:0:16:8,blk-write:0:100:4:flush,idle",
         64,
-        &[Drive::new("rootfs", &path, true)],
+        &[Drive::new(e, "rootfs", &path, true)],
     );
     let trace = dir.path().join("strace.txt");
     let mut child = Command::new(strace)
@@ -898,15 +915,14 @@ fn wait_until_exit(child: &mut std::process::Child, limit: Duration) -> std::pro
     }
 }
 
-#[test]
-fn benchmark_scenario_reports_its_window() {
+fn benchmark_scenario_reports_its_window(e: Engine) {
     let dir = TempDir::new("blk-bench");
     let path = dir.file("root.img", &filler(1 << 20, 9));
     let out = boot(
         &dir,
         "blk-bench:40:4096,blk-bench:8:65536",
         128,
-        &[Drive::new("rootfs", &path, true)],
+        &[Drive::new(e, "rootfs", &path, true)],
     );
     assert_eq!(out.status, 0, "{out}");
     let lines = out.lines();
@@ -927,8 +943,7 @@ fn benchmark_scenario_reports_its_window() {
     assert_eq!(lines[7], done(2));
 }
 
-#[test]
-fn missing_or_unusable_images_are_start_up_errors() {
+fn missing_or_unusable_images_are_start_up_errors(e: Engine) {
     let dir = TempDir::new("blk-bad-path");
     let good = dir.file("root.img", &[0u8; 4096]);
     let missing = dir.path().join("missing.img");
@@ -936,20 +951,20 @@ fn missing_or_unusable_images_are_start_up_errors() {
         // A missing data drive listed before the root drive: named by its own index.
         (
             vec![
-                Drive::new("data", &missing, false),
-                Drive::new("rootfs", &good, true),
+                Drive::new(e, "data", &missing, false),
+                Drive::new(e, "rootfs", &good, true),
             ],
             "drives[0].path_on_host",
         ),
         (
-            vec![Drive::new("rootfs", dir.path(), true)],
+            vec![Drive::new(e, "rootfs", dir.path(), true)],
             "drives[0].path_on_host",
         ),
         // The same writable image twice: the second one is locked out.
         (
             vec![
-                Drive::new("rootfs", &good, true),
-                Drive::new("again", &good, false),
+                Drive::new(e, "rootfs", &good, true),
+                Drive::new(e, "again", &good, false),
             ],
             "drives[1].path_on_host",
         ),
@@ -969,7 +984,12 @@ fn missing_or_unusable_images_are_start_up_errors() {
         assert!(out.stdout.is_empty(), "nothing may boot:\n{out}");
     }
     let out = {
-        let cfg = config(&dir, "blk:0", 64, &[Drive::new("rootfs", &missing, true)]);
+        let cfg = config(
+            &dir,
+            "blk:0",
+            64,
+            &[Drive::new(e, "rootfs", &missing, true)],
+        );
         run_kiln(&["--config-file", cfg.to_str().unwrap(), "--no-api"])
     };
     assert!(
@@ -984,8 +1004,7 @@ fn missing_or_unusable_images_are_start_up_errors() {
 /// (`blk-fuzz` only ever asks to write at or above sector 64) must come out unchanged.
 /// `KILN_FUZZ_SEEDS=1,2,3` picks the seeds; a failure names the seed, and
 /// `kiln.run=blk-fuzz:<seed>` on the command line reproduces it.
-#[test]
-fn in_guest_fuzzer_never_hurts_kiln_or_the_image() {
+fn in_guest_fuzzer_never_hurts_kiln_or_the_image(e: Engine) {
     require_kvm();
     let seeds = match std::env::var("KILN_FUZZ_SEEDS") {
         Ok(list) => parse_fuzz_seeds(&list).unwrap_or_else(|e| panic!("KILN_FUZZ_SEEDS: {e}")),
@@ -1002,9 +1021,10 @@ fn in_guest_fuzzer_never_hurts_kiln_or_the_image() {
             r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0 kiln.run=blk-fuzz:{seed}:8:24"}},
                 "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
                 "drives": [{{"drive_id": "rootfs", "path_on_host": "{}", "is_root_device": true,
-                             "is_read_only": false, "cache_type": "Writeback"}}]}}"#,
+                             "is_read_only": false, "cache_type": "Writeback", "io_engine": "{}"}}]}}"#,
             guest("kiln-guest.elf").display(),
-            image.display()
+            image.display(),
+            e.name()
         );
         let cfg = dir.file("vm.json", json.as_bytes());
         let out = run_kiln(&["--config-file", cfg.to_str().unwrap(), "--no-api"]);
@@ -1061,4 +1081,98 @@ fn fuzz_seed_list_refuses_garbage() {
     for bad in ["", " ", "x", "1,x", "1,,2", "1;2", "-1", "1,"] {
         assert!(parse_fuzz_seeds(bad).is_err(), "{bad:?} was accepted");
     }
+}
+
+/// Each end-to-end test above, against each engine.
+macro_rules! engines {
+    ($($name:ident),* $(,)?) => {
+        mod sync_engine {
+            $(#[test] fn $name() { super::$name(super::Engine::Sync) })*
+        }
+        mod async_engine {
+            $(#[test] fn $name() { super::$name(super::Engine::Async) })*
+        }
+    };
+}
+
+engines!(
+    read_write_flush_get_id_on_the_root_drive,
+    two_drives_root_first_whatever_the_config_order,
+    read_only_drive_keeps_its_bytes,
+    hostile_driver_every_case,
+    full_filesystem_gives_the_guest_ioerr,
+    benchmark_scenario_reports_its_window,
+    missing_or_unusable_images_are_start_up_errors,
+    in_guest_fuzzer_never_hurts_kiln_or_the_image
+);
+
+/// kiln with io_uring_setup failing with `errno` (a seccomp filter installed in the child
+/// before exec: what a kernel without io_uring, or with it disabled, answers).
+fn run_kiln_without_io_uring(args: &[&str], errno: u32) -> Output {
+    use seccompiler::{BpfProgram, SeccompAction, SeccompFilter};
+    use std::os::unix::process::CommandExt;
+    let filter = SeccompFilter::new(
+        [(libc::SYS_io_uring_setup, vec![])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(errno),
+        std::env::consts::ARCH.try_into().unwrap(),
+    )
+    .unwrap();
+    let bpf: BpfProgram = filter.try_into().unwrap();
+    let mut cmd = Command::new(kiln());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: the closure runs in the child between fork and exec and only makes the
+    // prctl and seccomp system calls on a program built before the fork.
+    unsafe {
+        cmd.pre_exec(move || seccompiler::apply_filter(&bpf).map_err(std::io::Error::other));
+    }
+    wait_with_deadline(cmd.spawn().unwrap(), Duration::from_secs(30))
+}
+
+/// An `Async` drive on a host where io_uring is missing or disabled is a start-up error
+/// naming the field, never a drive silently served synchronously.
+#[test]
+fn async_drive_without_io_uring_is_a_start_up_error() {
+    require_kvm();
+    let dir = TempDir::new("blk-no-uring");
+    let path = dir.file("root.img", &[0u8; 4096]);
+    let cfg = config(
+        &dir,
+        "blk:0",
+        64,
+        &[Drive::new(Engine::Async, "rootfs", &path, true)],
+    );
+    for (errno, says) in [
+        (libc::ENOSYS, "this kernel has no io_uring"),
+        (libc::EPERM, "io_uring is disabled on this host"),
+    ] {
+        let out = run_kiln_without_io_uring(
+            &["--config-file", cfg.to_str().unwrap(), "--no-api"],
+            errno as u32,
+        );
+        assert_eq!(out.status, 1, "{out}");
+        let log: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(log.len(), 1, "{out}");
+        assert!(
+            log[0].starts_with("kiln: error: drives[0].io_engine: Async needs io_uring: "),
+            "{out}"
+        );
+        assert!(log[0].contains(says), "want `{says}`:\n{out}");
+        assert!(out.stdout.is_empty(), "nothing may boot:\n{out}");
+    }
+    // The same drive as Sync boots under the same filter.
+    let cfg = config(
+        &dir,
+        "blk-read:0:0:1",
+        64,
+        &[Drive::new(Engine::Sync, "rootfs", &path, true)],
+    );
+    let out = run_kiln_without_io_uring(
+        &["--config-file", cfg.to_str().unwrap(), "--no-api"],
+        libc::ENOSYS as u32,
+    );
+    assert_eq!(out.status, 0, "{out}");
 }

@@ -21,11 +21,13 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use testkit::netns::inet_csum;
 
 use common::{
     NetNs, Output, TempDir, assert_guest_passed, blk_pattern, counter, exit_code, guest, kiln,
@@ -284,65 +286,15 @@ fn assert_lines(out: &Output, prefix: &str, want: &[String]) {
 
 // ---- host-side traffic ---------------------------------------------------------------------
 
-/// Echo requests to the guest from a raw ICMP socket in the namespace (the `ping` tool is
-/// not installed everywhere); returns how many came back right (same id, seq and payload,
-/// from the guest).
+/// Echo requests to the guest (`NetNs::ping`, 1 s each); returns how many came back right.
 fn ping_guest(ns: &NetNs, count: u16, payload: usize) -> u16 {
-    ns.run_in(move || {
-        // SAFETY: plain socket creation; the fd is owned right away.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
-        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
-        // SAFETY: fd is a fresh, valid descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // sendto/recvfrom and timeouts on the raw socket through std's wrapper.
-        let sock = UdpSocket::from(fd);
-        sock.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let id: u16 = 0x4b4e;
-        let mut good = 0;
-        for seq in 1..=count {
-            let mut msg = vec![8u8, 0, 0, 0];
-            msg.extend_from_slice(&id.to_be_bytes());
-            msg.extend_from_slice(&seq.to_be_bytes());
-            msg.extend((0..payload).map(|i| (i as u8).wrapping_mul(3).wrapping_add(seq as u8)));
-            let csum = inet_csum(&msg);
-            msg[2..4].copy_from_slice(&csum.to_be_bytes());
-            sock.send_to(&msg, SocketAddrV4::new(GUEST_IP, 0)).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(1);
-            let mut buf = [0u8; 2048];
-            while Instant::now() < deadline {
-                let Ok((n, from)) = sock.recv_from(&mut buf) else {
-                    continue;
-                };
-                // Raw sockets see the IPv4 header.
-                let ihl = usize::from(buf[0] & 0xf) * 4;
-                let icmp = &buf[ihl..n];
-                if from.ip() != std::net::IpAddr::V4(GUEST_IP) || icmp.len() < 8 || icmp[0] != 0 {
-                    continue;
-                }
-                if icmp[4..6] == id.to_be_bytes()
-                    && icmp[6..8] == seq.to_be_bytes()
-                    && icmp[8..] == msg[8..]
-                    && inet_csum(icmp) == 0
-                {
-                    good += 1;
-                    break;
-                }
-            }
-        }
-        good
-    })
-}
-
-fn inet_csum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
-        .sum();
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    (1..=count)
+        .filter(|&seq| {
+            ns.ping(GUEST_IP, seq, payload, Duration::from_secs(1))
+                .unwrap()
+                .is_some()
+        })
+        .count() as u16
 }
 
 fn send_udp(sock: &UdpSocket, port: u16, payload: &[u8]) {

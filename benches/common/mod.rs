@@ -104,6 +104,8 @@ pub enum Kind {
     Api,
     /// A vCPU thread, `kiln_vcpu<N>` (Firecracker: `fc_vcpu <N>`).
     Vcpu,
+    /// One of the kernel's io_uring workers (`iou-wrk-<tid>`): an async drive's I/O.
+    IoWorker,
     /// Anything else.
     Other,
 }
@@ -132,6 +134,8 @@ pub fn thread_cpu(pid: u32) -> Result<ThreadCpu> {
             Kind::Api
         } else if t.comm.starts_with("kiln_vcpu") || t.comm.starts_with("fc_vcpu") {
             Kind::Vcpu
+        } else if t.comm.starts_with("iou-wrk") {
+            Kind::IoWorker
         } else {
             Kind::Other
         };
@@ -153,6 +157,8 @@ pub fn thread_cpu(pid: u32) -> Result<ThreadCpu> {
 pub struct CpuDelta {
     pub main: u64,
     pub vcpu: u64,
+    /// The kernel's io_uring workers (part of an async drive's device path).
+    pub io_workers: u64,
     pub other: u64,
     /// Times the main thread was switched in.
     pub main_slices: u64,
@@ -171,6 +177,7 @@ impl CpuDelta {
                     d.main_slices += now.slices.saturating_sub(then.map_or(0, |b| b.slices));
                 }
                 Kind::Vcpu => d.vcpu += spent,
+                Kind::IoWorker => d.io_workers += spent,
                 Kind::Api | Kind::Other => d.other += spent,
             }
         }
@@ -179,7 +186,7 @@ impl CpuDelta {
 
     /// All threads.
     pub fn total(&self) -> u64 {
-        self.main + self.vcpu + self.other
+        self.main + self.vcpu + self.io_workers + self.other
     }
 }
 

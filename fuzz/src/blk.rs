@@ -551,6 +551,7 @@ pub fn run(input: &Input) {
         } else {
             CacheType::Unsafe
         },
+        io_engine: kiln::config::IoEngine::Sync,
     };
     let id_bytes = config.drive_id.as_bytes().to_vec();
     let dev = Block::new(config, disk).expect("a block device");

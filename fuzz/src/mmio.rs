@@ -454,6 +454,7 @@ pub fn run(input: &Input) {
             drive_id: "fuzz".into(),
             read_only: false,
             cache_type: CacheType::Writeback,
+            io_engine: kiln::config::IoEngine::Sync,
         };
         let b = Arc::new(Mutex::new(
             Block::new(config, disk).expect("a block device"),

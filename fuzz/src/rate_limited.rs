@@ -212,6 +212,7 @@ pub fn run(input: &Input) {
         drive_id: "d".into(),
         read_only: false,
         cache_type: CacheType::Writeback,
+        io_engine: kiln::config::IoEngine::Sync,
     };
     let mut blk = Block::new(config, disk).expect("a block device");
     blk.set_rate_limiter(RateLimiter::new(Some(&input.blk.config())).expect("a limiter"));

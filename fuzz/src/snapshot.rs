@@ -71,6 +71,7 @@ pub fn run(data: &[u8]) {
             drive_id: saved.id.clone(),
             read_only: false,
             cache_type: Default::default(),
+            io_engine: kiln::config::IoEngine::Sync,
         };
         let block = Arc::new(Mutex::new(Block::new(config, disk).expect("a block device")));
         let device: Arc<Mutex<dyn VirtioDevice>> = block.clone();

@@ -196,6 +196,15 @@ impl TokenBucket {
         self.level -= i128::from(need.rest);
     }
 
+    /// Returns `tokens` taken for something that did not happen, up to a full bucket.
+    pub fn give_back(&mut self, tokens: u64) {
+        let size = i128::from(self.size);
+        self.level = self.level.saturating_add(i128::from(tokens)).min(size);
+        if self.level == size {
+            self.frac = 0;
+        }
+    }
+
     /// Refills, and takes `tokens` if they can go now; else returns the nanoseconds until
     /// they can.
     pub fn reduce(&mut self, tokens: u64, now: u64) -> Result<(), u64> {

@@ -229,6 +229,15 @@ impl RateLimiter {
         }
     }
 
+    /// Gives back `bytes` taken by [`RateLimiter::commit`] for a transfer that then failed
+    /// (an async one is charged when submitted). The bucket never holds more than its size;
+    /// a spent one-time burst stays spent.
+    pub fn refund(&mut self, bytes: u64) {
+        if let Some(b) = &mut self.bandwidth {
+            b.give_back(bytes);
+        }
+    }
+
     /// A request could not go: arms the timer for `at` (from [`RateLimiter::check`]).
     /// Errors arming it are returned; the caller then lets the request go rather than
     /// leave it waiting forever.

@@ -302,6 +302,14 @@ pub enum SnapshotError {
     /// The memory file's digest does not match the state's.
     #[error("{0}: the memory file does not match the snapshot (corrupted or replaced)")]
     MemoryDigest(String),
+    /// A drive could not finish the requests it had in flight.
+    #[error("drive {id}: cannot finish its requests in flight: {source}")]
+    Drain {
+        /// The drive.
+        id: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {

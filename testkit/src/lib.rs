@@ -5,7 +5,8 @@
 //! - [`tmp`]: unique names and temporary directories removed on drop;
 //! - [`host`]: the `/dev/kvm` and root checks (tests fail, they never skip);
 //! - [`http`]: one HTTP/1.1 request on a Unix socket (kiln's API);
-//! - [`netns`]: network namespaces with TAP devices;
+//! - [`netns`]: network namespaces with TAP devices, and pinging from inside one;
+//! - [`fuse`]: a disk whose reads wait until the test lets them go (a FUSE file system);
 //! - [`process`]: reading a child's output line by line with deadlines, waiting, signals;
 //! - [`procfs`]: per-thread CPU time (schedstat) and memory (smaps, status) of a process;
 //! - [`stats`]: median, minimum and maximum, and how the benchmarks print them;
@@ -16,6 +17,7 @@
 //! kiln-specific helpers (the kiln binary, the test guest, a kiln serving its API) stay in
 //! `tests/common` and `benches/common`.
 
+pub mod fuse;
 pub mod host;
 pub mod http;
 pub mod netns;

@@ -2,9 +2,11 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::{error, unique};
 
@@ -112,6 +114,77 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// One ICMP echo request to `dst` from a raw socket in the namespace (the `ping` tool is
+    /// not installed everywhere): identifier 0x4b4e, sequence `seq`, `payload` bytes
+    /// (byte i = `i * 3 + seq`). Waits up to `wait` for the matching reply (same id, seq and
+    /// payload, from `dst`, valid checksum) and returns how long it took, or `None`.
+    pub fn ping(
+        &self,
+        dst: Ipv4Addr,
+        seq: u16,
+        payload: usize,
+        wait: Duration,
+    ) -> io::Result<Option<Duration>> {
+        self.run_in(move || echo(dst, seq, payload, wait))
+    }
+}
+
+fn echo(dst: Ipv4Addr, seq: u16, payload: usize, wait: Duration) -> io::Result<Option<Duration>> {
+    // SAFETY: plain socket creation; the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // sendto/recvfrom and timeouts on the raw socket through std's wrapper.
+    let sock = UdpSocket::from(fd);
+    sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+    let id: u16 = 0x4b4e;
+    let mut msg = vec![8u8, 0, 0, 0];
+    msg.extend_from_slice(&id.to_be_bytes());
+    msg.extend_from_slice(&seq.to_be_bytes());
+    msg.extend((0..payload).map(|i| (i as u8).wrapping_mul(3).wrapping_add(seq as u8)));
+    let csum = inet_csum(&msg);
+    msg[2..4].copy_from_slice(&csum.to_be_bytes());
+    let sent = Instant::now();
+    sock.send_to(&msg, SocketAddrV4::new(dst, 0))?;
+    let mut buf = [0u8; 2048];
+    while sent.elapsed() < wait {
+        let Ok((n, from)) = sock.recv_from(&mut buf) else {
+            continue;
+        };
+        // Raw sockets see the IPv4 header.
+        let ihl = usize::from(buf[0] & 0xf) * 4;
+        if n < ihl + 8 || from.ip() != std::net::IpAddr::V4(dst) {
+            continue;
+        }
+        let icmp = &buf[ihl..n];
+        if icmp[0] == 0
+            && icmp[4..6] == id.to_be_bytes()
+            && icmp[6..8] == seq.to_be_bytes()
+            && icmp[8..] == msg[8..]
+            && inet_csum(icmp) == 0
+        {
+            return Ok(Some(sent.elapsed()));
+        }
+    }
+    Ok(None)
+}
+
+/// The Internet checksum (RFC 1071) of `data`.
+pub fn inet_csum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(c[0]) << 8 | u32::from(*c.get(1).unwrap_or(&0)))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// Moves the calling thread into the network namespace whose handle is `path`.
 fn setns(path: &Path) -> io::Result<()> {
     let ns = std::fs::File::open(path)?;
@@ -146,8 +219,7 @@ mod tests {
         assert_eq!(mtu.trim(), "1400");
         assert!(ns.ip(&["link", "set", "nonexistent0", "up"]).is_err());
         let addr = ns.run_in(|| {
-            std::net::UdpSocket::bind("10.99.0.1:0")
-                .map(|s| s.local_addr().map(|a| a.ip().to_string()))
+            UdpSocket::bind("10.99.0.1:0").map(|s| s.local_addr().map(|a| a.ip().to_string()))
         });
         assert_eq!(addr.ok().and_then(Result::ok).as_deref(), Some("10.99.0.1"));
         let path = ns.path();

@@ -22,6 +22,13 @@ bool str_starts_with(const char *s, const char *prefix);
  */
 bool parse_u64(const char *s, size_t len, u64 *out);
 
+/* Scenario arguments (lib/args.c). */
+#define ARG_MAX_TOKENS 8
+/* Splits "a:b:c" (NULL: no tokens) into at most ARG_MAX_TOKENS tokens, copied into buf. */
+u32 split_arg(const char *arg, char *buf, size_t size, char **tok);
+/* A whole NUL-terminated decimal number. */
+bool parse_num(const char *s, u64 *out);
+
 /*
  * printf-style formatting: %d %i %u %x %X %c %s %p %%, flags '0' and '-',
  * a field width, a precision for %s (".N" or ".*"), and the length

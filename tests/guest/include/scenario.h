@@ -55,6 +55,8 @@ void scn_net_offload(const char *arg);
 void scn_blk_flood(const char *arg);
 void scn_net_flood(const char *arg);
 void scn_blk_resize(const char *arg);
+void scn_blk_rand(const char *arg);
+void scn_blk_slow(const char *arg);
 void scn_blk_fuzz(const char *arg);
 void scn_workload(const char *arg);
 void scn_serial_flood(const char *arg);

@@ -11,40 +11,11 @@
 #include "scenario.h"
 #include "virtio_blk.h"
 
-#define MAX_TOKENS          8
 #define BLK_DEFAULT_SECTOR  8
 #define BLK_DEFAULT_COUNT   8
 #define BLK_MAX_COUNT       (BLK_DATA_MAX / BLK_SECTOR_SIZE)
 #define BENCH_MAX_SIZE      (1 * MiB)
 #define BENCH_SETTLE_MS     100
-
-/* Splits "a:b:c" (NULL: no tokens) into at most MAX_TOKENS tokens, in place. */
-static u32 split_arg(const char *arg, char *buf, size_t size, char **tok)
-{
-    if (!arg || !*arg)
-        return 0;
-    size_t len = strlen(arg);
-    if (len >= size)
-        len = size - 1;
-    memcpy(buf, arg, len);
-    buf[len] = '\0';
-    u32 n = 0;
-    char *p = buf;
-    while (n < MAX_TOKENS) {
-        tok[n++] = p;
-        while (*p && *p != ':')
-            p++;
-        if (!*p)
-            break;
-        *p++ = '\0';
-    }
-    return n;
-}
-
-static bool parse_num(const char *s, u64 *out)
-{
-    return parse_u64(s, strlen(s), out);
-}
 
 static u32 fnv_buf(const u8 *p, u64 n)
 {
@@ -80,7 +51,7 @@ struct blk_opts {
 static bool parse_opts(const char *name, const char *arg, struct blk_opts *o, u32 positional)
 {
     char buf[128];
-    char *tok[MAX_TOKENS];
+    char *tok[ARG_MAX_TOKENS];
     u32 n = split_arg(arg, buf, sizeof(buf), tok);
     u64 *pos[3] = { &o->dev, &o->sector, &o->count };
     for (u32 i = 0; i < n; i++) {
@@ -309,7 +280,7 @@ static void sleep_ms(u64 ms)
 void scn_blk_bench(const char *arg)
 {
     char buf[64];
-    char *tok[MAX_TOKENS];
+    char *tok[ARG_MAX_TOKENS];
     u32 nt = split_arg(arg, buf, sizeof(buf), tok);
     u64 n = 0, size = 0, dev = 0;
     if (nt < 2 || nt > 3 || !parse_num(tok[0], &n) || !parse_num(tok[1], &size)

@@ -6,9 +6,7 @@
  * lines as they arrive, which makes the rate oracle independent of kiln's
  * counters.
  *
- *   blk-flood:<size>[:<dev>[:<depth>]]
- *                              reads of `size` bytes (sector 0), `depth` (1-80,
- *                              default 80) in flight
+ *   blk-flood:<size>[:<dev>]   reads of `size` bytes (sector 0), 80 in flight
  *       bench blk-flood n=<reads completed> bytes=<n * size>
  *   net-flood:tx:<size>        UDP frames of `size` bytes to the peer's port
  *                              9000, 128 in flight (the host counts them)
@@ -58,23 +56,18 @@ static u64 flood_round(struct virtq *vq)
 
 void scn_blk_flood(const char *arg)
 {
-    u64 size = 0, dev = 0, depth = BLK_DEPTH;
-    /* Up to three colon-separated numbers: size, dev, depth. */
-    u64 *fields[3] = { &size, &dev, &depth };
-    u32 nf = 0;
-    bool good = arg != NULL;
-    for (const char *p = arg; good && nf < 3; nf++) {
-        size_t len = 0;
-        while (p[len] && p[len] != ':')
-            len++;
-        good = num(p, len, fields[nf]);
-        if (!p[len])
+    u64 size = 0, dev = 0;
+    const char *colon = NULL;
+    size_t len = 0;
+    for (; arg && arg[len]; len++) {
+        if (arg[len] == ':') {
+            colon = arg + len;
             break;
-        p += len + 1;
-        good = good && nf < 2;
+        }
     }
-    if (!good || size == 0 || size % BLK_SECTOR_SIZE || size > FLOOD_MAX_SIZE
-        || dev >= VIRTIO_MAX_DEVICES || depth == 0 || depth > BLK_DEPTH) {
+    if (!arg || !num(arg, len, &size) || (colon && !num(colon + 1, strlen(colon + 1), &dev))
+        || size == 0 || size % BLK_SECTOR_SIZE || size > FLOOD_MAX_SIZE
+        || dev >= VIRTIO_MAX_DEVICES) {
         fail("blk-flood", "bad-arg=%s", arg ? arg : "");
         return;
     }
@@ -95,7 +88,7 @@ void scn_blk_flood(const char *arg)
     }
     struct virtq *vq = &b->vdev->vq[0];
     /* Request i: descriptors 3i (header), 3i+1 (data, shared), 3i+2 (status). */
-    for (u16 i = 0; i < depth; i++) {
+    for (u16 i = 0; i < BLK_DEPTH; i++) {
         volatile struct virtio_blk_req_hdr *h = (void *)(meta + 16 * i);
         h->type = VIRTIO_BLK_T_IN;
         h->reserved = 0;
@@ -114,8 +107,8 @@ void scn_blk_flood(const char *arg)
         d[2].flags = VIRTQ_DESC_F_WRITE;
         d[2].next = 0;
     }
-    info("blk-flood", "begin dev=%llu size=%llu depth=%llu", dev, size, depth);
-    for (u16 i = 0; i < depth; i++)
+    info("blk-flood", "begin dev=%llu size=%llu depth=%u", dev, size, BLK_DEPTH);
+    for (u16 i = 0; i < BLK_DEPTH; i++)
         virtq_post(vq, (u16)(3 * i));
     virtq_kick(vq);
     u64 done = 0, last = rdtsc();

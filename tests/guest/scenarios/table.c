@@ -45,6 +45,8 @@ static const struct scenario scenarios[] = {
     { "net-offload",       scn_net_offload,       true,  "virtio-net: checksum and TSO offloads against the host stack" },
     { "blk-flood",         scn_blk_flood,         true,  "virtio-blk: <size>[:<dev>] reads, 80 in flight, forever, progress lines" },
     { "net-flood",         scn_net_flood,         true,  "virtio-net: <tx|rx>:<size> UDP frames flat out, forever, progress lines" },
+    { "blk-rand",          scn_blk_rand,          true,  "virtio-blk: <n>:<size>:<depth> random reads, <depth> in flight, timed" },
+    { "blk-slow",          scn_blk_slow,          true,  "virtio-blk: <n> reads and a FLUSH in flight while answering ping" },
     { "blk-resize",        scn_blk_resize,        true,  "virtio-blk: wait for a backing-file swap, new capacity" },
     { "blk-fuzz",          scn_blk_fuzz,          true,  "virtio-blk: random register/queue/chain abuse, <seed>[:<batches>[:<ops>]]" },
     { "workload",          scn_workload,          true,  "run <steps> steps: memory pattern (and blk, net) checked, progress lines" },

@@ -28,12 +28,21 @@ pub enum DiskError {
     Locked,
 }
 
+/// Filesystems whose reads and writes honour `IOCB_NOWAIT` (they return `EAGAIN` rather
+/// than block), so io_uring may try a request on the submitting thread first: ext2/3/4,
+/// XFS, Btrfs, F2FS, tmpfs (and memfd). On any other (FUSE, NFS, CIFS, overlayfs, ...) a
+/// request may block that thread even so — FUSE's direct I/O does — and goes to the
+/// kernel's workers straight away.
+const NOWAIT_FILESYSTEMS: [i64; 5] = [0xEF53, 0x5846_5342, 0x9123_683E, 0xF2F5_2010, 0x0102_1994];
+
 /// The backing file.
 #[derive(Debug)]
 pub struct DiskFile {
     file: File,
     read_only: bool,
     sectors: u64,
+    /// A request may block the thread that submits it (see [`NOWAIT_FILESYSTEMS`]).
+    may_block: bool,
 }
 
 impl DiskFile {
@@ -73,11 +82,19 @@ impl DiskFile {
                 size % SECTOR_SIZE
             );
         }
+        let may_block = meta.is_file() && !on_nowait_filesystem(&file);
         Ok(DiskFile {
             file,
             read_only,
             sectors: size >> SECTOR_SHIFT,
+            may_block,
         })
+    }
+
+    /// Whether an I/O request may block the thread that submits it even when asked not to
+    /// (the file is not on a filesystem known to honour `IOCB_NOWAIT`; block devices do).
+    pub fn may_block(&self) -> bool {
+        self.may_block
     }
 
     /// Capacity in sectors.
@@ -175,6 +192,24 @@ impl DiskFile {
     }
 }
 
+/// Whether `file` lives on one of [`NOWAIT_FILESYSTEMS`] (unknown when fstatfs fails:
+/// no).
+fn on_nowait_filesystem(file: &File) -> bool {
+    // SAFETY: a zeroed statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs writes one statfs into `st`, which lives for the call.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    NOWAIT_FILESYSTEMS.contains(&st.f_type)
+}
+
+impl AsRawFd for DiskFile {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,6 +244,16 @@ mod tests {
         assert_eq!(&back[..700], &a[..]);
         assert_eq!(&back[700..], &b[..]);
         disk.flush().unwrap();
+    }
+
+    #[test]
+    fn which_files_may_block_their_submitter() {
+        // A memfd is tmpfs: requests may be tried inline.
+        let disk = DiskFile::from_file(memfd(&[0u8; 512]), false).unwrap();
+        assert!(!disk.may_block());
+        // /proc is none of the known filesystems.
+        let proc = File::open("/proc/self/status").unwrap();
+        assert!(!on_nowait_filesystem(&proc));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The block device on the event loop: a queue notification runs the queue, and so does
-//! the rate limiter's timer.
+//! the rate limiter's timer; the async engine's completions are answered.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -40,12 +40,27 @@ impl MutEventSubscriber for BlockEvents {
                 device.config().drive_id
             );
         }
+        if let Some(evt) = device.completion_event()
+            && let Err(e) = ops.add(Events::new(evt, EventSet::IN))
+        {
+            log::error!(
+                "drive {}: cannot watch its async engine's completions: {e}",
+                device.config().drive_id
+            );
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let mut device = self.device.lock().unwrap_or_else(PoisonError::into_inner);
         if events.fd() == device.rate_limiter().timer_fd() {
             device.rate_limiter_timer();
+            return;
+        }
+        if device
+            .completion_event()
+            .is_some_and(|e| e.as_raw_fd() == events.fd())
+        {
+            device.process_completions();
             return;
         }
         let ours = device

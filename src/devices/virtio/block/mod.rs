@@ -3,13 +3,19 @@
 //! - `disk.rs`: the backing file (open, lock, capacity, vectored I/O straight to and from
 //!   guest memory, flush);
 //! - `request.rs`: turning a descriptor chain into a request, whatever its framing;
-//! - `device.rs`: the device (features, config space, activation, the queue loop);
+//! - `device/`: the device (features, config space, activation, the queue loop, answers);
+//! - `io.rs`: a request's file operation, whichever engine does it;
+//! - `uring.rs`, `async_io.rs`: the `Async` engine (a locked-down io_uring per drive, the
+//!   requests in flight on it);
 //! - `event_handler.rs`: the event-loop glue.
 
+mod async_io;
 mod device;
 pub(crate) mod disk;
 mod event_handler;
+mod io;
 mod request;
+pub mod uring;
 
 pub use device::{Block, BlockConfig};
 pub use disk::{DiskError, DiskFile};
@@ -84,4 +90,7 @@ pub struct BlockMetrics {
     pub rate_limiter_admitted_ops: Counter,
     /// Data bytes admitted by a configured rate limiter.
     pub rate_limiter_admitted_bytes: Counter,
+    /// Requests answered IOERR because the async engine could not take them (its io_uring
+    /// could not be created, or refused a submission), and submissions it had to retry.
+    pub io_engine_errors: Counter,
 }

@@ -1,5 +1,13 @@
 //! The virtio-blk device: what it offers, its configuration space, and the queue loop that
 //! turns chains into file I/O and answers them.
+//!
+//! - `mod.rs`: the device, the queue loop, the transport's side (activation, reset);
+//! - `execute.rs`: from a parsed request to its answer: checks, GET_ID, the rate limiter,
+//!   and the `Sync` engine's file I/O;
+//! - `completion.rs`: the `Async` engine's answers, when its io_uring completes them.
+
+mod completion;
+mod execute;
 
 use std::sync::Arc;
 
@@ -7,18 +15,19 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::async_io::{AsyncEngine, Completed};
 use super::disk::DiskFile;
-use super::request::{Request, RequestError, RequestType, parse};
-use super::{BlockMetrics, ID_BYTES, QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE, features, status};
-use crate::config::CacheType;
+use super::request::{RequestError, parse};
+use super::{BlockMetrics, QUEUE_SIZE, SECTOR_SIZE, features, status};
+use crate::config::{CacheType, IoEngine};
 use crate::devices::virtio::features::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::devices::virtio::queue::{Buffer, host_buffers, pop_head, return_chain, walk_chain};
+use crate::devices::virtio::queue::{Buffer, pop_head, return_chain, walk_chain};
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
-use crate::rate_limiter::{LimiterUpdate, RateLimiter, RateLimiterState, now_ns};
+use crate::rate_limiter::{LimiterUpdate, RateLimiter, RateLimiterState};
 use crate::vstate::memory::GuestMemory;
 
 /// virtio device id of a block device.
@@ -35,6 +44,8 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Cache type.
     pub cache_type: CacheType,
+    /// How requests reach the backing file.
+    pub io_engine: IoEngine,
 }
 
 struct Active {
@@ -62,14 +73,24 @@ pub struct Block {
     limiter: RateLimiter,
     /// The clock read once per run of the queue (the limiter's time for all its requests).
     batch_now: Option<u64>,
+    /// The `Async` engine (`None`: `Sync`, requests are served on the spot).
+    engine: Option<Box<AsyncEngine>>,
+    /// A chain went back on the ring because the engine was full: the queue runs again
+    /// when completions make room.
+    starved: bool,
+    /// Scratch space for finished async requests.
+    completed: Vec<Completed>,
 }
 
 /// What became of one chain.
 enum Handled {
     /// Answered (or dropped): give it back with this many bytes written.
     Used(u32),
-    /// The rate limiter holds it back: it goes back on the ring.
-    Throttled,
+    /// Handed to the async engine: answered when it completes.
+    Submitted,
+    /// It cannot go now — the rate limiter holds it back, or the async engine is full: it
+    /// goes back on the ring.
+    Later,
 }
 
 impl std::fmt::Debug for Block {
@@ -79,6 +100,7 @@ impl std::fmt::Debug for Block {
             .field("disk", &self.disk)
             .field("active", &self.active.is_some())
             .field("broken", &self.broken)
+            .field("engine", &self.engine)
             .finish_non_exhaustive()
     }
 }
@@ -105,6 +127,10 @@ impl Block {
         if config.cache_type == CacheType::Writeback {
             avail_features |= features::VIRTIO_BLK_F_FLUSH;
         }
+        let engine = match config.io_engine {
+            IoEngine::Sync => None,
+            IoEngine::Async => Some(Box::new(AsyncEngine::new()?)),
+        };
         Ok(Block {
             config_space: config_space(disk.sectors()),
             config,
@@ -118,7 +144,27 @@ impl Block {
             chain: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             limiter: RateLimiter::new(None)?,
             batch_now: None,
+            engine,
+            starved: false,
+            completed: Vec::new(),
         })
+    }
+
+    /// The eventfd the `Async` engine signals when requests complete (`None` for `Sync`).
+    pub fn completion_event(&self) -> Option<&EventFd> {
+        self.engine.as_deref().map(AsyncEngine::completion_event)
+    }
+
+    /// Requests handed to the async engine and not answered yet (orphans of a reset
+    /// included).
+    pub fn in_flight(&self) -> usize {
+        self.engine.as_deref().map_or(0, AsyncEngine::in_flight)
+    }
+
+    /// Whether the async engine made its io_uring for the current backing file (it does on
+    /// the first transfer or flush).
+    pub fn has_io_ring(&self) -> bool {
+        self.engine.as_deref().is_some_and(AsyncEngine::has_ring)
     }
 
     /// Limits the drive with `limiter`.
@@ -176,8 +222,11 @@ impl Block {
     }
 
     /// Swaps the backing file (API `PATCH /drives`): the guest sees a configuration change
-    /// with the new capacity.
+    /// with the new capacity. Requests in flight on the old file finish there.
     pub fn update_disk(&mut self, disk: DiskFile) {
+        if let Some(engine) = self.engine.as_deref_mut() {
+            engine.retire_ring();
+        }
         self.disk = disk;
         self.config_space = config_space(self.disk.sectors());
         self.config_generation = self.config_generation.wrapping_add(1);
@@ -211,9 +260,11 @@ impl Block {
                             return_chain(&mut active.queue, &active.mem, head, len);
                             used_any = true;
                         }
-                        Handled::Throttled => {
+                        Handled::Submitted => {}
+                        Handled::Later => {
                             // Back on the ring: the driver's queue fills and holds it back;
-                            // the timer brings the device back when the tokens exist.
+                            // the limiter's timer, or the engine's completions, bring the
+                            // device back.
                             let back = active.queue.next_avail().wrapping_sub(1);
                             active.queue.set_next_avail(back);
                             break 'outer;
@@ -243,11 +294,24 @@ impl Block {
             }
         }
         self.limiter.idle();
-        if used_any && active.queue.needs_notification(&active.mem).unwrap_or(true) {
+        if self.engine.is_some() {
+            self.submit_batch();
+            // Page-cache hits complete during the submission: answered now, with the
+            // same interrupt, not one trip round the event loop later.
+            used_any |= self.answer_finished(&mut active);
+        }
+        if used_any {
+            self.notify(&mut active);
+        }
+        self.active = Some(active);
+    }
+
+    /// Interrupts the guest if it wants to know about new used buffers.
+    fn notify(&self, active: &mut Active) {
+        if active.queue.needs_notification(&active.mem).unwrap_or(true) {
             self.metrics.interrupts.inc();
             active.interrupt.signal_used_queue();
         }
-        self.active = Some(active);
     }
 
     /// Executes one chain, unless the rate limiter holds it back.
@@ -272,153 +336,11 @@ impl Block {
                     let _ = active.mem.write_obj(status::IOERR, status);
                     Handled::Used(1)
                 }
-                Ok(request) => {
-                    if self.limiter.is_limiting() {
-                        self.limited(active, &request)
-                    } else {
-                        Handled::Used(self.answer(active, &request).1)
-                    }
-                }
+                Ok(request) => self.run(active, head, request),
             },
         };
         self.chain = chain;
         used
-    }
-
-    /// Executes a request and writes its status; returns the status and the bytes written.
-    fn answer(&mut self, active: &Active, request: &Request) -> (u8, u32) {
-        let (code, data) = self.execute(active, request);
-        let _ = active.mem.write_obj(code, request.status);
-        (code, data + 1)
-    }
-
-    /// Executes a request if the rate limiter lets it go now: one op, and its data bytes for
-    /// reads and writes (charged only if the transfer was done).
-    fn limited(&mut self, active: &Active, request: &Request) -> Handled {
-        let transfer = matches!(request.kind, RequestType::In | RequestType::Out);
-        let bytes = if transfer { request.data_len } else { 0 };
-        let now = *self.batch_now.get_or_insert_with(now_ns);
-        if let Err(at) = self.limiter.check(bytes, now) {
-            match self.limiter.throttle(at) {
-                Ok(()) => {
-                    self.metrics.rate_limiter_throttled_events.inc();
-                    return Handled::Throttled;
-                }
-                // Without a timer the request would wait forever: let it go.
-                Err(e) => log::warn!(
-                    "drive {}: cannot arm the rate limiter's timer: {e}",
-                    self.config.drive_id
-                ),
-            }
-        }
-        let (code, used) = self.answer(active, request);
-        let charged = if transfer && code == status::OK {
-            bytes
-        } else {
-            0
-        };
-        self.limiter.commit(charged);
-        self.metrics.rate_limiter_admitted_ops.inc();
-        self.metrics.rate_limiter_admitted_bytes.add(charged);
-        Handled::Used(used)
-    }
-
-    /// Runs a parsed request; returns its status and the data bytes it produced.
-    fn execute(&mut self, active: &Active, req: &Request) -> (u8, u32) {
-        let invalid = |m: &BlockMetrics| {
-            m.invalid_requests.inc();
-            (status::IOERR, 0)
-        };
-        match req.kind {
-            RequestType::In | RequestType::Out => {
-                if !req.data_len.is_multiple_of(SECTOR_SIZE) {
-                    return invalid(&self.metrics);
-                }
-                let sectors = req.data_len >> SECTOR_SHIFT;
-                match req.sector.checked_add(sectors) {
-                    Some(end) if end <= self.disk.sectors() => {}
-                    _ => return invalid(&self.metrics),
-                }
-                let write = req.kind == RequestType::Out;
-                if write && self.avail_features & features::VIRTIO_BLK_F_RO != 0 {
-                    return invalid(&self.metrics);
-                }
-                let Some(host) = host_buffers(&active.mem, &req.data) else {
-                    return invalid(&self.metrics);
-                };
-                let offset = req.sector << SECTOR_SHIFT;
-                let result = if write {
-                    // SAFETY: every host buffer lies inside guest memory mapped by
-                    // `active.mem` (the chain walk checked each one is inside one region),
-                    // and `active.mem` stays alive for the call.
-                    unsafe { self.disk.write_at(offset, &host) }
-                } else {
-                    // SAFETY: as above; the buffers are device-writable guest memory.
-                    unsafe { self.disk.read_at(offset, &host) }
-                };
-                match (result, write) {
-                    (Ok(()), true) => {
-                        self.metrics.write_count.inc();
-                        self.metrics.write_bytes.add(req.data_len);
-                        (status::OK, 0)
-                    }
-                    (Ok(()), false) => {
-                        self.metrics.read_count.inc();
-                        self.metrics.read_bytes.add(req.data_len);
-                        (status::OK, req.data_len as u32)
-                    }
-                    (Err(e), _) => {
-                        log::debug!("drive {}: I/O error: {e}", self.config.drive_id);
-                        self.metrics.io_errors.inc();
-                        (status::IOERR, 0)
-                    }
-                }
-            }
-            RequestType::Flush => {
-                if active.features & features::VIRTIO_BLK_F_FLUSH == 0 {
-                    self.metrics.unsupported.inc();
-                    return (status::UNSUPP, 0);
-                }
-                match self.disk.flush() {
-                    Ok(()) => {
-                        self.metrics.flush_count.inc();
-                        (status::OK, 0)
-                    }
-                    Err(e) => {
-                        log::debug!("drive {}: flush failed: {e}", self.config.drive_id);
-                        self.metrics.io_errors.inc();
-                        (status::IOERR, 0)
-                    }
-                }
-            }
-            RequestType::GetId => {
-                let mut id = [0u8; ID_BYTES];
-                let bytes = self.config.drive_id.as_bytes();
-                let n = bytes.len().min(ID_BYTES);
-                id[..n].copy_from_slice(&bytes[..n]);
-                let mut written = 0usize;
-                for b in &req.data {
-                    let take = (b.len as usize).min(ID_BYTES - written);
-                    if take == 0 {
-                        break;
-                    }
-                    if active
-                        .mem
-                        .write_slice(&id[written..written + take], b.addr)
-                        .is_err()
-                    {
-                        return invalid(&self.metrics);
-                    }
-                    written += take;
-                }
-                self.metrics.get_id_count.inc();
-                (status::OK, written as u32)
-            }
-            RequestType::Unsupported(_) => {
-                self.metrics.unsupported.inc();
-                (status::UNSUPP, 0)
-            }
-        }
     }
 }
 
@@ -457,6 +379,9 @@ impl VirtioDevice for Block {
             });
         }
         let queue = queues.remove(0);
+        if let Some(engine) = self.engine.as_deref_mut() {
+            engine.set_memory(&mem);
+        }
         self.active = Some(Active {
             mem,
             queue,
@@ -464,14 +389,21 @@ impl VirtioDevice for Block {
             features: acked_features,
         });
         self.broken = false;
+        self.starved = false;
         // Requests posted before DRIVER_OK are picked up now.
         let _ = self.queue_events[0].write(1);
         Ok(())
     }
 
     fn reset(&mut self) {
+        // Requests in flight finish into the buffers they were given and are never answered
+        // (this runs on a vCPU thread: no system call, no waiting for the disk).
+        if let Some(engine) = self.engine.as_deref_mut() {
+            engine.orphan_all();
+        }
         self.active = None;
         self.broken = false;
+        self.starved = false;
     }
 
     fn queue_events(&self) -> &[EventFd] {
@@ -488,7 +420,13 @@ impl VirtioDevice for Block {
 
     fn queue_positions(&self) -> Vec<(u16, u16)> {
         use virtio_queue::QueueT;
-        // Requests are answered as they are taken: nothing is held between events.
+        // Sync requests are answered as they are taken; async ones are drained first
+        // (`Block::drain`, before any save), so nothing is held between events.
+        debug_assert_eq!(
+            self.in_flight(),
+            0,
+            "queue positions with requests in flight"
+        );
         self.active
             .iter()
             .map(|a| (a.queue.next_avail(), a.queue.next_used()))
@@ -496,5 +434,7 @@ impl VirtioDevice for Block {
     }
 }
 
+#[cfg(test)]
+mod async_tests;
 #[cfg(test)]
 mod tests;
