@@ -691,4 +691,3 @@ fn print_size(size: u64, n: u64, runs: usize, floor_iters: usize, tsc_khz: f64, 
         ratio(main_medians[2], floors[2].median)
     );
 }
-
