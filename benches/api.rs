@@ -5,9 +5,11 @@
 //! 1. **Start → accepting**: wall time from just before spawning `kiln --api-sock <tmp>`
 //!    (no config: it waits for requests) until connect() on the socket succeeds (polled in a
 //!    tight loop), and until the answer to a first `GET /` has been read; kiln's CPU time at
-//!    both points (all its threads, /proc/<pid>/task/*/schedstat) and its RSS. Baseline: spawn
-//!    → first stdout byte of `kiln --version` (the same static binary doing nothing), i.e. the
-//!    process-start floor of this host; its CPU from wait4.
+//!    both points (all its threads, /proc/<pid>/task/*/schedstat) and its RSS. Baselines:
+//!    Firecracker 1.12.1 (`benches/firecracker.sh` fetches and caches it; "baseline absent"
+//!    without it) started the same way, `firecracker --api-sock <tmp>`, interleaved with
+//!    kiln; and spawn → first stdout byte of `kiln --version` (the same static binary doing
+//!    nothing), i.e. the process-start floor of this host; its CPU from wait4.
 //! 2. **GET / on one keep-alive connection**, request → full response → next request, N per
 //!    run: requests/s and the CPU µs per request of kiln's threads (main, `kiln_api`) and of
 //!    the client. Against kiln before boot and with a booted idle guest (`kiln.run=idle`,
@@ -50,9 +52,8 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 /// Requests sent before the memory of the API variant is read.
 const MEM_REQUESTS: usize = 1000;
 
-/// Firecracker's published start-up figures (issue 7), bare metal.
-const FIRECRACKER_CPU_MS: f64 = 8.0;
-const FIRECRACKER_WALL_MS: f64 = 12.0;
+/// The goal for kiln / Firecracker, exec → API socket answering (issue 16).
+const GOAL_START_RATIO: f64 = 0.5;
 
 fn main() {
     if std::env::var(ROLE_ENV).ok().as_deref() == Some("responder") {
@@ -383,11 +384,13 @@ struct FloorSample {
     cpu: u64,
 }
 
-fn start_kiln(scratch: &Scratch, run: usize) -> Result<StartSample> {
+/// Starts `bin` (kiln or Firecracker) with `--api-sock` and no configuration.
+fn start_kiln(scratch: &Scratch, run: usize, bin: &Path) -> Result<StartSample> {
     let socket = scratch.path(&format!("start-{run}.sock"));
-    let sock = socket.to_str().ok_or("non-UTF-8 path")?;
     let stderr = scratch.path("stderr");
-    let kiln = Kiln::spawn(&["--api-sock", sock], &stderr, Some(&socket))?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("--api-sock").arg(&socket);
+    let kiln = Kiln::spawn_command(cmd, &stderr, Some(&socket))?;
     let t0 = kiln.spawned_at;
     let deadline = t0 + TIMEOUT;
     let stream = loop {
@@ -444,27 +447,40 @@ fn start_floor() -> Result<FloorSample> {
     })
 }
 
-fn startup(scratch: &Scratch, runs: usize) -> Result<(Vec<StartSample>, Vec<FloorSample>)> {
+/// Start-up samples of kiln, Firecracker (empty when absent) and the floor, interleaved.
+type StartSamples = (Vec<StartSample>, Vec<StartSample>, Vec<FloorSample>);
+
+fn startup(scratch: &Scratch, runs: usize, fc: Option<&Path>) -> Result<StartSamples> {
+    let kiln_bin = Path::new(KILN);
     // Warm-up: page cache, CPU frequency.
     for i in 0..2 {
         start_floor()?;
-        start_kiln(scratch, i)?;
-    }
-    let mut kiln = Vec::with_capacity(runs);
-    let mut floor = Vec::with_capacity(runs);
-    for i in 0..runs {
-        if i % 2 == 0 {
-            floor.push(start_floor()?);
-            kiln.push(start_kiln(scratch, i)?);
-        } else {
-            kiln.push(start_kiln(scratch, i)?);
-            floor.push(start_floor()?);
+        start_kiln(scratch, i, kiln_bin)?;
+        if let Some(fc) = fc {
+            start_kiln(scratch, i, fc)?;
         }
     }
-    Ok((kiln, floor))
+    let mut kiln = Vec::with_capacity(runs);
+    let mut fcs = Vec::with_capacity(runs);
+    let mut floor = Vec::with_capacity(runs);
+    for i in 0..runs {
+        // The order rotates, so drift and cache effects fall on every variant alike.
+        for k in 0..3 {
+            match (i + k) % 3 {
+                0 => floor.push(start_floor()?),
+                1 => kiln.push(start_kiln(scratch, i, kiln_bin)?),
+                _ => {
+                    if let Some(fc) = fc {
+                        fcs.push(start_kiln(scratch, i, fc)?);
+                    }
+                }
+            }
+        }
+    }
+    Ok((kiln, fcs, floor))
 }
 
-fn print_startup(kiln: &[StartSample], floor: &[FloorSample]) {
+fn print_startup(kiln: &[StartSample], fc: &[StartSample], floor: &[FloorSample]) {
     println!();
     println!(
         "== 1. start -> accepting: `kiln --api-sock <tmp>` (no config), connect() polled in a \
@@ -494,6 +510,23 @@ fn print_startup(kiln: &[StartSample], floor: &[FloorSample]) {
         cell(cpu_response, 2),
         cell(col(kiln, |s| s.rss as f64), 0)
     );
+    if fc.is_empty() {
+        println!("{:<44} baseline absent", "firecracker 1.12.1");
+    } else {
+        println!(
+            "{:<44} {:>24} {:>24}",
+            "firecracker: spawn -> connect() succeeds",
+            cell(col(fc, |s| ms(s.connect)), 2),
+            cell(col(fc, |s| s.cpu_connect as f64 / 1e6), 2)
+        );
+        println!(
+            "{:<44} {:>24} {:>24} {:>16}",
+            "firecracker: spawn -> first GET / answered",
+            cell(col(fc, |s| ms(s.first_response)), 2),
+            cell(col(fc, |s| s.cpu_response as f64 / 1e6), 2),
+            cell(col(fc, |s| s.rss as f64), 0)
+        );
+    }
     println!(
         "{:<44} {:>24} {:>24}",
         "floor: `kiln --version` -> first byte",
@@ -523,11 +556,42 @@ fn print_startup(kiln: &[StartSample], floor: &[FloorSample]) {
         ratio(response.median, floor_wall.median),
         response.median - floor_wall.median
     );
+    if fc.is_empty() {
+        println!("kiln / firecracker 1.12.1: baseline absent");
+        return;
+    }
+    let fc_response = col(fc, |s| ms(s.first_response));
+    let paired = stats(
+        &kiln
+            .iter()
+            .zip(fc)
+            .map(|(k, f)| ms(k.first_response) / ms(f.first_response).max(1e-3))
+            .collect::<Vec<_>>(),
+    );
+    let r = response.median / fc_response.median;
     println!(
-        "kiln / Firecracker (published, bare metal: <= {FIRECRACKER_CPU_MS} CPU ms, wall 6-60 ms, \
-         typically {FIRECRACKER_WALL_MS} ms): wall {}, CPU {}",
-        ratio(connect.median, FIRECRACKER_WALL_MS),
-        ratio(cpu_connect.median, FIRECRACKER_CPU_MS)
+        "kiln / firecracker 1.12.1, same run: spawn -> connect {} (CPU {}); spawn -> first answer \
+         {} (per-round {}; goal <= {GOAL_START_RATIO}: {}), CPU {}; RSS {}",
+        ratio(connect.median, col(fc, |s| ms(s.connect)).median),
+        ratio(
+            cpu_connect.median,
+            col(fc, |s| s.cpu_connect as f64 / 1e6).median
+        ),
+        ratio(response.median, fc_response.median),
+        cell(paired, 2),
+        if r <= GOAL_START_RATIO {
+            "met"
+        } else {
+            "not met"
+        },
+        ratio(
+            cpu_response.median,
+            col(fc, |s| s.cpu_response as f64 / 1e6).median
+        ),
+        ratio(
+            col(kiln, |s| s.rss as f64).median,
+            col(fc, |s| s.rss as f64).median
+        ),
     );
 }
 
@@ -849,8 +913,15 @@ fn bench() -> Result<()> {
         String::from_utf8_lossy(REQUEST).trim_end()
     );
 
-    let (kiln, floor) = startup(&scratch, start_runs)?;
-    print_startup(&kiln, &floor);
+    let fc = common::firecracker();
+    match &fc {
+        Some(fc) => println!("   baseline: {} (Firecracker 1.12.1)", fc.display()),
+        None => {
+            println!("   baseline absent: Firecracker could not be had (benches/firecracker.sh)")
+        }
+    }
+    let (kiln, fcs, floor) = startup(&scratch, start_runs, fc.as_deref())?;
+    print_startup(&kiln, &fcs, &floor);
     let get = get_bench(&scratch, get_runs, n)?;
     print_get(&get, n);
     let mem = memory(&scratch, mem_runs)?;

@@ -2,10 +2,16 @@
 //!
 //! Three measurements, each against baselines run in the same invocation:
 //!
-//! 1. **Start-up**: wall time from just before the spawn to the first byte on the child's
-//!    stdout pipe and to its exit (wait4), the child's CPU time (user + sys) and ru_maxrss.
-//!    kiln runs in config-file mode, 1 vCPU, 128 MiB, `kiln.run=hello` (as Firecracker was
-//!    measured). Baselines, all this binary re-executed with `KILN_BENCH_ROLE` set:
+//! 1. **Start-up**: wall time from just before the spawn to the guest's first byte on the
+//!    child's stdout pipe and to its exit (wait4: the guest's reset ends every variant), the
+//!    child's CPU time (user + sys) and ru_maxrss. kiln runs in config-file mode, 1 vCPU,
+//!    128 MiB, `kiln.run=hello`. Baselines:
+//!    - `firecracker`: Firecracker 1.12.1 (`benches/firecracker.sh` fetches and caches it;
+//!      "baseline absent" without it) booting the same guest ELF and command line from a
+//!      config file (`--no-api`, its default seccomp filters, its log to a file as kiln's
+//!      goes to stderr); the guest finds no devices either way.
+//!
+//!    and, this binary re-executed with `KILN_BENCH_ROLE` set:
 //!    - `floor`: the least any KVM VMM process does: KVM_CREATE_VM, 128 MiB of anonymous
 //!      memory, one vCPU in real mode running a blob that writes the guest's three hello
 //!      lines to port 0x3f8 and then `out 0x64, 0xfe`; KVM_RUN + exit decode, no irqchip.
@@ -21,14 +27,21 @@
 //!    guest idles, /proc/<pid>/smaps gives the guest RAM mapping's Rss (the guest memory
 //!    actually touched); VmHWM (peak RSS) minus it is the VMM's overhead.
 //! 3. **PIO exit round trip**: `kiln.run=pio-bench:N` (N `out` to the unclaimed port 0x80,
-//!    timed by the guest's rdtsc) through kiln's vCPU loop (with and without seccomp) and
-//!    through `libvmm`'s raw loop, converted to µs with the vCPU's TSC frequency
+//!    timed by the guest's rdtsc) through kiln's vCPU loop (with and without seccomp),
+//!    Firecracker's and `libvmm`'s raw loop, converted to µs with the vCPU's TSC frequency
 //!    (KVM_GET_TSC_KHZ).
+//! 4. **Start rate**: 50 VMs (`kiln.run=hello`, each to its reset), 4 at a time on this
+//!    2-core host, for kiln and Firecracker in turn (the order alternating); VMs per second
+//!    = 50 / wall time from the first spawn to the last exit, and the median per-VM spawn →
+//!    exit and CPU.
 //!
-//! Runs are interleaved (the order rotates) so drift affects every variant alike. Medians
-//! are reported with min/max. Environment: `KILN_BENCH_RUNS` (start-up runs per variant,
+//! Runs are interleaved (the order rotates) so drift affects every variant alike; ratios
+//! against Firecracker are of medians of the same run. Medians are reported with min/max. Environment: `KILN_BENCH_RUNS` (start-up runs per variant,
 //! default 30), `KILN_BENCH_MEM_RUNS` (default 10), `KILN_BENCH_PIO_RUNS` (default 15),
-//! `KILN_BENCH_PIO_N` (exits per PIO run, default 30000).
+//! `KILN_BENCH_PIO_N` (exits per PIO run, default 30000), `KILN_BENCH_RATE_RUNS` (start-rate
+//! runs per VMM, default 3), `KILN_BENCH_RATE_VMS` (default 50), `KILN_BENCH_RATE_PARALLEL`
+//! (default 4), `KILN_BENCH_BOOT_ONLY` (a comma list of `startup`, `memory`, `pio`, `rate`:
+//! only those sections).
 
 mod common;
 
@@ -72,9 +85,12 @@ const HELLO_OUTPUT: &str =
     "kiln-guest: start variant=elf\nkiln-guest: hello\nkiln-guest: done ok=0 fail=0\n";
 const IDLE_MARKER: &str = "info idle\n";
 
-/// Firecracker on this machine, tiny guest, config-file mode, 1 vCPU, 128 MiB (issue 2).
-const FIRECRACKER_WALL_MS: f64 = 37.0;
-const FIRECRACKER_CPU_MS: f64 = 29.0;
+/// Firecracker's binary (the same-run baseline), when it could be had.
+static FIRECRACKER: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+
+fn firecracker() -> Option<&'static Path> {
+    FIRECRACKER.get_or_init(common::firecracker).as_deref()
+}
 
 const PORT_COM1: u16 = 0x3f8;
 const PORT_COM1_LCR: u16 = 0x3fb;
@@ -115,18 +131,29 @@ enum Variant {
     LibVmm,
     Kiln,
     KilnNoSeccomp,
+    Firecracker,
 }
 
-const VARIANTS: [Variant; 5] = [
+const ALL: [Variant; 6] = [
     Variant::Floor,
     Variant::FloorDevices,
     Variant::LibVmm,
     Variant::Kiln,
     Variant::KilnNoSeccomp,
+    Variant::Firecracker,
 ];
-/// What kiln is compared with: the baselines, then kiln without its seccomp filters (the
-/// filters' share of the cost).
-const BASELINES: [Variant; 4] = [
+
+/// The variants this run measures: all of them, Firecracker only when it could be had.
+fn variants() -> Vec<Variant> {
+    ALL.into_iter()
+        .filter(|v| *v != Variant::Firecracker || firecracker().is_some())
+        .collect()
+}
+
+/// What kiln is compared with: Firecracker, the floors, then kiln without its seccomp
+/// filters (the filters' share of the cost).
+const BASELINES: [Variant; 5] = [
+    Variant::Firecracker,
     Variant::Floor,
     Variant::FloorDevices,
     Variant::LibVmm,
@@ -141,6 +168,7 @@ impl Variant {
             Variant::LibVmm => "library + minimal loop",
             Variant::Kiln => "kiln",
             Variant::KilnNoSeccomp => "kiln --no-seccomp",
+            Variant::Firecracker => "firecracker 1.12.1",
         }
     }
 
@@ -169,10 +197,32 @@ impl Scratch {
         fs::write(&path, json)?;
         Ok(path)
     }
+
+    /// The same for Firecracker: its config needs `drives`, and its log goes to a file.
+    fn firecracker_config(&self, scenario: &str) -> Result<PathBuf> {
+        let path = self.path(&format!("{scenario}-fc.json"));
+        let logger = common::firecracker_logger(&self.path(&format!("{scenario}-fc.log")))?;
+        let json = format!(
+            r#"{{
+  "boot-source": {{
+    "kernel_image_path": "{}",
+    "boot_args": "{BASE_ARGS} kiln.run={scenario}"
+  }},
+  "machine-config": {{ "vcpu_count": 1, "mem_size_mib": {MEM_MIB} }},
+  "drives": [],
+  {logger}
+}}
+"#,
+            guest_elf().display()
+        );
+        fs::write(&path, json)?;
+        Ok(path)
+    }
 }
 
-/// The command that runs `variant` with the scenario `scenario` ("hello" or "idle").
-fn command(variant: Variant, scenario: &str, config: &Path) -> Result<Command> {
+/// The command that runs `variant` with the scenario `scenario` ("hello", "idle" or
+/// "pio-bench:N"); `config` is kiln's config file for it, `fc_config` Firecracker's.
+fn command(variant: Variant, scenario: &str, config: &Path, fc_config: &Path) -> Result<Command> {
     let cmd = match variant {
         Variant::Floor | Variant::FloorDevices => {
             let mut c = Command::new(std::env::current_exe()?);
@@ -194,6 +244,11 @@ fn command(variant: Variant, scenario: &str, config: &Path) -> Result<Command> {
             if variant == Variant::KilnNoSeccomp {
                 c.arg("--no-seccomp");
             }
+            c
+        }
+        Variant::Firecracker => {
+            let mut c = Command::new(firecracker().ok_or("baseline absent")?);
+            c.arg("--no-api").arg("--config-file").arg(fc_config);
             c
         }
     };
@@ -228,8 +283,9 @@ fn describe_status(status: i32) -> String {
     }
 }
 
-/// Runs `cmd` to completion, timing the first stdout byte and the exit. Its stdout must be
-/// `expected` and it must exit 0.
+/// Runs `cmd` to completion, timing the guest's first byte on stdout (the first of
+/// `kiln-guest:`, after any line of Firecracker's own log) and the exit. Its stdout, less
+/// Firecracker's log lines, must be `expected` and it must exit 0.
 fn measure(mut cmd: Command, stderr_path: &Path, expected: &str) -> Result<Sample> {
     let stderr = File::create(stderr_path)?;
     cmd.stdin(Stdio::null())
@@ -241,15 +297,23 @@ fn measure(mut cmd: Command, stderr_path: &Path, expected: &str) -> Result<Sampl
     let start = Instant::now();
     let mut child = cmd.spawn()?;
     let mut pipe = child.stdout.take().ok_or("no stdout pipe")?;
-    let n = pipe.read(&mut buf)?;
-    let first_byte = start.elapsed();
-    output.extend_from_slice(&buf[..n]);
-    pipe.read_to_end(&mut output)?;
+    let mut first_byte = None;
+    loop {
+        let n = pipe.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        let before = output.len();
+        output.extend_from_slice(&buf[..n]);
+        if first_byte.is_none() && guest_started(&output, before) {
+            first_byte = Some(start.elapsed());
+        }
+    }
     let (status, usage) = wait4(child.id())?;
     let exit = start.elapsed();
 
-    let text = String::from_utf8_lossy(&output);
-    if n == 0 || status != 0 || text != expected {
+    let text = common::strip_firecracker_log(&String::from_utf8_lossy(&output));
+    if first_byte.is_none() || status != 0 || text != expected {
         let stderr = fs::read_to_string(stderr_path).unwrap_or_default();
         return Err(format!(
             "{cmd:?}: {}\n--- stdout\n{text}--- stderr\n{stderr}--- expected stdout\n{expected}",
@@ -258,7 +322,7 @@ fn measure(mut cmd: Command, stderr_path: &Path, expected: &str) -> Result<Sampl
         .into());
     }
     Ok(Sample {
-        first_byte,
+        first_byte: first_byte.unwrap_or_default(),
         exit,
         user: timeval(usage.ru_utime),
         sys: timeval(usage.ru_stime),
@@ -266,22 +330,40 @@ fn measure(mut cmd: Command, stderr_path: &Path, expected: &str) -> Result<Sampl
     })
 }
 
+/// Whether the bytes from `before` on hold the guest's first byte: a `k` at the start of a
+/// line (the guest's lines all begin `kiln-guest:` or a scenario word; Firecracker's log
+/// lines with a digit).
+fn guest_started(output: &[u8], before: usize) -> bool {
+    (before..output.len())
+        .any(|i| output[i] != b'2' && (i == 0 || output[i - 1] == b'\n') && output[i] != b'\n')
+}
+
 // ---- 1. start-up ---------------------------------------------------------------------------
 
 fn startup(scratch: &Scratch, runs: usize) -> Result<Vec<Vec<Sample>>> {
     let config = scratch.kiln_config("hello")?;
+    let fc_config = scratch.firecracker_config("hello")?;
     let stderr = scratch.path("stderr");
-    let mut samples: Vec<Vec<Sample>> = vec![Vec::with_capacity(runs); VARIANTS.len()];
+    let variants = variants();
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::with_capacity(runs); ALL.len()];
     // Warm-ups: page cache, KVM module state, CPU frequency.
     for _ in 0..2 {
-        for v in VARIANTS {
-            measure(command(v, "hello", &config)?, &stderr, HELLO_OUTPUT)?;
+        for &v in &variants {
+            measure(
+                command(v, "hello", &config, &fc_config)?,
+                &stderr,
+                HELLO_OUTPUT,
+            )?;
         }
     }
     for i in 0..runs {
-        for k in 0..VARIANTS.len() {
-            let v = VARIANTS[(i + k) % VARIANTS.len()];
-            let s = measure(command(v, "hello", &config)?, &stderr, HELLO_OUTPUT)?;
+        for k in 0..variants.len() {
+            let v = variants[(i + k) % variants.len()];
+            let s = measure(
+                command(v, "hello", &config, &fc_config)?,
+                &stderr,
+                HELLO_OUTPUT,
+            )?;
             samples[v.index()].push(s);
         }
     }
@@ -305,8 +387,8 @@ fn print_startup(samples: &[Vec<Sample>], runs: usize) {
         "sys ms",
         "maxrss KiB"
     );
-    let mut medians = Vec::new();
-    for v in VARIANTS {
+    let mut medians = vec![(f64::NAN, f64::NAN, f64::NAN); ALL.len()];
+    for v in variants() {
         let s = &samples[v.index()];
         let first = stats(&s.iter().map(|x| ms(x.first_byte)).collect::<Vec<_>>());
         let exit = stats(&s.iter().map(|x| ms(x.exit)).collect::<Vec<_>>());
@@ -324,13 +406,17 @@ fn print_startup(samples: &[Vec<Sample>], runs: usize) {
             sys.median,
             cell(rss, 0)
         );
-        medians.push((first.median, exit.median, cpu.median));
+        medians[v.index()] = (first.median, exit.median, cpu.median);
     }
     println!(
         "   (CPU is exact; its user/sys split is tick-sampled by the kernel, only indicative)"
     );
     let kiln = medians[Variant::Kiln.index()];
     for base in BASELINES {
+        if samples[base.index()].is_empty() {
+            println!("kiln / {:<26} baseline absent", base.name());
+            continue;
+        }
         let b = medians[base.index()];
         // Round i ran every variant once, back to back: the ratio within a round cancels drift.
         let paired = stats(
@@ -354,11 +440,22 @@ fn print_startup(samples: &[Vec<Sample>], runs: usize) {
         );
     }
     println!(
-        "kiln / Firecracker (reference figure of issue 2: {FIRECRACKER_WALL_MS} ms wall, \
-         {FIRECRACKER_CPU_MS} ms CPU to exit): exit {}  CPU {}   (goal: well below 0.5x)",
-        ratio(kiln.1, FIRECRACKER_WALL_MS),
-        ratio(kiln.2, FIRECRACKER_CPU_MS),
+        "   (goals, kiln / Firecracker: CPU exec -> reset <= 0.6, wall exec -> reset <= 0.5; \
+         what each VMM spends beyond the library loop, which boots the same guest, is its own \
+         cost)"
     );
+    let fc = medians[Variant::Firecracker.index()];
+    let lib = medians[Variant::LibVmm.index()];
+    if !samples[Variant::Firecracker.index()].is_empty() {
+        println!(
+            "beyond the library loop: kiln exit {:+.2} ms, CPU {:+.2} ms; firecracker exit \
+             {:+.2} ms, CPU {:+.2} ms",
+            kiln.1 - lib.1,
+            kiln.2 - lib.2,
+            fc.1 - lib.1,
+            fc.2 - lib.2
+        );
+    }
 }
 
 // ---- 2. memory overhead --------------------------------------------------------------------
@@ -404,12 +501,15 @@ fn measure_idle(mut cmd: Command, stderr_path: &Path) -> Result<MemSample> {
 
 fn memory(scratch: &Scratch, runs: usize) -> Result<Vec<Vec<MemSample>>> {
     let config = scratch.kiln_config("idle")?;
+    let fc_config = scratch.firecracker_config("idle")?;
     let stderr = scratch.path("stderr");
-    let mut samples: Vec<Vec<MemSample>> = vec![Vec::with_capacity(runs); VARIANTS.len()];
+    let variants = variants();
+    let mut samples: Vec<Vec<MemSample>> = vec![Vec::with_capacity(runs); ALL.len()];
     for i in 0..runs {
-        for k in 0..VARIANTS.len() {
-            let v = VARIANTS[(i + k) % VARIANTS.len()];
-            samples[v.index()].push(measure_idle(command(v, "idle", &config)?, &stderr)?);
+        for k in 0..variants.len() {
+            let v = variants[(i + k) % variants.len()];
+            let cmd = command(v, "idle", &config, &fc_config)?;
+            samples[v.index()].push(measure_idle(cmd, &stderr)?);
         }
     }
     Ok(samples)
@@ -432,8 +532,8 @@ fn print_memory(samples: &[Vec<MemSample>], runs: usize) {
         "file",
         "other"
     );
-    let mut medians = Vec::new();
-    for v in VARIANTS {
+    let mut medians = vec![(f64::NAN, f64::NAN); ALL.len()];
+    for v in variants() {
         let s = &samples[v.index()];
         let col = |f: &dyn Fn(&MemSample) -> u64| {
             stats(&s.iter().map(|m| f(m) as f64).collect::<Vec<_>>())
@@ -451,10 +551,14 @@ fn print_memory(samples: &[Vec<MemSample>], runs: usize) {
             col(&|m| m.file).median,
             col(&|m| m.other).median,
         );
-        medians.push((peak.median, anon.median));
+        medians[v.index()] = (peak.median, anon.median);
     }
     let kiln = medians[Variant::Kiln.index()];
     for base in BASELINES {
+        if samples[base.index()].is_empty() {
+            println!("kiln / {:<26} baseline absent", base.name());
+            continue;
+        }
         let b = medians[base.index()];
         println!(
             "kiln / {:<26} overhead {} ({:+.0} KiB), private anon {} ({:+.0} KiB)",
@@ -469,7 +573,8 @@ fn print_memory(samples: &[Vec<MemSample>], runs: usize) {
         "   (breakdown of the RSS outside guest RAM, at idle: private anon = heap, stacks, \
          arenas, written data; file = executable pages, shared through the page cache by \
          every process running the same binary; other = kvm-vcpu run page, vdso. The floors \
-         and the library loop are this benchmark's binary.)"
+         and the library loop are this benchmark's binary. Goal: kiln / Firecracker overhead \
+         <= 0.6.)"
     );
 }
 
@@ -487,9 +592,14 @@ fn parse_pio(output: &str, n: u64) -> Result<u64> {
     }
 }
 
-fn pio_run(variant: Variant, n: u64, stderr_path: &Path) -> Result<u64> {
+fn pio_run(variant: Variant, n: u64, scratch: &Scratch) -> Result<u64> {
+    let stderr_path = &scratch.path("stderr");
     let cmdline = format!("{BASE_ARGS} kiln.run=pio-bench:{n}");
     let mut cmd = match variant {
+        Variant::Firecracker => {
+            let config = scratch.firecracker_config(&format!("pio-bench:{n}"))?;
+            command(variant, "", &config, &config)?
+        }
         Variant::Kiln | Variant::KilnNoSeccomp => {
             let mut c = Command::new(KILN);
             c.args(["--no-api", "--mem-mib", "128", "--vcpus", "1", "--cmdline"])
@@ -520,7 +630,7 @@ fn pio_run(variant: Variant, n: u64, stderr_path: &Path) -> Result<u64> {
         )
         .into());
     }
-    parse_pio(&text, n)
+    parse_pio(&common::strip_firecracker_log(&text), n)
 }
 
 /// The guest TSC frequency (KVM_GET_TSC_KHZ of a fresh vCPU), in kHz.
@@ -540,24 +650,31 @@ struct PioResult {
 }
 
 /// The raw loop first: ratios are against it.
-const PIO_VARIANTS: [Variant; 3] = [Variant::LibVmm, Variant::Kiln, Variant::KilnNoSeccomp];
+const PIO_VARIANTS: [Variant; 4] = [
+    Variant::LibVmm,
+    Variant::Kiln,
+    Variant::KilnNoSeccomp,
+    Variant::Firecracker,
+];
 
 fn pio(scratch: &Scratch, runs: usize, n: u64) -> Result<PioResult> {
-    let stderr = scratch.path("stderr");
+    let variants: Vec<usize> = (0..PIO_VARIANTS.len())
+        .filter(|&j| PIO_VARIANTS[j] != Variant::Firecracker || firecracker().is_some())
+        .collect();
     let host = host_tsc_khz();
     let khz = match vcpu_tsc_khz() {
         Ok(k) if k > 0 => f64::from(k),
         _ => host,
     };
     // Warm-up.
-    for v in PIO_VARIANTS {
-        pio_run(v, n.min(1000), &stderr)?;
+    for &j in &variants {
+        pio_run(PIO_VARIANTS[j], n.min(1000), scratch)?;
     }
     let mut ticks = vec![Vec::with_capacity(runs); PIO_VARIANTS.len()];
     for i in 0..runs {
-        for k in 0..PIO_VARIANTS.len() {
-            let j = (i + k) % PIO_VARIANTS.len();
-            ticks[j].push(pio_run(PIO_VARIANTS[j], n, &stderr)?);
+        for k in 0..variants.len() {
+            let j = variants[(i + k) % variants.len()];
+            ticks[j].push(pio_run(PIO_VARIANTS[j], n, scratch)?);
         }
     }
     Ok(PioResult {
@@ -583,9 +700,14 @@ fn print_pio(r: &PioResult, runs: usize) {
         "raw loop (library VM)",
         "kiln vCPU loop",
         "kiln --no-seccomp",
+        "firecracker 1.12.1",
     ];
-    let mut medians = [0.0; PIO_VARIANTS.len()];
+    let mut medians = [f64::NAN; PIO_VARIANTS.len()];
     for (j, name) in names.iter().enumerate() {
+        if r.ticks[j].is_empty() {
+            println!("{name:<24} baseline absent");
+            continue;
+        }
         let cycles: Vec<f64> = r.ticks[j].iter().map(|t| *t as f64 / r.n as f64).collect();
         let us: Vec<f64> = cycles.iter().map(|c| c / r.tsc_khz * 1e3).collect();
         let us = stats(&us);
@@ -619,6 +741,124 @@ fn print_pio(r: &PioResult, runs: usize) {
         cell(paired(2), 3),
         medians[1] - medians[2]
     );
+    if r.ticks[3].is_empty() {
+        println!("kiln / firecracker 1.12.1: baseline absent");
+    } else {
+        println!(
+            "kiln / firecracker 1.12.1: {}  (firecracker / raw loop: {}, per-round {})",
+            ratio(medians[1], medians[3]),
+            ratio(medians[3], medians[0]),
+            cell(paired(3), 3)
+        );
+    }
+}
+
+// ---- 4. start rate --------------------------------------------------------------------------
+
+/// A start-rate run: the wall time from the first spawn to the last exit, and each VM's sample.
+type RateRun = (Duration, Vec<Sample>);
+/// Every start-rate run of each VMM.
+type RateRuns = Vec<(Variant, Vec<RateRun>)>;
+
+/// One start-rate run: `total` VMs of `variant`, `parallel` at a time. Returns the wall time
+/// from the first spawn to the last exit and every VM's sample.
+fn rate_run(scratch: &Scratch, variant: Variant, total: usize, parallel: usize) -> Result<RateRun> {
+    let config = scratch.kiln_config("hello")?;
+    let fc_config = scratch.firecracker_config("hello")?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let start = Instant::now();
+    let results: Vec<std::result::Result<Vec<Sample>, String>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..parallel)
+            .map(|w| {
+                let (next, config, fc_config) = (&next, &config, &fc_config);
+                s.spawn(move || -> std::result::Result<Vec<Sample>, String> {
+                    let stderr = scratch.path(&format!("stderr-rate-{w}"));
+                    let mut out = Vec::new();
+                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                        let cmd = command(variant, "hello", config, fc_config)
+                            .map_err(|e| e.to_string())?;
+                        out.push(measure(cmd, &stderr, HELLO_OUTPUT).map_err(|e| e.to_string())?);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|_| Err("a worker panicked".into())))
+            .collect()
+    });
+    let wall = start.elapsed();
+    let mut samples = Vec::with_capacity(total);
+    for r in results {
+        samples.extend(r?);
+    }
+    Ok((wall, samples))
+}
+
+/// Start-rate runs of kiln and (when it can be had) Firecracker, alternating.
+fn start_rate(scratch: &Scratch, runs: usize, total: usize, parallel: usize) -> Result<RateRuns> {
+    let vmms: Vec<Variant> = [Variant::Kiln, Variant::Firecracker]
+        .into_iter()
+        .filter(|v| variants().contains(v))
+        .collect();
+    let mut out: RateRuns = vmms.iter().map(|v| (*v, Vec::new())).collect();
+    for i in 0..runs {
+        for k in 0..vmms.len() {
+            let j = (i + k) % vmms.len();
+            out[j].1.push(rate_run(scratch, vmms[j], total, parallel)?);
+        }
+    }
+    Ok(out)
+}
+
+fn print_rate(r: &[(Variant, Vec<RateRun>)], total: usize, parallel: usize) {
+    println!();
+    println!(
+        "== 4. start rate: {total} VMs (kiln.run=hello, each to its reset), {parallel} at a time; \
+         {} runs per VMM; cells: median [min-max]",
+        r.first().map_or(0, |x| x.1.len())
+    );
+    println!(
+        "{:<26} {:>22} {:>22} {:>22} {:>22}",
+        "variant", "VMs/s", "wall ms (all VMs)", "per VM: exit ms", "per VM: CPU ms"
+    );
+    let mut rates = Vec::new();
+    for (v, runs) in r {
+        let rate = stats(
+            &runs
+                .iter()
+                .map(|(w, _)| total as f64 / w.as_secs_f64())
+                .collect::<Vec<_>>(),
+        );
+        let all: Vec<&Sample> = runs.iter().flat_map(|(_, s)| s).collect();
+        println!(
+            "{:<26} {:>22} {:>22} {:>22} {:>22}",
+            v.name(),
+            cell(rate, 1),
+            cell(
+                stats(&runs.iter().map(|(w, _)| ms(*w)).collect::<Vec<_>>()),
+                0
+            ),
+            cell(
+                stats(&all.iter().map(|x| ms(x.exit)).collect::<Vec<_>>()),
+                2
+            ),
+            cell(
+                stats(&all.iter().map(|x| ms(x.cpu())).collect::<Vec<_>>()),
+                2
+            ),
+        );
+        rates.push(rate.median);
+    }
+    if rates.len() < 2 {
+        println!("kiln / firecracker 1.12.1: baseline absent");
+    } else {
+        println!(
+            "kiln / firecracker 1.12.1, VMs started per second: {} (goal >= 1.5)",
+            ratio(rates[0], rates[1])
+        );
+    }
 }
 
 // ---- the benchmark -------------------------------------------------------------------------
@@ -646,12 +886,32 @@ fn bench() -> Result<()> {
          kiln's library, one thread, KVM_RUN + exit decode"
     );
 
-    let s = startup(&scratch, runs)?;
-    print_startup(&s, runs);
-    let m = memory(&scratch, mem_runs)?;
-    print_memory(&m, mem_runs);
-    let p = pio(&scratch, pio_runs, pio_n)?;
-    print_pio(&p, pio_runs);
+    match firecracker() {
+        Some(fc) => println!("              firecracker 1.12.1 = {}", fc.display()),
+        None => println!("              firecracker: baseline absent (benches/firecracker.sh)"),
+    }
+    // `KILN_BENCH_BOOT_ONLY=startup,memory,pio,rate` runs only the sections named.
+    let only = std::env::var("KILN_BENCH_BOOT_ONLY").unwrap_or_default();
+    let section = |name: &str| only.is_empty() || only.split(',').any(|s| s == name);
+    if section("startup") {
+        let s = startup(&scratch, runs)?;
+        print_startup(&s, runs);
+    }
+    if section("memory") {
+        let m = memory(&scratch, mem_runs)?;
+        print_memory(&m, mem_runs);
+    }
+    if section("pio") {
+        let p = pio(&scratch, pio_runs, pio_n)?;
+        print_pio(&p, pio_runs);
+    }
+    if section("rate") {
+        let rate_runs = env_usize("KILN_BENCH_RATE_RUNS", 3);
+        let rate_vms = env_usize("KILN_BENCH_RATE_VMS", 50);
+        let parallel = env_usize("KILN_BENCH_RATE_PARALLEL", 4);
+        let r = start_rate(&scratch, rate_runs, rate_vms, parallel)?;
+        print_rate(&r, rate_vms, parallel);
+    }
     println!();
     println!("total {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -764,7 +1024,7 @@ fn libvmm(cmdline: &str) -> Result<()> {
     let vm = Vm::new(&kvm, memory, false)?;
     let kernel = load_kernel(vm.memory(), &mut File::open(guest_elf())?)?;
     let cmdline = Cmdline::try_from(cmdline, CMDLINE_MAX_SIZE)?;
-    configure_system(vm.memory(), &kernel, &cmdline, None, 1)?;
+    configure_system(vm.memory(), &kernel, &cmdline, None, 1, &[])?;
     let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
     let exit = Arc::new(ExitSignal::new()?);
     let mut vcpu = Vcpu::new(vm.fd(), 0, Arc::new(Bus::new()), Arc::new(Bus::new()), exit)?;

@@ -20,11 +20,13 @@
 //!
 //! Frames/s and MB/s come from the guest's TSC (first to last frame), converted with
 //! KVM_GET_TSC_KHZ: they are bounded by the emulated guest here (~1.5 M instructions/s), not
-//! by kiln. kiln's CPU per frame does not depend on that: it is what the issue compares with
-//! Firecracker (about 2.2 µs per 64-byte frame at 256 frames per notification, 18-20 µs per
-//! notification cycle).
+//! by kiln. kiln's CPU per frame does not depend on that.
 //!
 //! Baselines in the same invocation, interleaved with the kiln runs, on the same TAP:
+//! - `firecracker 1.12.1` (`benches/firecracker.sh` fetches and caches it; "baseline
+//!   absent" without it): the same guest, scenario and TAP from a config file, its main
+//!   thread (event loop and devices, as kiln's) measured the same way; kiln / Firecracker
+//!   is the ratio of the two medians of the same run (goal <= 0.6);
 //! - `floor: device loop`: a device thread as small as one can be, with kiln's syscalls and
 //!   wake-ups: blocked in epoll_wait on the TAP and on a "queue" eventfd that a driver thread
 //!   writes (as KVM's ioeventfd does for the vCPU); TX: eventfd read, one writev (virtio-net
@@ -79,13 +81,16 @@ const VNET_HDR_LEN: usize = 12;
 const LINE_TIMEOUT: Duration = Duration::from_secs(30);
 const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Firecracker's device thread (issue 4): CPU µs per 64-byte UDP frame with 256 frames per
-/// notification, and per notification cycle.
-const FIRECRACKER_PER_FRAME_US: f64 = 2.2;
-const FIRECRACKER_PER_CYCLE_US: (f64, f64) = (18.0, 20.0);
-
 fn main() {
     common::run("net", "boots VMs and makes a network namespace", bench);
+}
+
+/// Which VMM a run starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vmm {
+    Kiln,
+    /// Firecracker 1.12.1, at this path.
+    Firecracker(&'static std::path::Path),
 }
 
 fn mac_str(m: &[u8; 6]) -> String {
@@ -170,10 +175,17 @@ fn net_ns() -> Result<NetNs> {
 
 // ---- scratch files -------------------------------------------------------------------------
 
-/// kiln's config file.
+/// The VMM's config file (Firecracker's also has its drive list and logger).
 impl Scratch {
-    fn config(&self, shape: &Shape) -> Result<PathBuf> {
+    fn config(&self, shape: &Shape, vmm: Vmm) -> Result<PathBuf> {
         let path = self.path("vm.json");
+        let extra = match vmm {
+            Vmm::Kiln => String::new(),
+            Vmm::Firecracker(_) => format!(
+                ",\n  \"drives\": [],\n  {}",
+                common::firecracker_logger(&self.path("fc.log"))?
+            ),
+        };
         let json = format!(
             r#"{{
   "boot-source": {{
@@ -181,7 +193,7 @@ impl Scratch {
     "boot_args": "{BASE_ARGS} kiln.net=ip:{GUEST_IP},peer:{HOST_IP} kiln.run={},idle"
   }},
   "machine-config": {{ "vcpu_count": 1, "mem_size_mib": {MEM_MIB} }},
-  "network-interfaces": [{{ "iface_id": "eth0", "host_dev_name": "{TAP}", "guest_mac": "{}" }}]
+  "network-interfaces": [{{ "iface_id": "eth0", "host_dev_name": "{TAP}", "guest_mac": "{}" }}]{extra}
 }}
 "#,
             guest_elf().display(),
@@ -262,18 +274,23 @@ struct RunSample {
     interrupts: u64,
 }
 
-fn kiln_run(scratch: &Scratch, shape: &Shape, socks: &Sockets) -> Result<RunSample> {
+fn kiln_run(scratch: &Scratch, shape: &Shape, socks: &Sockets, vmm: Vmm) -> Result<RunSample> {
     socks.drain()?;
-    let config = scratch.config(shape)?;
+    let config = scratch.config(shape, vmm)?;
     let metrics = scratch.path("metrics.json");
     let _ = fs::remove_file(&metrics);
     let stderr = scratch.path("stderr");
-    let mut cmd = Command::new(KILN);
+    let mut cmd = match vmm {
+        Vmm::Kiln => {
+            let mut c = Command::new(KILN);
+            c.arg("--metrics-path").arg(&metrics);
+            c
+        }
+        Vmm::Firecracker(bin) => Command::new(bin),
+    };
     cmd.arg("--no-api")
         .arg("--config-file")
         .arg(&config)
-        .arg("--metrics-path")
-        .arg(&metrics)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(File::create(&stderr)?));
@@ -283,8 +300,16 @@ fn kiln_run(scratch: &Scratch, shape: &Shape, socks: &Sockets) -> Result<RunSamp
     let mut sample = result.map_err(|e| {
         let err = fs::read_to_string(&stderr).unwrap_or_default();
         let m = fs::read_to_string(&metrics).unwrap_or_default();
-        format!("{}: {e}\n--- stderr\n{err}--- metrics\n{m}", shape.name())
+        format!(
+            "{} ({vmm:?}): {e}\n--- stderr\n{err}--- metrics\n{m}",
+            shape.name()
+        )
     })?;
+    if vmm != Vmm::Kiln {
+        // The guest counted its frames (follow_run checks them); Firecracker's metrics are
+        // not read.
+        return Ok(sample);
+    }
     let text = fs::read_to_string(&metrics)?;
     let last: serde_json::Value = serde_json::from_str(text.lines().last().ok_or("no metrics")?)?;
     sample.interrupts = last["net_eth0"]["interrupts"].as_u64().unwrap_or(0);
@@ -649,6 +674,9 @@ fn floor_syscalls(tap: &Tap, shape: &Shape, socks: &Sockets) -> Result<f64> {
 #[derive(Default)]
 struct ShapeResults {
     runs: Vec<RunSample>,
+    fc: Vec<RunSample>,
+    /// Firecracker runs that failed (frames lost: the guest did not get them all).
+    fc_failed: usize,
     floor_loop: Vec<f64>,
     floor_syscalls: Vec<f64>,
 }
@@ -658,6 +686,8 @@ fn bench() -> Result<()> {
     let n_batch = env_usize("KILN_BENCH_NET_N_BATCH", 8192) as u64;
     let n_single = env_usize("KILN_BENCH_NET_N_SINGLE", 1000) as u64;
     let started = Instant::now();
+    let fc: Option<&'static std::path::Path> =
+        common::firecracker().map(|p| &*Box::leak(p.into_boxed_path()));
     let _ns = net_ns()?;
     let scratch = Scratch::new("net")?;
     let socks = Sockets::new()?;
@@ -716,22 +746,40 @@ fn bench() -> Result<()> {
             mrg: dir == Dir::Rx,
             n: 512,
         };
-        kiln_run(&scratch, &warm, &socks)?;
+        kiln_run(&scratch, &warm, &socks, Vmm::Kiln)?;
+        if let Some(bin) = fc
+            && let Err(e) = kiln_run(&scratch, &warm, &socks, Vmm::Firecracker(bin))
+        {
+            eprintln!("firecracker warm-up failed (not counted): {e}");
+        }
         let tap = Tap::open()?;
         floor_device_loop(&tap, &vm, &warm, &socks)?;
         floor_syscalls(&tap, &warm, &socks)?;
     }
 
     let mut results: Vec<ShapeResults> = shapes.iter().map(|_| ShapeResults::default()).collect();
-    let steps = shapes.len() * 3;
+    let steps = shapes.len() * 4;
     for round in 0..runs {
         for k in 0..steps {
             let step = (round + k) % steps;
-            let (si, what) = (step / 3, step % 3);
+            let (si, what) = (step / 4, step % 4);
             let shape = &shapes[si];
             let r = &mut results[si];
             match what {
-                0 => r.runs.push(kiln_run(&scratch, shape, &socks)?),
+                0 => r.runs.push(kiln_run(&scratch, shape, &socks, Vmm::Kiln)?),
+                3 => {
+                    if let Some(bin) = fc {
+                        // A baseline run that loses frames is counted and left out, not
+                        // fatal: the table says how many.
+                        match kiln_run(&scratch, shape, &socks, Vmm::Firecracker(bin)) {
+                            Ok(sample) => r.fc.push(sample),
+                            Err(e) => {
+                                eprintln!("\nfirecracker run failed (left out): {e}");
+                                r.fc_failed += 1;
+                            }
+                        }
+                    }
+                }
                 1 => {
                     let tap = Tap::open()?;
                     r.floor_loop
@@ -753,11 +801,13 @@ fn bench() -> Result<()> {
          frame; kiln main = the event-loop thread (the device), vCPU = its vCPU thread"
     );
     println!(
-        "{:<18} {:>20} {:>16} {:>20} {:>20} {:>20} {:>9} {:>9} {:>10} {:>16}",
+        "{:<18} {:>20} {:>16} {:>20} {:>20} {:>9} {:>20} {:>20} {:>9} {:>9} {:>10} {:>16}",
         "shape",
         "frames/s",
         "MB/s",
         "kiln main µs",
+        "firecracker main µs",
+        "/fc",
         "floor loop µs",
         "floor syscalls µs",
         "/loop",
@@ -777,12 +827,27 @@ fn bench() -> Result<()> {
                 .map(|ns| ns / 1e3)
                 .collect::<Vec<_>>(),
         );
+        let fc_main = stats(
+            &r.fc
+                .iter()
+                .map(|x| x.window.main as f64 / x.n as f64 / 1e3)
+                .collect::<Vec<_>>(),
+        );
+        let (fc_cell, fc_ratio) = if r.fc.is_empty() && r.fc_failed > 0 {
+            ("baseline failed".to_string(), "-".to_string())
+        } else if r.fc.is_empty() {
+            ("baseline absent".to_string(), "-".to_string())
+        } else {
+            (cell(fc_main, 2), ratio(main.median, fc_main.median))
+        };
         println!(
-            "{:<18} {:>20} {:>16} {:>20} {:>20} {:>20} {:>9} {:>9} {:>10.3} {:>16}",
+            "{:<18} {:>20} {:>16} {:>20} {:>20} {:>9} {:>20} {:>20} {:>9} {:>9} {:>10.3} {:>16}",
             shape.name(),
             cell(col(&|x| x.n as f64 / secs(x)), 0),
             cell(col(&|x| x.bytes as f64 / secs(x) / 1e6), 2),
             cell(main, 2),
+            fc_cell,
+            fc_ratio,
             cell(fl, 2),
             cell(fs, 2),
             ratio(main.median, fl.median),
@@ -790,13 +855,18 @@ fn bench() -> Result<()> {
             col(&|x| x.interrupts as f64 / x.n as f64).median,
             cell(col(&|x| x.window.vcpu as f64 / x.n as f64 / 1e3), 1),
         );
-        medians.push(main.median);
+        medians.push((main.median, fc_main.median));
         let idle = col(&|x| x.idle.main as f64 / 1e3).median;
         let slices = col(&|x| x.window.main_slices as f64 / x.n as f64).median;
         println!(
             "{:<18} main thread switched in {slices:.3} times per frame; its CPU in the 100 ms idle \
-             after the end line: {idle:.0} µs",
-            ""
+             after the end line: {idle:.0} µs{}",
+            "",
+            if r.fc_failed > 0 {
+                format!("; {} Firecracker run(s) lost frames, left out", r.fc_failed)
+            } else {
+                String::new()
+            }
         );
     }
     println!();
@@ -806,26 +876,19 @@ fn bench() -> Result<()> {
             .position(|s| {
                 s.dir == dir && s.size == size && s.batch == batch && s.mrg == (dir == Dir::Rx)
             })
-            .map(|i| medians[i])
+            .map(|i| medians[i].0)
             .unwrap_or(f64::NAN)
     };
     let per_frame = find(Dir::Tx, 64, 256);
     let per_cycle = find(Dir::Tx, 64, 1);
-    println!(
-        "Firecracker reference (issue 4): {FIRECRACKER_PER_FRAME_US} µs per 64-byte UDP frame at \
-         256 frames per notification: kiln tx 64B x256 {per_frame:.2} µs ({}); rx 64B x256 {:.2} µs",
-        ratio(per_frame, FIRECRACKER_PER_FRAME_US),
-        find(Dir::Rx, 64, 256)
-    );
-    println!(
-        "Firecracker reference (issue 4): {}-{} µs per notification cycle: kiln tx 64B x1 \
-         {per_cycle:.2} µs ({}-{}); rx 64B x1 (frame + ack) {:.2} µs",
-        FIRECRACKER_PER_CYCLE_US.0,
-        FIRECRACKER_PER_CYCLE_US.1,
-        ratio(per_cycle, FIRECRACKER_PER_CYCLE_US.1),
-        ratio(per_cycle, FIRECRACKER_PER_CYCLE_US.0),
-        find(Dir::Rx, 64, 1)
-    );
+    if fc.is_none() {
+        println!("kiln / firecracker 1.12.1: baseline absent");
+    } else {
+        println!(
+            "/fc = kiln / firecracker 1.12.1, device (main) thread CPU per frame, medians of this \
+             run (goal <= 0.6)"
+        );
+    }
     println!(
         "kiln, 1 frame per notification / 256 per notification (tx 64B): {}",
         ratio(per_cycle, per_frame)

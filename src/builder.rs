@@ -15,6 +15,7 @@ use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::MmioDevice;
 use crate::arch::x86_64::configure_system;
 use crate::arch::x86_64::cpuid::CpuTopology;
 use crate::arch::x86_64::layout::{
@@ -448,11 +449,28 @@ fn attach_net_devices(
     Ok(())
 }
 
+/// The virtio-mmio devices as the ACPI tables describe them, in the order they were attached.
+fn virtio_mmio_devices(devices: &DeviceRegistry) -> Vec<MmioDevice> {
+    devices
+        .iter()
+        .filter(|e| matches!(e.device, Device::Block { .. } | Device::Net { .. }))
+        .filter_map(|e| match e.location {
+            Location::Mmio {
+                base,
+                len,
+                gsi: Some(gsi),
+            } => Some(MmioDevice { base, len, gsi }),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Loads the kernel and initrd and writes the boot structures.
 fn load_boot_source(
     config: &VmConfig,
     vm: &Vm,
     cmdline: &Cmdline,
+    devices: &DeviceRegistry,
 ) -> Result<LoadedKernel, StartError> {
     let boot = &config.boot_source;
     let kernel = load_kernel_from(vm.memory(), &boot.kernel_image_path)?;
@@ -473,7 +491,14 @@ fn load_boot_source(
             )
         }
     };
-    configure_system(vm.memory(), &kernel, cmdline, initrd, config.vcpus())?;
+    configure_system(
+        vm.memory(),
+        &kernel,
+        cmdline,
+        initrd,
+        config.vcpus(),
+        &virtio_mmio_devices(devices),
+    )?;
     Ok(kernel)
 }
 
@@ -860,7 +885,7 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
 
     // Kernel, initrd, command line, boot structures (a snapshot has them in its memory).
     let kernel = match &boot {
-        Boot::Kernel => Some(load_boot_source(config, &vm, &cmdline)?),
+        Boot::Kernel => Some(load_boot_source(config, &vm, &cmdline, &devices)?),
         Boot::Snapshot { .. } => None,
     };
 

@@ -110,6 +110,14 @@ fn expected_report(
     l.push(format!(
         "ok mptable cpus={vcpus} ioapic=0xfec00000 irq_entries=24"
     ));
+    // ACPI: the RSDP where Firecracker puts it, an XSDT listing the FADT and the MADT, one
+    // local APIC per vCPU, no virtio devices in these boots.
+    l.push("info acpi rsdp=0xe0000 revision=2 root=XSDT tables=FACP,APIC".into());
+    let ids: Vec<String> = (0..vcpus).map(|i| i.to_string()).collect();
+    l.push(format!(
+        "ok acpi cpus={vcpus} apic_ids={} ioapic=0xfec00000 virtio=0 com1=1 hw_reduced=1",
+        ids.join(",")
+    ));
     if vcpus == 1 {
         l.push("ok smp cpus=1".into());
     } else {
@@ -120,7 +128,7 @@ fn expected_report(
             n = vcpus - 1
         ));
     }
-    l.push("kiln-guest: done ok=8 fail=0".into());
+    l.push("kiln-guest: done ok=9 fail=0".into());
     l
 }
 
@@ -259,6 +267,42 @@ fn config_file_mode() {
     assert_eq!(
         out.lines(),
         expected_report("elf", cmdline, 2, 256, Some(&initrd)),
+        "\n{out}"
+    );
+}
+
+/// The DSDT describes each virtio-mmio device of the command line (window and GSI), checked
+/// by the guest against the `virtio_mmio.device=` entries kiln appended.
+#[test]
+fn acpi_describes_every_virtio_device() {
+    require_kvm();
+    let dir = TempDir::new("acpiboot");
+    let drives: Vec<String> = (0..3)
+        .map(|i| {
+            let path = dir.file(&format!("disk{i}.img"), &vec![0u8; 64 * 1024]);
+            format!(
+                r#"{{"drive_id": "d{i}", "path_on_host": "{}", "is_root_device": {}, "is_read_only": {}}}"#,
+                path.display(),
+                i == 1,
+                i == 2
+            )
+        })
+        .collect();
+    let json = format!(
+        r#"{{
+          "boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0 kiln.run=acpi"}},
+          "machine-config": {{"vcpu_count": 2, "mem_size_mib": 128}},
+          "drives": [{}]
+        }}"#,
+        guest("kiln-guest.elf").display(),
+        drives.join(",")
+    );
+    let cfg = dir.file("vm.json", json.as_bytes());
+    let out = run_kiln(&["--config-file", cfg.to_str().unwrap(), "--no-api"]);
+    assert_guest_passed(&out);
+    assert_eq!(
+        out.line("ok acpi"),
+        "ok acpi cpus=2 apic_ids=0,1 ioapic=0xfec00000 virtio=3 com1=1 hw_reduced=1",
         "\n{out}"
     );
 }

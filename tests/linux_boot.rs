@@ -4,7 +4,9 @@
 //! (dnsmasq) over virtio-net, and kiln's devices are checked against Linux's own drivers:
 //! the block device has the image's capacity, the ext4 root is mounted, the lease is the
 //! server's, init is reached on the mounted root, and kiln ends cleanly when the kernel,
-//! finding no init it can run, panics and resets the machine (`panic=1 reboot=k`).
+//! finding no init it can run, panics and resets the machine (`panic=1 reboot=k`). Linux
+//! boots from kiln's ACPI tables (its RSDP, the MADT's CPUs and IOAPIC, no ACPI error); the
+//! same boot with `acpi=off` runs from the MP table alone and passes the same checks.
 //!
 //! A second boot checks the i8042 path against Linux's AT keyboard driver: kiln's
 //! `SendCtrlAltDel` (through the API socket) makes the kernel restart, which resets the
@@ -30,7 +32,7 @@ mod linux;
 
 use std::time::Duration;
 
-use linux::{KernelChoice, Options, check_boot, choose_kernel};
+use linux::{Firmware, KernelChoice, Options, check_boot, check_firmware, choose_kernel};
 
 /// Generous but bounded: a stock kernel needs ~7 minutes here, the microVM kernel far less.
 const TIMEOUT: Duration = Duration::from_secs(15 * 60);
@@ -55,6 +57,7 @@ fn linux_boots_to_init_with_virtio_blk_root_and_dhcp() {
     // Default seccomp filters: no --no-seccomp.
     let boot = linux::boot(&kernel, &[], TIMEOUT, true);
     check_boot(&boot);
+    check_firmware(&boot, Firmware::Acpi);
     let completions = boot.vcpu_metric("emulation_completions");
     eprintln!("linux_boot: milestones (wall time from kiln start):");
     for (i, (name, _)) in linux::MILESTONES.iter().enumerate() {
@@ -69,6 +72,24 @@ fn linux_boots_to_init_with_virtio_blk_root_and_dhcp() {
         completions.is_some(),
         "no emulation_completions in kiln's metrics\n{boot}"
     );
+}
+
+/// The same boot from the MP table alone (`acpi=off`: devices from the command line), as a
+/// kernel without ACPI boots: every check of the ACPI boot.
+#[test]
+fn linux_boots_from_the_mp_table_with_acpi_off() {
+    let Some(kernel) = kernel() else { return };
+    let boot = linux::boot_with(
+        &kernel,
+        &Options {
+            cmdline_extra: "acpi=off",
+            timeout: TIMEOUT,
+            echo: true,
+            ..Options::default()
+        },
+    );
+    check_boot(&boot);
+    check_firmware(&boot, Firmware::MpTable);
 }
 
 /// The workload tier (tests/linux/workload.rs): busybox user space runs its checks of

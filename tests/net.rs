@@ -799,18 +799,34 @@ fn receive_queue_and_tap_full_then_drained() {
     let mut vm = Vm::start(
         &ns,
         &dir,
-        "net-rx-stall:pause=1000,net-rx-stall:mrg:evidx:pause=1000",
+        "net-rx-stall:pause=2000,net-rx-stall:mrg:evidx:pause=2000",
         None,
     );
     let mut dropped = Vec::new();
     for _ in 0..2 {
-        vm.wait_line("info net-rx-stall paused buffers=32 ms=1000");
+        vm.wait_line("info net-rx-stall paused buffers=32 ms=2000");
         let before = tap_stat(&ns, "tx_dropped");
-        for k in 1..=400u32 {
+        let flood = |k: u32| {
             let mut p = k.to_be_bytes().to_vec();
             p.extend([0u8; 60]);
             send_udp(&sock, PORT_FLOOD, &p);
+        };
+        // The ring's 32 first, and only once kiln has read them off the TAP (the TAP's
+        // tx_packets counts what its reader took) the rest: kiln then reads no more, the
+        // TAP queues 64 and drops the others at its tail. Sent in one burst, kiln could
+        // still be filling the ring while the TAP overflowed, which frees room mid-burst
+        // and leaves a gap.
+        let read_before = tap_stat(&ns, "tx_packets");
+        (1..=32).for_each(flood);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tap_stat(&ns, "tx_packets") - read_before < 32 {
+            assert!(
+                Instant::now() < deadline,
+                "kiln never read the ring's 32 frames"
+            );
+            std::thread::sleep(Duration::from_millis(5));
         }
+        (33..=400).for_each(flood);
         dropped.push(tap_stat(&ns, "tx_dropped") - before);
         vm.wait_line("info net-rx-stall send-final");
         send_udp(&sock, PORT_FINAL, b"final");

@@ -100,9 +100,9 @@ impl Scratch {
 pub enum Kind {
     /// The main thread (the event loop, where the devices run).
     Main,
-    /// The API thread, `kiln_api`.
+    /// The API thread, `kiln_api` (Firecracker: `fc_api`).
     Api,
-    /// A vCPU thread, `kiln_vcpu<N>`.
+    /// A vCPU thread, `kiln_vcpu<N>` (Firecracker: `fc_vcpu <N>`).
     Vcpu,
     /// One of the kernel's io_uring workers (`iou-wrk-<tid>`): an async drive's I/O.
     IoWorker,
@@ -121,16 +121,18 @@ pub struct Sched {
 /// The schedstat of each thread of a process, by tid.
 pub type ThreadCpu = BTreeMap<u32, Sched>;
 
-/// The schedstat of every thread of kiln process `pid`, by role: the main thread is the one
-/// whose tid is the pid; the API thread is named `kiln_api`, vCPU threads `kiln_vcpu<N>`.
+/// The schedstat of every thread of VMM process `pid` (kiln or Firecracker), by role: the
+/// main thread (both run their event loop and devices there) is the one whose tid is the
+/// pid; the API thread is named `kiln_api` or `fc_api`, vCPU threads `kiln_vcpu<N>` or
+/// `fc_vcpu <N>`.
 pub fn thread_cpu(pid: u32) -> Result<ThreadCpu> {
     let mut out = ThreadCpu::new();
     for t in testkit::procfs::threads(pid)? {
         let kind = if t.tid == pid {
             Kind::Main
-        } else if t.comm == "kiln_api" {
+        } else if t.comm == "kiln_api" || t.comm == "fc_api" {
             Kind::Api
-        } else if t.comm.starts_with("kiln_vcpu") {
+        } else if t.comm.starts_with("kiln_vcpu") || t.comm.starts_with("fc_vcpu") {
             Kind::Vcpu
         } else if t.comm.starts_with("iou-wrk") {
             Kind::IoWorker
@@ -352,4 +354,22 @@ pub fn firecracker() -> Option<PathBuf> {
         .ok()?;
     let path = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
     (out.status.success() && path.is_file()).then_some(path)
+}
+
+/// Firecracker's logger section for a config file: its log lines go to `path` (created
+/// empty here) instead of stdout, where the guest's console is, as kiln's go to stderr.
+pub fn firecracker_logger(path: &Path) -> Result<String> {
+    std::fs::write(path, "")?;
+    Ok(format!(
+        r#""logger": {{ "log_path": "{}", "level": "Info" }}"#,
+        path.display()
+    ))
+}
+
+/// `text` without Firecracker's own log lines (`<timestamp> [<instance>:<thread>] ...`): the
+/// one it writes to stdout before its logger is configured.
+pub fn strip_firecracker_log(text: &str) -> String {
+    text.split_inclusive('\n')
+        .filter(|l| !(l.starts_with("20") && l.contains(" [anonymous-instance:")))
+        .collect()
 }

@@ -156,6 +156,8 @@ fn blk_seeds(o: &mut Out) {
     for (name, s) in seeds {
         blk::run(&s);
         o.put("virtio_blk", name, &s.to_bytes());
+        blk::run_async(&s);
+        o.put("virtio_blk_async", name, &s.to_bytes());
     }
 }
 
@@ -698,7 +700,7 @@ fn show(target: &str, file: &str) {
     let data = std::fs::read(file).expect("read the input");
     let mut u = arbitrary::Unstructured::new(&data);
     match target {
-        "virtio_blk" => println!("{:#?}", blk::Input::decode(&mut u)),
+        "virtio_blk" | "virtio_blk_async" => println!("{:#?}", blk::Input::decode(&mut u)),
         "virtio_net" => println!("{:#?}", net::Input::decode(&mut u)),
         "virtio_mmio" => println!("{:#?}", mmio::Input::decode(&mut u)),
         "serial" => println!("{:#?}", serial::Input::decode(&mut u)),

@@ -7,9 +7,9 @@
 //! handler accepted is valid: `GET /vm/config` (once a kernel is set) parses as a config
 //! file and validates, and `GET /machine-config` parses and validates.
 
+use kiln::api::actions::{ActionHandler, Outcome};
 use kiln::api::http::{Event, MAX_HEAD_BYTES, RequestParser};
 use kiln::api::{MachineConfigUpdate, VmmAction, VmmResponse, handle_bytes, route};
-use kiln::api::actions::{ActionHandler, Outcome};
 use kiln::config::{BUILTIN_KERNEL, MachineConfig, VmConfig, from_json, validate_machine};
 
 use crate::wire::{self, Enc, U, Wire};

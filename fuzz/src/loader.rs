@@ -368,12 +368,12 @@ pub fn run(input: &Input) {
         // linux-loader cannot build the string (init arguments after "--" and no kernel
         // argument before them): kiln must refuse to boot, not write a partial line.
         assert!(
-            configure_system(&mem, &k, &cmdline, initrd, vcpus.max(1)).is_err(),
+            configure_system(&mem, &k, &cmdline, initrd, vcpus.max(1), &[]).is_err(),
             "a command line linux-loader cannot build was accepted"
         );
         return;
     };
-    if configure_system(&mem, &k, &cmdline, initrd, vcpus.max(1)).is_err() {
+    if configure_system(&mem, &k, &cmdline, initrd, vcpus.max(1), &[]).is_err() {
         return;
     }
     let bytes = text.as_bytes_with_nul();

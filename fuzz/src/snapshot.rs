@@ -58,7 +58,11 @@ pub fn run(data: &[u8]) {
         return;
     };
 
-    let mut serial = SerialDevice::new(IrqLine::new(eventfd()), Box::new(std::io::sink()), eventfd());
+    let mut serial = SerialDevice::new(
+        IrqLine::new(eventfd()),
+        Box::new(std::io::sink()),
+        eventfd(),
+    );
     let _ = serial.restore(&state.devices.serial);
     let exit = Arc::new(ExitSignal::new().expect("an eventfd"));
     let mut i8042 = I8042Device::new(exit, IrqLine::new(eventfd()));
@@ -73,7 +77,9 @@ pub fn run(data: &[u8]) {
             cache_type: Default::default(),
             io_engine: kiln::config::IoEngine::Sync,
         };
-        let block = Arc::new(Mutex::new(Block::new(config, disk).expect("a block device")));
+        let block = Arc::new(Mutex::new(
+            Block::new(config, disk).expect("a block device"),
+        ));
         let device: Arc<Mutex<dyn VirtioDevice>> = block.clone();
         let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(eventfd())));
         let mut transport = MmioTransport::new(device, mem.clone(), interrupt);
@@ -115,9 +121,21 @@ fn working_set(reseal: bool, data: &[u8]) {
     };
     let mut next = 0;
     for &(first, count) in ws.runs() {
-        assert!(count > 0 && first >= next, "runs out of order: {:?}", ws.runs());
+        assert!(
+            count > 0 && first >= next,
+            "runs out of order: {:?}",
+            ws.runs()
+        );
         next = first + count;
-        assert!(next <= pages, "a run past the memory: {:?} of {pages}", ws.runs());
+        assert!(
+            next <= pages,
+            "a run past the memory: {:?} of {pages}",
+            ws.runs()
+        );
     }
-    assert_eq!(ws.encode(), file, "an accepted file does not encode back to itself");
+    assert_eq!(
+        ws.encode(),
+        file,
+        "an accepted file does not encode back to itself"
+    );
 }

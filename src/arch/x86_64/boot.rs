@@ -100,6 +100,8 @@ pub struct LinuxBootInfo {
     pub initrd: Option<(u64, u64)>,
     /// The setup header of a bzImage, which the zero page starts from.
     pub setup_header: Option<setup_header>,
+    /// Where the ACPI RSDP is (`acpi_rsdp_addr`, so the kernel need not scan for it).
+    pub acpi_rsdp: Option<u64>,
 }
 
 /// Builds the zero page for the 64-bit Linux boot protocol.
@@ -127,6 +129,7 @@ pub fn build_zero_page(e820: &[E820Entry], info: &LinuxBootInfo) -> Result<boot_
         params.hdr.ramdisk_size = size as u32;
         params.ext_ramdisk_size = (size >> 32) as u32;
     }
+    params.acpi_rsdp_addr = info.acpi_rsdp.unwrap_or(0);
     if e820.len() > E820_MAX_ENTRIES {
         return Err(BootError::TooManyE820Entries(e820.len()));
     }
@@ -246,6 +249,7 @@ mod tests {
             cmdline_size: 42,
             initrd: Some((0x7ff_f000, 0x1234)),
             setup_header: None,
+            acpi_rsdp: Some(0xe0000),
         };
         let params = build_zero_page(&e820, &info).unwrap();
         let b = params.as_slice();
@@ -260,6 +264,7 @@ mod tests {
         assert_eq!(u32_at(b, 0x238), 42);
         assert_eq!(u32_at(b, 0x0c0), 0);
         assert_eq!(u32_at(b, 0x0c8), 0);
+        assert_eq!(u64_at(b, 0x070), 0xe0000);
         assert_eq!(b[0x1e8], 2);
         // e820 entries: 20 bytes each from 0x2d0.
         assert_eq!(u64_at(b, 0x2d0), 0);
@@ -285,6 +290,7 @@ mod tests {
             cmdline_size: 10,
             initrd: None,
             setup_header: Some(hdr),
+            acpi_rsdp: None,
         };
         let params = build_zero_page(&[], &info).unwrap();
         let b = params.as_slice();

@@ -1,6 +1,7 @@
 //! x86_64 support: the memory layout, kernel loading and everything the boot protocols put
 //! into guest memory and vCPU registers before the first instruction runs.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod layout;
@@ -12,6 +13,7 @@ pub mod regs;
 use linux_loader::cmdline::Cmdline;
 use vm_memory::GuestAddress;
 
+use self::acpi::{AcpiError, MmioDevice};
 use self::boot::{BootError, LinuxBootInfo, build_zero_page, e820_map, write_zero_page};
 use self::layout::CMDLINE_START;
 use self::loader::LoadedKernel;
@@ -47,15 +49,20 @@ pub enum ConfigureError {
     /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] MptableError),
+    /// The ACPI tables could not be built or written.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
 }
 
-/// Writes the command line, the boot-protocol structures and the MP table.
+/// Writes the command line, the MP table, the ACPI tables (describing `devices`, the
+/// virtio-mmio devices in the order they were attached) and the boot-protocol structures.
 pub fn configure_system(
     mem: &GuestMemory,
     kernel: &LoadedKernel,
     cmdline: &Cmdline,
     initrd: Option<(u64, u64)>,
     num_cpus: u8,
+    devices: &[MmioDevice],
 ) -> Result<(), ConfigureError> {
     let cstring = cmdline.as_cstring().map_err(ConfigureError::CmdlineForm)?;
     let len = cstring.as_bytes().len();
@@ -67,6 +74,11 @@ pub fn configure_system(
     }
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline)?;
 
+    // The MP table for kernels without ACPI (or booted with `acpi=off`), the ACPI tables
+    // right after it, as Firecracker lays them out.
+    let mptable_end = mptable::setup_mptable(mem, num_cpus)?;
+    let rsdp = acpi::setup_acpi(mem, num_cpus, devices, mptable_end)?;
+
     let e820 = e820_map(mem);
     match kernel.protocol {
         BootProtocol::Linux64 => {
@@ -75,13 +87,16 @@ pub fn configure_system(
                 cmdline_size: len as u32 + 1,
                 initrd,
                 setup_header: kernel.setup_header,
+                acpi_rsdp: Some(rsdp),
             };
             write_zero_page(mem, &build_zero_page(&e820, &info)?)?;
         }
         BootProtocol::Pvh => {
-            write_start_info(mem, &build_start_info(&e820, CMDLINE_START, initrd))?;
+            write_start_info(
+                mem,
+                &build_start_info(&e820, CMDLINE_START, initrd, Some(rsdp)),
+            )?;
         }
     }
-    mptable::setup_mptable(mem, num_cpus)?;
     Ok(())
 }

@@ -157,11 +157,12 @@ pub fn build(num_cpus: u8) -> Result<Vec<u8>, MptableError> {
     Ok(table)
 }
 
-/// Writes the MP table for `num_cpus` vCPUs into guest memory.
-pub fn setup_mptable(mem: &GuestMemory, num_cpus: u8) -> Result<(), MptableError> {
+/// Writes the MP table for `num_cpus` vCPUs into guest memory; returns the first address
+/// past it.
+pub fn setup_mptable(mem: &GuestMemory, num_cpus: u8) -> Result<u64, MptableError> {
     let table = build(num_cpus)?;
     mem.write_slice(&table, GuestAddress(MPTABLE_START))?;
-    Ok(())
+    Ok(MPTABLE_START + table.len() as u64)
 }
 
 #[cfg(test)]
@@ -237,7 +238,8 @@ mod tests {
     #[test]
     fn written_where_linux_scans() {
         let mem = create_guest_memory(16).unwrap();
-        setup_mptable(&mem, 1).unwrap();
+        let end = setup_mptable(&mem, 1).unwrap();
+        assert_eq!(end, 0x9fc00 + build(1).unwrap().len() as u64);
         let mut sig = [0u8; 4];
         mem.read_slice(&mut sig, GuestAddress(0x9fc00)).unwrap();
         assert_eq!(&sig, b"_MP_");

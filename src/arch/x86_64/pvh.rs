@@ -33,11 +33,12 @@ pub struct PvhStartInfo {
     pub modules: Vec<hvm_modlist_entry>,
 }
 
-/// Builds the PVH start info for the given memory map, command line and initrd.
+/// Builds the PVH start info for the given memory map, command line, initrd and ACPI RSDP.
 pub fn build_start_info(
     e820: &[E820Entry],
     cmdline_addr: u64,
     initrd: Option<(u64, u64)>,
+    rsdp: Option<u64>,
 ) -> PvhStartInfo {
     let memmap: Vec<hvm_memmap_table_entry> = e820
         .iter()
@@ -64,6 +65,7 @@ pub fn build_start_info(
         memmap_entries: memmap.len() as u32,
         nr_modules: modules.len() as u32,
         modlist_paddr: if modules.is_empty() { 0 } else { MODLIST_START },
+        rsdp_paddr: rsdp.unwrap_or(0),
         ..Default::default()
     };
     PvhStartInfo {
@@ -96,7 +98,7 @@ mod tests {
     fn start_info_layout() {
         let mem = create_guest_memory(128).unwrap();
         let e820 = e820_map(&mem);
-        let info = build_start_info(&e820, 0x20000, Some((0x0700_0000, 0x2000)));
+        let info = build_start_info(&e820, 0x20000, Some((0x0700_0000, 0x2000)), Some(0xe0000));
         write_start_info(&mem, &info).unwrap();
         let rd = |off: u64| -> u32 { mem.read_obj(GuestAddress(PVH_INFO_START + off)).unwrap() };
         let rd64 = |off: u64| -> u64 { mem.read_obj(GuestAddress(PVH_INFO_START + off)).unwrap() };
@@ -106,6 +108,7 @@ mod tests {
         assert_eq!(rd(12), 1); // nr_modules
         assert_eq!(rd64(16), MODLIST_START);
         assert_eq!(rd64(24), 0x20000);
+        assert_eq!(rd64(32), 0xe0000); // rsdp_paddr
         assert_eq!(rd64(40), MEMMAP_START);
         assert_eq!(rd(48), 3);
         let m: u64 = mem.read_obj(GuestAddress(MODLIST_START)).unwrap();
@@ -123,7 +126,7 @@ mod tests {
 
     #[test]
     fn no_initrd_no_modules() {
-        let info = build_start_info(&[], 0x20000, None);
+        let info = build_start_info(&[], 0x20000, None, None);
         assert_eq!(info.start_info.nr_modules, 0);
         assert_eq!(info.start_info.modlist_paddr, 0);
     }

@@ -27,6 +27,7 @@ static void capture_linux(u64 bp)
     boot.hdr.pref_address = phys_read64(bp + BP_PREF_ADDRESS);
     boot.hdr.init_size = phys_read32(bp + BP_INIT_SIZE);
     boot.sentinel = phys_read8(bp + BP_SENTINEL);
+    boot.acpi_rsdp_addr = phys_read64(bp + BP_ACPI_RSDP_ADDR);
 
     /*
      * The ext_* fields hold the upper 32 bits. Like Linux

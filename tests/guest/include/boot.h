@@ -11,6 +11,7 @@
 #include "types.h"
 
 /* struct boot_params ("zero page") offsets. */
+#define BP_ACPI_RSDP_ADDR       0x070
 #define BP_EXT_RAMDISK_IMAGE    0x0c0
 #define BP_EXT_RAMDISK_SIZE     0x0c4
 #define BP_EXT_CMD_LINE_PTR     0x0c8
@@ -82,6 +83,7 @@ struct boot_info {
         u64 pref_address;
     } hdr;
     u8 sentinel;                /* boot_params.sentinel */
+    u64 acpi_rsdp_addr;         /* boot_params.acpi_rsdp_addr (0: not given) */
 
     /* PVH: hvm_start_info. */
     struct {

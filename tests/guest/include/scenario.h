@@ -29,6 +29,7 @@ void scn_memory(const char *arg);
 void scn_initrd(const char *arg);
 void scn_cpuid(const char *arg);
 void scn_mptable(const char *arg);
+void scn_acpi(const char *arg);
 void scn_smp(const char *arg);
 void scn_hello(const char *arg);
 void scn_serial_echo(const char *arg);

@@ -18,6 +18,7 @@ static const struct scenario scenarios[] = {
     { "initrd",            scn_initrd,            false, "initrd placement and FNV-1a" },
     { "cpuid",             scn_cpuid,             false, "vendor, hypervisor bit, APIC ids" },
     { "mptable",           scn_mptable,           false, "the MP table" },
+    { "acpi",              scn_acpi,              false, "the ACPI tables (RSDP, XSDT, FADT, MADT, DSDT devices)" },
     { "smp",               scn_smp,               false, "start every AP (INIT/SIPI/SIPI)" },
     { "hello",             scn_hello,             false, "one line, then reset" },
     { "serial-echo",       scn_serial_echo,       false, "read a line by UART interrupt" },
@@ -62,6 +63,7 @@ void scn_boot(const char *arg)
     scn_initrd(NULL);
     scn_cpuid(NULL);
     scn_mptable(NULL);
+    scn_acpi(NULL);
     scn_smp(NULL);
 }
 
