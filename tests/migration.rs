@@ -644,3 +644,104 @@ fn a_destination_that_fails_after_the_hand_over_gives_the_tap_and_drive_back() {
     let dst_out = guest_stays_on_the_source(src, dst, "refused after Go");
     assert!(dst_out.stderr.contains("missing.img"), "{dst_out}");
 }
+
+/// The ids a jailed kiln runs as (no such user on the host).
+const JAIL_UID: u32 = 40124;
+const JAIL_GID: u32 = 40101;
+
+/// A jail (`<base>/kiln/<id>/root`) holding `files` (hard links, so both jails share the
+/// drive's inode as two hosts share storage).
+struct Jail {
+    base: TempDir,
+    id: String,
+    root: PathBuf,
+}
+
+impl Jail {
+    fn new(tag: &str, files: &[(&Path, &str)]) -> Jail {
+        let base = TempDir::new(tag);
+        let id = testkit::unique(tag);
+        let root = base.path().join("kiln").join(&id).join("root");
+        std::fs::create_dir_all(&root).unwrap();
+        for (from, name) in files {
+            std::fs::hard_link(from, root.join(name)).unwrap();
+        }
+        Jail { base, id, root }
+    }
+
+    fn kiln(&self, ns: &NetNs, extra: &[&str]) -> ApiKiln {
+        let jailer = Path::new(kiln()).with_file_name("jailer");
+        assert!(
+            jailer.is_file(),
+            "{} is missing: build the workspace",
+            jailer.display()
+        );
+        let mut cmd = Command::new(jailer);
+        cmd.args(["--id", &self.id, "--exec-file", kiln()])
+            .args([
+                "--uid",
+                &JAIL_UID.to_string(),
+                "--gid",
+                &JAIL_GID.to_string(),
+            ])
+            .arg("--chroot-base-dir")
+            .arg(self.base.path())
+            .arg("--netns")
+            .arg(ns.path())
+            .args(["--", "--api-sock", "/run/kiln.sock"])
+            .args(extra);
+        ApiKiln::spawn(cmd, &self.root.join("run/kiln.sock"))
+    }
+}
+
+#[test]
+fn both_ends_work_inside_jails() {
+    require_kvm();
+    let dir = TempDir::new("migj");
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    std::os::unix::fs::chown(&disk, Some(JAIL_UID), Some(JAIL_GID)).unwrap();
+    let text = format!(
+        r#"{{"boot-source": {{"kernel_image_path": "builtin:test-guest",
+              "boot_args": "console=ttyS0 reboot=k panic=1 kiln.run=workload:{STEPS}:blk"}},
+            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
+            "drives": [{{"drive_id": "scratch", "path_on_host": "/disk.img", "is_root_device": false}}],
+            "network-interfaces": [{{"iface_id": "eth0", "host_dev_name": "kjmig0", "guest_mac": "aa:fc:00:00:00:01"}}]}}"#
+    );
+    let cfg = dir.file("vm.json", text.as_bytes());
+    let ns = NetNs::new("migj").unwrap();
+    ns.ip(&[
+        "tuntap",
+        "add",
+        "kjmig0",
+        "mode",
+        "tap",
+        "user",
+        &JAIL_UID.to_string(),
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "kjmig0", "up"]).unwrap();
+    let src_jail = Jail::new("migjsrc", &[(&disk, "disk.img"), (&cfg, "vm.json")]);
+    let dst_jail = Jail::new("migjdst", &[(&disk, "disk.img")]);
+    let src = src_jail.kiln(&ns, &["--config-file", "/vm.json"]);
+    src.wait_line("info workload step=3 ", Duration::from_secs(60));
+    let dst = dst_jail.kiln(&ns, &[]);
+    let listen = "tcp:127.0.0.1:7791";
+    let (status, text) = dst.api(
+        "PUT",
+        "/migration/receive",
+        Some(&format!(r#"{{"listen": "{listen}"}}"#)),
+    );
+    assert_eq!(status, 204, "{text}");
+    let (status, body) = send(&src, listen, "");
+    if status != 200 {
+        panic!(
+            "{status} {body}; the source: {}",
+            src.finish(Duration::from_secs(10))
+        );
+    }
+    let src_out = src.finish(Duration::from_secs(10));
+    assert_eq!(src_out.status, 0, "{src_out}");
+    let out = dst.finish(Duration::from_secs(300));
+    check_continuation(&steps(&src_out.stdout), &out);
+    assert!(!out.stderr.contains("seccomp"), "{out}");
+}
