@@ -139,6 +139,32 @@ fn linux_snapshotted_mid_boot_finishes_booting_in_a_new_process() {
 }
 
 #[test]
+fn linux_migrated_mid_boot_finishes_booting_on_the_destination() {
+    let Some(kernel) = kernel() else { return };
+    let boot = linux::boot_with(
+        &kernel,
+        &Options {
+            migrate_on: Some("[vda] "),
+            timeout: TIMEOUT,
+            echo: true,
+            ..Options::default()
+        },
+    );
+    let probed = boot.milestones[1].unwrap();
+    for (i, (name, _)) in linux::MILESTONES.iter().enumerate().skip(2) {
+        assert!(
+            boot.milestones[i].unwrap() > probed,
+            "{name} came before the migration\n{boot}"
+        );
+    }
+    assert!(
+        boot.stderr.contains("the destination kiln"),
+        "the boot did not move\n{boot}"
+    );
+    check_boot(&boot);
+}
+
+#[test]
 fn linux_restarts_on_ctrl_alt_del_through_the_i8042() {
     let Some(kernel) = kernel() else { return };
     // No DHCP server: the kernel waits for an answer, long after its keyboard is up.

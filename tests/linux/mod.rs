@@ -358,6 +358,10 @@ pub struct Options<'a> {
     /// Once a console line contains this: pause the VM, snapshot it through the API, kill
     /// kiln, and restore the snapshot in a new kiln that finishes the boot.
     pub snapshot_on: Option<&'a str>,
+    /// Once a console line contains this: live-migrate the running VM to a new kiln in the
+    /// same namespace (`PUT /migration/receive` there, `PUT /migration/send` here), which
+    /// finishes the boot.
+    pub migrate_on: Option<&'a str>,
     /// Kill kiln and fail past this.
     pub timeout: Duration,
     /// Print serial lines to stderr as they arrive.
@@ -374,6 +378,7 @@ impl Default for Options<'_> {
             dhcp_server: true,
             ctrl_alt_del_on: None,
             snapshot_on: None,
+            migrate_on: None,
             timeout: Duration::from_secs(15 * 60),
             echo: false,
         }
@@ -476,12 +481,14 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
     let metrics_path = dir.path().join("metrics.json");
     let api_sock = dir.path().join("kiln.sock");
     let mut api_args: Vec<std::ffi::OsString> = vec!["--no-api".into()];
-    if opts.ctrl_alt_del_on.is_some() || opts.snapshot_on.is_some() {
+    if opts.ctrl_alt_del_on.is_some() || opts.snapshot_on.is_some() || opts.migrate_on.is_some() {
         api_args = vec!["--api-sock".into(), api_sock.clone().into()];
     }
     let snapshot_state = dir.path().join("vm.state");
     let snapshot_mem = dir.path().join("vm.mem");
     let snapshotted = std::cell::RefCell::new(None::<String>);
+    let migrated = std::cell::RefCell::new(None::<(String, Child)>);
+    let dest_sock = dir.path().join("dest.sock");
     let mut ctrl_alt_del_sent = None;
 
     let start = Instant::now();
@@ -564,8 +571,65 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
             unsafe { libc::kill(first_pid as libc::pid_t, libc::SIGKILL) };
             *snapshotted.borrow_mut() = Some(format!("{paused} / {created}"));
         }
+        if let Some(needle) = opts.migrate_on
+            && migrated.borrow().is_none()
+            && line.contains(needle)
+        {
+            let dest = spawn_kiln(
+                &ns,
+                &["--api-sock".into(), dest_sock.clone().into()],
+                &metrics_path,
+                opts.extra,
+            );
+            let ready = Instant::now();
+            while std::os::unix::net::UnixStream::connect(&dest_sock).is_err() {
+                assert!(
+                    ready.elapsed() < Duration::from_secs(30),
+                    "the destination kiln never served its socket"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let listen = format!("unix:{}", dir.path().join("mig.sock").display());
+            let received = api_put(
+                &dest_sock,
+                "/migration/receive",
+                &format!(r#"{{"listen": "{listen}"}}"#),
+            );
+            assert!(received.contains("204"), "migration receive: {received}");
+            let sent = api_request(
+                &api_sock,
+                "PUT",
+                "/migration/send",
+                &format!(r#"{{"destination": "{listen}"}}"#),
+            );
+            if echo {
+                eprintln!(">>> migration: {sent}");
+            }
+            *migrated.borrow_mut() = Some((sent, dest));
+        }
     };
     let mut console = drive_console(child, start, timeout, echo, &mut on_line);
+    let moved = migrated.borrow_mut().take();
+    if let Some((answer, child)) = moved {
+        assert!(
+            answer.contains("200"),
+            "migration failed: {answer}\n{}",
+            console.stderr
+        );
+        let second = drive_console(child, start, timeout, echo, &mut on_line);
+        let mut serial = console.serial;
+        serial.extend(second.serial);
+        console = Console {
+            status: second.status,
+            serial,
+            stderr: format!(
+                "{}\n--- the destination kiln\n{}",
+                console.stderr, second.stderr
+            ),
+            end: second.end,
+            timed_out: console.timed_out || second.timed_out,
+        };
+    }
     let answers = snapshotted.borrow().clone();
     if let Some(answers) = answers {
         assert!(
