@@ -1,8 +1,12 @@
 //! Queue depth (issue 18): `blk-rand:<n>:4096:<depth>` — 4 KiB reads at random 4 KiB-aligned
 //! offsets of a 256 MiB image, `depth` of them in flight — at depths 1, 8 and 32, on the
 //! image in the page cache and on a cold one (its pages dropped with
-//! `POSIX_FADV_DONTNEED` before each run; no other file's cache is touched), for kiln
-//! `Sync`, kiln `Async` and Firecracker 1.12.1 `Async`, interleaved in one invocation.
+//! `POSIX_FADV_DONTNEED` before each run; no other file's cache is touched), and on a slow
+//! disk — the image served by a FUSE file system this bench runs, every read answered
+//! `KILN_BENCH_BLK_SLOW_MS` (default 2) ms after it arrives, reads in flight overlapping,
+//! as a cold network-backed image behaves (this machine's own disk, caches dropped, answers
+//! in a few hundred µs, so "cold" alone shows little) — for kiln `Sync`, kiln `Async` and
+//! Firecracker 1.12.1 `Async`, interleaved in one invocation.
 //!
 //! Reported per (cache, depth, VMM), medians [min-max] over runs: requests/s (guest TSC) and
 //! the device path's CPU per request — the VMM's main thread (its event loop) plus the
@@ -60,6 +64,7 @@ impl Vmm {
 enum Cache {
     Cached,
     Cold,
+    Slow,
 }
 
 impl Cache {
@@ -67,6 +72,7 @@ impl Cache {
         match self {
             Cache::Cached => "page-cached",
             Cache::Cold => "cold (pages dropped)",
+            Cache::Slow => "slow disk (FUSE)",
         }
     }
 }
@@ -105,6 +111,7 @@ fn set_cache(path: &Path, cache: Cache) -> Result<()> {
             let mut f = File::open(path)?;
             std::io::copy(&mut f, &mut std::io::sink())?;
         }
+        Cache::Slow => {}
         Cache::Cold => {
             let f = File::open(path)?;
             // SAFETY: fadvise on an fd this function owns; no memory is involved.
@@ -188,6 +195,14 @@ pub fn bench(scratch: &Scratch) -> Result<()> {
     let tsc_khz = crate::common::host_tsc_khz();
     let image = scratch.path("depth.img");
     make_image(&image)?;
+    let slow_ms = env_usize("KILN_BENCH_BLK_SLOW_MS", 2) as u64;
+    let mountpoint = scratch.path("slow");
+    fs::create_dir_all(&mountpoint)?;
+    let slow = testkit::fuse::GatedDisk::mount_with_latency(
+        &mountpoint,
+        fs::read(&image)?,
+        Duration::from_millis(slow_ms),
+    )?;
     let fc = crate::common::firecracker();
     let mut vmms = vec![Vmm::KilnSync, Vmm::KilnAsync];
     match &fc {
@@ -202,7 +217,8 @@ pub fn bench(scratch: &Scratch) -> Result<()> {
          {runs} runs per cell, interleaved; cells: median [min-max]",
         IMAGE_BYTES >> 20
     );
-    let caches = [Cache::Cached, Cache::Cold];
+    println!("slow disk: every read answered {slow_ms} ms after it arrives");
+    let caches = [Cache::Cached, Cache::Cold, Cache::Slow];
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); caches.len() * DEPTHS.len() * vmms.len()];
     let index = |c: usize, d: usize, v: usize| (c * DEPTHS.len() + d) * vmms.len() + v;
     for _ in 0..runs {
@@ -213,8 +229,12 @@ pub fn bench(scratch: &Scratch) -> Result<()> {
                         Vmm::FirecrackerAsync => fc.clone().ok_or("no firecracker")?,
                         _ => PathBuf::from(KILN),
                     };
-                    let cfg = config(scratch, &image, vmm, n, depth)?;
-                    set_cache(&image, cache)?;
+                    let path = match cache {
+                        Cache::Slow => slow.file(),
+                        _ => image.clone(),
+                    };
+                    let cfg = config(scratch, &path, vmm, n, depth)?;
+                    set_cache(&path, cache)?;
                     let s = one_run(&bin, &cfg, n, tsc_khz).map_err(|e| {
                         format!("{} depth {depth} {}: {e}", vmm.name(), cache.name())
                     })?;

@@ -54,6 +54,10 @@ struct State {
     holding: bool,
     held: Vec<(u64, u32, ReplyData)>,
     events: Vec<Event>,
+    /// With a latency: reads waiting for their time, in arrival (= due) order.
+    latency: Option<Duration>,
+    due: std::collections::VecDeque<(Instant, u64, u32, ReplyData)>,
+    stopping: bool,
 }
 
 type Shared = Arc<(Mutex<State>, Condvar)>;
@@ -69,6 +73,31 @@ fn answer(state: &mut State, offset: u64, len: u32, reply: ReplyData) {
     let end = start.saturating_add(len as usize).min(state.data.len());
     reply.data(&state.data[start..end]);
     state.events.push(Event::ReadAnswered { offset });
+}
+
+/// The latency thread: answers each read when its time comes (and every one left when the
+/// disk goes).
+fn answer_when_due(shared: &Shared) {
+    let mut s = lock(shared);
+    loop {
+        let now = Instant::now();
+        while s.due.front().is_some_and(|d| d.0 <= now || s.stopping) {
+            if let Some((_, offset, len, reply)) = s.due.pop_front() {
+                answer(&mut s, offset, len, reply);
+            }
+        }
+        if s.stopping {
+            return;
+        }
+        let wait = s.due.front().map_or(Duration::from_secs(1), |d| {
+            d.0.saturating_duration_since(now)
+        });
+        s = shared
+            .1
+            .wait_timeout(s, wait)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
 }
 
 struct GateFs {
@@ -145,6 +174,11 @@ impl Filesystem for GateFs {
         s.events.push(Event::Read { offset, len: size });
         if s.holding {
             s.held.push((offset, size, reply));
+        } else if let Some(latency) = s.latency {
+            // Answered by the latency thread, so that the session goes on taking requests:
+            // reads in flight at once overlap, as on a network block store.
+            s.due
+                .push_back((Instant::now() + latency, offset, size, reply));
         } else {
             answer(&mut s, offset, size, reply);
         }
@@ -208,6 +242,7 @@ pub struct GatedDisk {
     shared: Shared,
     session: Option<BackgroundSession>,
     mountpoint: PathBuf,
+    answerer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for GatedDisk {
@@ -222,15 +257,40 @@ impl GatedDisk {
     /// Mounts a file system at `mountpoint` (an empty directory) holding `disk.img` with
     /// `contents`; reads are answered at once until [`GatedDisk::hold`].
     pub fn mount(mountpoint: &Path, contents: Vec<u8>) -> std::io::Result<GatedDisk> {
+        GatedDisk::mount_with(mountpoint, contents, None)
+    }
+
+    /// Like [`GatedDisk::mount`], but every read is answered `latency` after it arrived (a
+    /// slow disk: a cold network-backed image), reads in flight overlapping.
+    pub fn mount_with_latency(
+        mountpoint: &Path,
+        contents: Vec<u8>,
+        latency: Duration,
+    ) -> std::io::Result<GatedDisk> {
+        GatedDisk::mount_with(mountpoint, contents, Some(latency))
+    }
+
+    fn mount_with(
+        mountpoint: &Path,
+        contents: Vec<u8>,
+        latency: Option<Duration>,
+    ) -> std::io::Result<GatedDisk> {
         let shared: Shared = Arc::new((
             Mutex::new(State {
                 data: contents,
                 holding: false,
                 held: Vec::new(),
                 events: Vec::new(),
+                latency,
+                due: std::collections::VecDeque::new(),
+                stopping: false,
             }),
             Condvar::new(),
         ));
+        let answerer = latency.map(|_| {
+            let shared = shared.clone();
+            std::thread::spawn(move || answer_when_due(&shared))
+        });
         let mut config = Config::default();
         config.mount_options = vec![
             MountOption::FSName("kiln-gated".into()),
@@ -245,6 +305,7 @@ impl GatedDisk {
             shared,
             session: Some(session),
             mountpoint: mountpoint.to_path_buf(),
+            answerer,
         })
     }
 
@@ -304,6 +365,11 @@ impl Drop for GatedDisk {
         // Nothing may stay blocked on us; then the mount goes, lazily, so a file still open
         // on it (a VMM that is not gone yet) does not keep it in the mount table.
         self.release();
+        lock(&self.shared).stopping = true;
+        self.shared.1.notify_all();
+        if let Some(t) = self.answerer.take() {
+            let _ = t.join();
+        }
         if let Ok(path) = std::ffi::CString::new(self.mountpoint.as_os_str().as_encoded_bytes()) {
             // SAFETY: umount2 reads a NUL-terminated path that lives for the call.
             unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
