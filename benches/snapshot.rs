@@ -176,6 +176,50 @@ fn boot(bin: &Path, dir: &Scratch, tag: &str, mem_mib: usize, disk: Option<&Path
 /// 20 clones restored from one snapshot, `parallel` at a time (no drive, so that clones
 /// share nothing writable): the wall time until every clone has answered its console, and
 /// each clone's load -> console echo.
+/// `PUT /snapshot/create` of `kind` (Full or Diff) into `state` and `mem` on the paused
+/// `src`; returns request -> response in ms.
+fn create(src: &Proc, kind: &str, state: &Path, mem: &Path) -> Result<f64> {
+    let t = Instant::now();
+    api(
+        src,
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    )?;
+    Ok(common::ms(t.elapsed()))
+}
+
+/// A fresh VMM told `PUT /snapshot/load` of `state` with the `backend` memory backend at
+/// `path` (`extra` appended to the body), resuming: the process, when the request went, and
+/// request -> response in ms.
+fn load(
+    bin: &Path,
+    dir: &Scratch,
+    tag: &str,
+    state: &Path,
+    backend: &str,
+    path: &Path,
+    extra: &str,
+) -> Result<(Proc, Instant, f64)> {
+    let dst = spawn(bin, &dir.path(&format!("{tag}-dst.sock")))?;
+    let t = Instant::now();
+    api(
+        &dst,
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "{backend}", "backend_path": "{}"}}, "resume_vm": true{extra}}}"#,
+            state.display(),
+            path.display()
+        ),
+    )?;
+    Ok((dst, t, common::ms(t.elapsed())))
+}
+
 fn clones(
     vmm: Vmm,
     bin: &Path,
@@ -189,16 +233,7 @@ fn clones(
     let src = boot(bin, dir, &tag, 128, None)?;
     wait_line(&src, "info workload step=2 ", Duration::from_secs(60))?;
     api(&src, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
-    api(
-        &src,
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            state.display(),
-            mem.display()
-        ),
-    )?;
+    create(&src, "Full", &state, &mem)?;
     drop(src);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let echoes = std::sync::Mutex::new(Vec::new());
@@ -243,35 +278,13 @@ fn cycle(vmm: Vmm, bin: &Path, dir: &Scratch, mem_mib: usize, run: usize) -> Res
     let src = boot(bin, dir, &tag, mem_mib, Some(&disk))?;
     wait_line(&src, "info workload step=2 ", Duration::from_secs(60))?;
     api(&src, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
-    let t = Instant::now();
-    api(
-        &src,
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            state.display(),
-            mem.display()
-        ),
-    )?;
-    let create_ms = common::ms(t.elapsed());
+    let create_ms = create(&src, "Full", &state, &mem)?;
     api(&src, "PATCH", "/vm", r#"{"state": "Resumed"}"#)?;
     wait_line(&src, "info workload step=4 ", Duration::from_secs(60))?;
     api(&src, "PATCH", "/vm", r#"{"state": "Paused"}"#)?;
     let diff_state = dir.path(&format!("{tag}.diff-state"));
     let diff = dir.path(&format!("{tag}.diff"));
-    let t = Instant::now();
-    api(
-        &src,
-        "PUT",
-        "/snapshot/create",
-        &format!(
-            r#"{{"snapshot_type": "Diff", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-            diff_state.display(),
-            diff.display()
-        ),
-    )?;
-    let diff_ms = common::ms(t.elapsed());
+    let diff_ms = create(&src, "Diff", &diff_state, &diff)?;
     drop(src);
     let alloc = |p: &Path| -> Result<f64> {
         Ok(std::fs::metadata(p)?.blocks() as f64 * 512.0 / f64::from(1 << 20))
@@ -372,19 +385,7 @@ fn restore_until(
     }
     let ws = dir.path(&format!("{}.ws", tag.trim_end_matches("-ws")));
     let recording = !extra.is_empty() && !ws.exists();
-    let dst = spawn(bin, &dir.path(&format!("{tag}-dst.sock")))?;
-    let t = Instant::now();
-    api(
-        &dst,
-        "PUT",
-        "/snapshot/load",
-        &format!(
-            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true{extra}}}"#,
-            state.display(),
-            mem.display()
-        ),
-    )?;
-    let load_ms = common::ms(t.elapsed());
+    let (dst, t, load_ms) = load(bin, dir, tag, state, "File", mem, extra)?;
     let (running_ms, echo_ms) = answers(vmm, tag, &dst, t, progress)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while recording && !ws.exists() {
@@ -437,19 +438,7 @@ fn restore_uffd(
 ) -> Result<(f64, f64, f64)> {
     let sock = dir.path(&format!("{tag}.sock"));
     let server = PageServer::start(&sock, mem, Mode::Serve)?;
-    let dst = spawn(bin, &dir.path(&format!("{tag}-dst.sock")))?;
-    let t = Instant::now();
-    api(
-        &dst,
-        "PUT",
-        "/snapshot/load",
-        &format!(
-            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}, "resume_vm": true}}"#,
-            state.display(),
-            sock.display()
-        ),
-    )?;
-    let load_ms = common::ms(t.elapsed());
+    let (dst, t, load_ms) = load(bin, dir, tag, state, "Uffd", &sock, "")?;
     let (_, echo_ms) = answers(vmm, tag, &dst, t, false)?;
     let pages = server.served() as f64;
     drop(dst);
