@@ -140,6 +140,19 @@ fn the_guest_moves_over_tcp_between_two_namespaces_each_with_its_own_tap() {
     migrate_with_tap(true);
 }
 
+/// The source: the workload guest (with a scratch drive) running in a kiln with an API
+/// socket, past progress step `step`.
+fn running_source(dir: &TempDir, step: u64) -> ApiKiln {
+    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
+    let cfg = config(dir, &disk, &format!("workload:{STEPS}:blk"));
+    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
+    src.wait_line(
+        &format!("info workload step={step} "),
+        Duration::from_secs(60),
+    );
+    src
+}
+
 /// A destination kiln listening on `unix:<dir>/mig.sock`.
 fn destination(dir: &TempDir, extra: &[&str]) -> (ApiKiln, String) {
     let k = api_kiln(dir.path(), "dst", extra);
@@ -366,10 +379,7 @@ fn guest_stays_on_the_source(src: ApiKiln, dst: ApiKiln, what: &str) -> common::
 
 fn faulty_migration(fault: Fault, expect: &str) -> common::Output {
     let dir = TempDir::new("migf");
-    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
-    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
-    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
-    src.wait_line("info workload step=2 ", Duration::from_secs(60));
+    let src = running_source(&dir, 2);
     let (dst, listen) = destination(&dir, &[]);
     let upstream = PathBuf::from(listen.strip_prefix("unix:").unwrap());
     let proxy_sock = dir.path().join("proxy.sock");
@@ -415,10 +425,7 @@ fn a_corrupted_message_is_refused_and_the_guest_stays_on_the_source() {
 fn a_connection_broken_after_the_destination_resumed_leaves_the_guest_there_only() {
     require_kvm();
     let dir = TempDir::new("migr");
-    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
-    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
-    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
-    src.wait_line("info workload step=3 ", Duration::from_secs(60));
+    let src = running_source(&dir, 3);
     let (dst, listen) = destination(&dir, &[]);
     let upstream = PathBuf::from(listen.strip_prefix("unix:").unwrap());
     let proxy_sock = dir.path().join("proxy.sock");
@@ -474,10 +481,7 @@ fn a_stream_forged_without_the_key_is_refused_and_the_guest_stays_on_the_source(
 fn a_guest_dirtying_faster_than_the_link_gives_up_at_the_round_limit_and_keeps_running() {
     require_kvm();
     let dir = TempDir::new("migc");
-    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
-    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
-    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
-    src.wait_line("info workload step=2 ", Duration::from_secs(60));
+    let src = running_source(&dir, 2);
     let (dst, listen) = destination(&dir, &[]);
     let upstream = PathBuf::from(listen.strip_prefix("unix:").unwrap());
     let proxy_sock = dir.path().join("proxy.sock");
@@ -498,10 +502,7 @@ fn a_guest_dirtying_faster_than_the_link_gives_up_at_the_round_limit_and_keeps_r
 fn bad_migration_requests_are_refused_naming_the_field() {
     require_kvm();
     let dir = TempDir::new("migb");
-    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
-    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
-    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
-    src.wait_line("info workload step=1 ", Duration::from_secs(60));
+    let src = running_source(&dir, 1);
     let (status, body) = send(&src, "ftp:somewhere", "");
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("destination"), "{body}");
@@ -552,10 +553,7 @@ fn bad_migration_requests_are_refused_naming_the_field() {
 fn over_a_slow_link_the_pages_dirtied_meanwhile_follow_and_the_budget_holds() {
     require_kvm();
     let dir = TempDir::new("migs");
-    let disk = dir.file("disk.img", &vec![0u8; 4 << 20]);
-    let cfg = config(&dir, &disk, &format!("workload:{STEPS}:blk"));
-    let src = api_kiln(dir.path(), "src", &["--config-file", cfg.to_str().unwrap()]);
-    src.wait_line("info workload step=3 ", Duration::from_secs(60));
+    let src = running_source(&dir, 3);
     let (dst, listen) = destination(&dir, &[]);
     let upstream = PathBuf::from(listen.strip_prefix("unix:").unwrap());
     let proxy_sock = dir.path().join("proxy.sock");
