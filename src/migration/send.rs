@@ -276,9 +276,7 @@ impl PageSender {
 fn take_dirty(memory: &GuestMemory) -> Vec<u64> {
     let mut out = Vec::new();
     for region in memory.iter() {
-        let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() else {
-            continue;
-        };
+        let bitmap = std::ops::Deref::deref(region).bitmap();
         let base = region.start_addr().raw_value();
         let pages = (region.len() as usize).div_ceil(PAGE);
         for p in 0..pages {

@@ -459,7 +459,7 @@ mod tests {
 
     fn clear_bitmaps(mem: &GuestMemory) {
         for r in mem.iter() {
-            r.deref().bitmap().as_ref().unwrap().reset();
+            r.deref().bitmap().reset();
         }
     }
 

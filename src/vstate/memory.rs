@@ -19,9 +19,8 @@ use vm_memory::{
 
 use crate::arch::x86_64::layout::{FIRST_ADDR_PAST_32BITS, MMIO_GAP_START};
 
-/// A region's dirty-page bitmap (always `Some` for kiln's memory; `None` is vm-memory's
-/// untracked case, kept so that the type stays vm-memory's own).
-pub type DirtyBitmap = Option<AtomicBitmap>;
+/// A region's dirty-page bitmap (every region of kiln's memory has one).
+pub type DirtyBitmap = AtomicBitmap;
 
 /// The guest memory type used throughout kiln.
 pub type GuestMemory = GuestMemoryMmap<DirtyBitmap>;
@@ -81,7 +80,7 @@ pub fn host_phys_bits() -> u8 {
 
 /// The bitmap a region of `len` bytes gets: one bit per page.
 pub fn new_bitmap(len: usize) -> DirtyBitmap {
-    Some(AtomicBitmap::with_len(len))
+    AtomicBitmap::with_len(len)
 }
 
 /// Reserves `size_mib` MiB of guest RAM, each region with its dirty-page bitmap.

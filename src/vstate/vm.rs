@@ -310,9 +310,7 @@ impl DirtyLog {
             return Ok(());
         }
         for (slot, region) in self.memory.iter().enumerate() {
-            let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() else {
-                continue;
-            };
+            let bitmap = std::ops::Deref::deref(region).bitmap();
             let log = self
                 .fd
                 .get_dirty_log(slot as u32, region.len() as usize)
@@ -333,18 +331,16 @@ impl DirtyLog {
     /// snapshot needs: it then saves everything).
     pub fn mark_all(&self) {
         for region in self.memory.iter() {
-            if let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() {
-                bitmap.set_addr_range(0, region.len() as usize);
-            }
+            std::ops::Deref::deref(region)
+                .bitmap()
+                .set_addr_range(0, region.len() as usize);
         }
     }
 
     /// Clears every bitmap.
     pub fn clear(&self) {
         for region in self.memory.iter() {
-            if let Some(bitmap) = std::ops::Deref::deref(region).bitmap().as_ref() {
-                bitmap.reset();
-            }
+            std::ops::Deref::deref(region).bitmap().reset();
         }
     }
 }
