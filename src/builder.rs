@@ -37,8 +37,9 @@ use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::net::{Net, NetConfig, NetEvents, Tap};
 use crate::devices::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::exit::{ExitCode, ExitSignal};
+use crate::migration::worker::Worker;
 use crate::rate_limiter::RateLimiter;
-use crate::seccomp::SeccompFilters;
+use crate::seccomp::{SeccompFilters, ThreadCategory};
 use crate::signals::SignalWatcher;
 use crate::snapshot::WorkingSetParams;
 use crate::snapshot::uffd::{self, PageFaultHandler};
@@ -223,6 +224,34 @@ pub struct RunOptions {
     pub stop_on_signals: bool,
     /// The seccomp filters each thread installs.
     pub seccomp: Arc<SeccompFilters>,
+    /// Start the live-migration thread (migrations are asked for through the API, so
+    /// `--no-api` has none).
+    pub migration: bool,
+}
+
+/// Starts the migration thread when `opts` asks for one; it comes to nothing, with a
+/// warning, when the filters have no `migration` category or the thread cannot start.
+/// Called before the VM is built, so that the thread's set-up does not compete with the
+/// guest's boot, and before the VMM thread's filter, which does not allow its calls.
+fn migration_thread(opts: &RunOptions) -> Option<(Worker, EventFd)> {
+    if !opts.migration {
+        return None;
+    }
+    if !opts.seccomp.has(ThreadCategory::Migration) {
+        log::warn!(
+            "live migration is not available: the --seccomp-filter file has no `migration` category"
+        );
+        return None;
+    }
+    let spawned = EventFd::new(libc::EFD_NONBLOCK).and_then(|evt| {
+        let worker = Worker::spawn(opts.seccomp.clone(), evt.try_clone()?)?;
+        Ok((worker, evt))
+    });
+    spawned
+        .inspect_err(|e| {
+            log::warn!("live migration is not available: cannot start its thread: {e}")
+        })
+        .ok()
 }
 
 fn event_err(what: &'static str) -> impl FnOnce(std::io::Error) -> StartError {
@@ -793,6 +822,8 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
         Boot::Kernel => None,
     };
 
+    let migration = migration_thread(opts);
+
     // KVM, memory, VM.
     let kvm = open_kvm(vcpu_count)?;
     let memory = match &boot {
@@ -975,12 +1006,19 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
     install_kick_handler()?;
     let vcpu_metrics = vcpus.iter().map(Vcpu::metrics).collect();
     let paused = matches!(boot, Boot::Snapshot { resume: false, .. });
+    // The PIT thread asks once the BSP has entered the guest (see `disable_pit_reinjection`).
+    let bsp_ran = vcpus.first_mut().map(Vcpu::first_exit);
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         handles.push(vcpu.start(opts.seccomp.clone(), paused)?);
     }
-    vm.disable_pit_reinjection(opts.seccomp.clone());
+    if let Some(bsp_ran) = bsp_ran {
+        vm.disable_pit_reinjection(opts.seccomp.clone(), bsp_ran);
+    }
     let mut vmm = Vmm::new(vm, handles, event_manager, exit, devices, vcpu_metrics);
+    if let Some(migration) = migration {
+        vmm.adopt_migration(migration);
+    }
     if paused {
         vmm.wait_paused();
     }

@@ -331,6 +331,7 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
         start: Some(start),
         stop_on_signals: true,
         seccomp: seccomp.clone(),
+        migration: !args.no_api,
     };
     let mut actions = ActionHandler::new(id);
     if let Some(key) = snapshot_key {
@@ -405,14 +406,6 @@ fn main_exec(start: (Instant, u64)) -> Result<i32, MainError> {
         vmm.watch_api(bridge.eventfd().try_clone().map_err(MainError::ApiEvent)?);
     }
 
-    // The migration thread jails itself under its own filter (calls the VMM thread's lacks).
-    if !seccomp.has(ThreadCategory::Migration) {
-        log::warn!(
-            "live migration is not available: the --seccomp-filter file has no `migration` category"
-        );
-    } else if let Err(e) = vmm.prepare_migration(seccomp.clone()) {
-        log::warn!("live migration is not available: cannot start its thread: {e}");
-    }
     // Set-up is done: the main thread jails itself before it serves any guest event.
     seccomp
         .install(ThreadCategory::Vmm)

@@ -26,7 +26,6 @@ use crate::migration::send::{Job, Reply, Request};
 use crate::migration::worker::Worker;
 use crate::migration::{Backends, Endpoint, MigrationError, MigrationStats, SendParams};
 use crate::rate_limiter::LimiterUpdate;
-use crate::seccomp::SeccompFilters;
 use crate::snapshot::digest::MemoryDigest;
 use crate::snapshot::working_set::Recorder;
 use crate::snapshot::{Key, SnapshotCreateParams, SnapshotError};
@@ -275,15 +274,10 @@ impl Vmm {
         self.paused = true;
     }
 
-    /// Starts the migration thread. Called before the VMM thread installs its own filter:
-    /// the thread jails itself under the `migration` category, which needs calls the VMM
-    /// thread's filter does not allow.
-    pub fn prepare_migration(&mut self, seccomp: Arc<SeccompFilters>) -> std::io::Result<()> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK)?;
-        let worker = Worker::spawn(seccomp, evt.try_clone()?)?;
+    /// Takes the migration thread and the eventfd it wakes the VMM thread with.
+    pub fn adopt_migration(&mut self, (worker, evt): (Worker, EventFd)) {
         self.wake_on(evt, |w| &w.migration);
         self.migration = Some(worker);
-        Ok(())
     }
 
     /// `PUT /migration/send`: hands the migration to its thread; the answer comes when it

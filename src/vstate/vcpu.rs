@@ -6,7 +6,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, mpsc};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, kvm_mp_state};
@@ -307,6 +307,8 @@ pub struct Vcpu {
     /// The CPUID kiln gave the vCPU (what the guest sees on a faithful KVM): saved as is,
     /// since a KVM that emulates CPUID may not read back what it was given.
     cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    /// Told once when KVM_RUN first returns (see [`Vcpu::first_exit`]).
+    first_exit: Option<mpsc::Sender<()>>,
 }
 
 impl Vcpu {
@@ -330,7 +332,17 @@ impl Vcpu {
             metrics: Arc::new(VcpuMetrics::default()),
             msr_list: Arc::new(Vec::new()),
             cpuid: Vec::new(),
+            first_exit: None,
         })
+    }
+
+    /// A receiver told when this vCPU's KVM_RUN first returns to kiln, that is once KVM
+    /// has done the work of the vCPU's first entry (for the BSP, moving the PIT's timer to
+    /// its CPU under the PIT's lock). It hangs up, untold, if the thread ends first.
+    pub fn first_exit(&mut self) -> mpsc::Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        self.first_exit = Some(tx);
+        rx
     }
 
     /// Sets the MSRs a saved state holds (KVM's MSR index list).
@@ -614,7 +626,11 @@ impl Vcpu {
                 }
                 VcpuState::Created | VcpuState::Running => {}
             }
-            match self.run_once() {
+            let outcome = self.run_once();
+            if let Some(first) = self.first_exit.take() {
+                let _ = first.send(());
+            }
+            match outcome {
                 // A device may just have ended the VM (the i8042 reset line): do not go
                 // back into the guest.
                 RunOutcome::Continue if self.exit.posted() => return,
@@ -815,6 +831,55 @@ mod tests {
         c.set_request(VcpuRequest::Run);
         t.join().unwrap();
         assert_eq!(c.state(), VcpuState::Running);
+    }
+
+    /// The BSP's first exit is told once KVM_RUN has returned, not before: a guest spinning
+    /// in its first instruction never leaves KVM_RUN until the thread is kicked.
+    #[test]
+    fn first_exit_is_told_when_kvm_run_first_returns() {
+        use std::time::Duration;
+        use vm_memory::{Bytes, GuestAddress};
+
+        use crate::vstate::memory::create_guest_memory;
+        use crate::vstate::vm::{Vm, open_kvm};
+
+        let kvm = open_kvm(1).expect("/dev/kvm is needed by this test");
+        let memory = create_guest_memory(16).unwrap();
+        // jmp $ (real mode, at 0:0x1000)
+        memory
+            .write_slice(&[0xeb, 0xfe], GuestAddress(0x1000))
+            .unwrap();
+        let vm = Vm::new(&kvm, memory, false).unwrap();
+        let bus = Arc::new(Bus::new());
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let mut vcpu = Vcpu::new(vm.fd(), 0, bus.clone(), bus, exit).unwrap();
+        let mut sregs = vcpu.fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.fd.set_sregs(&sregs).unwrap();
+        let mut regs = vcpu.fd.get_regs().unwrap();
+        regs.rip = 0x1000;
+        regs.rflags = 2;
+        vcpu.fd.set_regs(&regs).unwrap();
+
+        let first_exit = vcpu.first_exit();
+        install_kick_handler().unwrap();
+        let mut handle = vcpu
+            .start(Arc::new(SeccompFilters::builtin()), false)
+            .unwrap();
+        handle.control.wait_for(|s| s == VcpuState::Running);
+        assert_eq!(
+            first_exit.recv_timeout(Duration::from_millis(300)),
+            Err(mpsc::RecvTimeoutError::Timeout),
+            "told while the vCPU was still in its first KVM_RUN"
+        );
+        handle.stop();
+        assert_eq!(
+            first_exit.recv_timeout(Duration::from_secs(10)),
+            Ok(()),
+            "not told when the kicked KVM_RUN returned"
+        );
+        handle.join();
     }
 
     #[test]

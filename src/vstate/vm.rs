@@ -2,8 +2,8 @@
 //! and the TSS / identity-map pages VMX needs.
 
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
@@ -172,19 +172,37 @@ impl Vm {
     /// Reinjection replays PIT ticks the guest missed; Linux guests keep time with kvm-clock
     /// and the TSC and do not want it (QEMU's `lost_tick_policy=discard`). It also costs
     /// time: the kernel leaves reinjection by unregistering two notifiers, each waiting for an
-    /// SRCU grace period, and the second one, coming right after the first, gets a normal
-    /// (slow) one — about 15 ms here. With reinjection still on, tearing the VM down pays
-    /// that after the guest has reset, in the `close` of the VM fd, delaying kiln's exit by
-    /// half of a tiny guest's whole run; done now, on its own thread, it overlaps the boot
-    /// (a guest touching the PIT meanwhile waits for it at most that long) and the teardown
-    /// skips it. The thread runs under the vCPU filter, which allows this one ioctl.
-    pub fn disable_pit_reinjection(&mut self, seccomp: Arc<SeccompFilters>) {
+    /// SRCU grace period, and the second one, coming right after the first, often gets a
+    /// normal (slow) one — 0.1 to 20 ms here. With reinjection still on, tearing the VM down
+    /// pays that after the guest has reset, in the `close` of the VM fd, delaying kiln's exit
+    /// by half of a tiny guest's whole run; done now, on its own thread, it overlaps the boot
+    /// and the teardown skips it.
+    ///
+    /// The kernel holds the PIT's lock for the whole call, and the BSP takes that lock to
+    /// move the PIT's timer whenever it runs on another host CPU than before — always on
+    /// its first KVM_RUN. So the thread waits for `bsp_ran` ([`Vcpu::first_exit`] of vCPU 0)
+    /// before it asks: started earlier, it made the BSP's first entry wait out both grace
+    /// periods about half the time (seen with `perf sched`: the vCPU asleep in
+    /// `__kvm_migrate_pit_timer`), which delayed the guest's first instruction by ~13 ms.
+    /// If the BSP's thread ends without running, the thread leaves reinjection on (the
+    /// teardown pays it, as it would now). The thread runs under the vCPU filter, which
+    /// allows this one ioctl.
+    ///
+    /// [`Vcpu::first_exit`]: crate::vstate::vcpu::Vcpu::first_exit
+    pub fn disable_pit_reinjection(
+        &mut self,
+        seccomp: Arc<SeccompFilters>,
+        bsp_ran: mpsc::Receiver<()>,
+    ) {
         let raw = self.dirty.fd.as_raw_fd();
         let spawned = std::thread::Builder::new()
             .name("kiln_pit".into())
             .spawn(move || {
                 if let Err(e) = seccomp.install(ThreadCategory::Vcpu) {
                     log::warn!("PIT reinjection left on: {e}");
+                    return false;
+                }
+                if bsp_ran.recv().is_err() {
                     return false;
                 }
                 // SAFETY: `Vm` joins this thread before it closes the fd (see `Drop`).
@@ -358,8 +376,25 @@ mod tests {
         let mut vm = Vm::new(&kvm, create_guest_memory(16).unwrap(), false).unwrap();
         // The thread jails itself with the built-in vCPU filter (a kill would end the test
         // process with SIGSYS), then asks KVM.
-        vm.disable_pit_reinjection(Arc::new(SeccompFilters::builtin()));
+        let (bsp_ran, first_exit) = mpsc::channel();
+        vm.disable_pit_reinjection(Arc::new(SeccompFilters::builtin()), first_exit);
         let thread = vm.pit_reinject_off.take().unwrap();
+        // Not before the BSP has run: KVM holds the PIT's lock for the whole call, and the
+        // BSP's first entry takes it.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!thread.is_finished(), "asked before the BSP ran");
+        bsp_ran.send(()).unwrap();
         assert!(thread.join().unwrap(), "KVM refused KVM_REINJECT_CONTROL");
+    }
+
+    #[test]
+    fn pit_reinjection_is_left_on_when_the_bsp_never_runs() {
+        let kvm = open_kvm(1).expect("/dev/kvm is needed by this test");
+        let mut vm = Vm::new(&kvm, create_guest_memory(16).unwrap(), false).unwrap();
+        let (bsp_ran, first_exit) = mpsc::channel::<()>();
+        vm.disable_pit_reinjection(Arc::new(SeccompFilters::builtin()), first_exit);
+        drop(bsp_ran);
+        let thread = vm.pit_reinject_off.take().unwrap();
+        assert!(!thread.join().unwrap(), "asked without the BSP");
     }
 }
