@@ -325,16 +325,26 @@ fn stdin_source() -> Option<File> {
     nix::unistd::dup(std::io::stdin()).ok().map(File::from)
 }
 
+/// Where the next virtio device goes, and how interrupts are raised.
+struct MmioSlots {
+    /// The next free slot.
+    next: u32,
+    /// Raise interrupts with KVM_IRQ_LINE instead of an irqfd (see [`IrqLine`]): when the
+    /// seccomp filters allow it ([`SeccompFilters::allows_irq_line`]).
+    direct_irq: bool,
+}
+
 /// Places a virtio device in the next MMIO slot: its transport on the bus, its interrupt
-/// on a GSI (irqfd), its queue notifications on ioeventfds, and its `virtio_mmio.device=`
-/// entry on the command line. Returns the transport and where it is.
+/// on a GSI, its queue notifications on ioeventfds, and its `virtio_mmio.device=` entry on
+/// the command line. Returns the transport and where it is.
 fn attach_virtio_device(
     vm: &Vm,
     mmio: &mut Bus,
     cmdline: &mut Cmdline,
     device: Arc<Mutex<dyn VirtioDevice>>,
-    slot: u32,
+    slots: &mut MmioSlots,
 ) -> Result<(Arc<Mutex<MmioTransport>>, Location), StartError> {
+    let slot = slots.next;
     let gsi = VIRTIO_GSI_START + slot;
     if gsi > GSI_MAX {
         return Err(StartError::TooManyDevices(GSI_MAX - VIRTIO_GSI_START + 1));
@@ -342,7 +352,12 @@ fn attach_virtio_device(
     let base = VIRTIO_MMIO_START + u64::from(slot) * VIRTIO_MMIO_SIZE;
     let kvm_err = |source| StartError::VirtioKvm { slot, source };
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("a virtio interrupt"))?;
-    vm.fd().register_irqfd(&irq, gsi).map_err(kvm_err)?;
+    let irq = if slots.direct_irq {
+        IrqLine::direct(irq, vm.shared_fd(), gsi)
+    } else {
+        vm.fd().register_irqfd(&irq, gsi).map_err(kvm_err)?;
+        IrqLine::new(irq)
+    };
     {
         let d = device
             .lock()
@@ -354,7 +369,7 @@ fn attach_virtio_device(
                 .map_err(kvm_err)?;
         }
     }
-    let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(irq)));
+    let interrupt = Arc::new(VirtioInterrupt::new(irq));
     let transport = Arc::new(Mutex::new(MmioTransport::new(
         device,
         vm.memory().clone(),
@@ -369,6 +384,7 @@ fn attach_virtio_device(
         len: VIRTIO_MMIO_SIZE,
         gsi: Some(gsi),
     };
+    slots.next += 1;
     Ok((transport, location))
 }
 
@@ -380,7 +396,7 @@ fn attach_block_devices(
     cmdline: &mut Cmdline,
     event_manager: &mut EventManager<Subscriber>,
     devices: &mut DeviceRegistry,
-    slot: &mut u32,
+    slots: &mut MmioSlots,
 ) -> Result<(), StartError> {
     let mut order: Vec<usize> = (0..config.drives.len()).collect();
     order.sort_by_key(|i| !config.drives[*i].is_root_device);
@@ -412,8 +428,7 @@ fn attach_block_devices(
                 .map_err(event_err("a drive's rate limiter"))?,
         );
         let block = Arc::new(Mutex::new(block));
-        let (transport, location) = attach_virtio_device(vm, mmio, cmdline, block.clone(), *slot)?;
-        *slot += 1;
+        let (transport, location) = attach_virtio_device(vm, mmio, cmdline, block.clone(), slots)?;
         if drive.is_root_device {
             let root = match &drive.partuuid {
                 Some(uuid) => format!("root=PARTUUID={uuid}"),
@@ -447,7 +462,7 @@ fn attach_net_devices(
     cmdline: &mut Cmdline,
     event_manager: &mut EventManager<Subscriber>,
     devices: &mut DeviceRegistry,
-    slot: &mut u32,
+    slots: &mut MmioSlots,
 ) -> Result<(), StartError> {
     for (index, iface) in config.network_interfaces.iter().enumerate() {
         let tap =
@@ -463,8 +478,7 @@ fn attach_net_devices(
             limiter(iface.tx_rate_limiter.as_ref())?,
         );
         let net = Arc::new(Mutex::new(net));
-        let (transport, location) = attach_virtio_device(vm, mmio, cmdline, net.clone(), *slot)?;
-        *slot += 1;
+        let (transport, location) = attach_virtio_device(vm, mmio, cmdline, net.clone(), slots)?;
         let events: Subscriber = Arc::new(Mutex::new(NetEvents::new(net.clone())));
         event_manager.add_subscriber(events);
         devices.add(
@@ -894,7 +908,10 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
     let mut event_manager: EventManager<Subscriber> =
         EventManager::new().map_err(StartError::EventManager)?;
     let mut cmdline = base_cmdline(config)?;
-    let mut slot = 0;
+    let mut slots = MmioSlots {
+        next: 0,
+        direct_irq: opts.seccomp.allows_irq_line(),
+    };
     attach_block_devices(
         config,
         &vm,
@@ -902,7 +919,7 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
         &mut cmdline,
         &mut event_manager,
         &mut devices,
-        &mut slot,
+        &mut slots,
     )?;
     attach_net_devices(
         config,
@@ -911,7 +928,7 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
         &mut cmdline,
         &mut event_manager,
         &mut devices,
-        &mut slot,
+        &mut slots,
     )?;
 
     // Kernel, initrd, command line, boot structures (a snapshot has them in its memory).

@@ -708,7 +708,7 @@ fn flush_syncs_the_image_before_completing_and_flushed_writes_survive_sigkill() 
         .arg(&trace)
         .args([
             "-e",
-            "trace=pwrite64,pwritev,pwritev2,write,writev,fdatasync,fsync,sync_file_range,syncfs,sync",
+            "trace=pwrite64,pwritev,pwritev2,write,writev,fdatasync,fsync,sync_file_range,syncfs,sync,ioctl",
             "--",
             kiln(),
             "--config-file",
@@ -835,19 +835,29 @@ fn flush_syncs_the_image_before_completing_and_flushed_writes_survive_sigkill() 
                  flush line: the FLUSH did not reach the disk\n{text}"
             )
         });
-    // Interrupts: eventfd writes (irqfd) by the thread that runs the device (the one that
-    // synced the image).
+    // Interrupts raised by the thread that runs the device (the one that synced the image):
+    // an eventfd write (irqfd), or KVM_IRQ_LINE on the VM fd, twice per interrupt (the pin up,
+    // then down; strace does not show the level).
     let device = calls[sync].tid;
-    let is_irq = |c: &&Traced| {
-        c.tid == device && c.call == "write" && c.args.contains("<anon_inode:[eventfd]>")
+    let irqs = |range: &[Traced]| {
+        let by_device = range.iter().filter(|c| c.tid == device);
+        let eventfd = by_device
+            .clone()
+            .filter(|c| c.call == "write" && c.args.contains("<anon_inode:[eventfd]>"))
+            .count();
+        let line = by_device
+            .filter(|c| c.call == "ioctl" && c.args.contains("KVM_IRQ_LINE"))
+            .count();
+        assert_eq!(line % 2, 0, "a KVM_IRQ_LINE without its pair\n{text}");
+        eventfd + line / 2
     };
-    let irqs_before_sync = calls[last_write..sync].iter().filter(is_irq).count();
+    let irqs_before_sync = irqs(&calls[last_write..sync]);
     assert_eq!(
         irqs_before_sync, 1,
         "interrupts between the last write and the sync: the FLUSH was completed before the \
          sync, or the write's completion is missing\n{text}"
     );
-    let irqs_after_sync = calls[sync..line_at].iter().filter(is_irq).count();
+    let irqs_after_sync = irqs(&calls[sync..line_at]);
     assert!(
         irqs_after_sync >= 1,
         "no interrupt after the sync: the FLUSH completed before it\n{text}"
@@ -898,6 +908,81 @@ fn strace_string(args: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+/// How a virtio device's interrupts reach the guest: with kiln's own filters the device
+/// thread raises them with KVM_IRQ_LINE on the VM fd (seen in a trace: pairs of those ioctls,
+/// the pin up then down); with a `--seccomp-filter` file that does not allow that ioctl (one
+/// written for an earlier kiln), through irqfds, which the filter never sees. The guest's
+/// driver waits for each request's interrupt, so its report proves delivery either way.
+#[test]
+fn interrupts_by_kvm_irq_line_or_irqfd_as_the_filters_allow() {
+    require_kvm();
+    let strace = ["/usr/bin/strace", "/bin/strace"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("strace is missing: install the Debian package strace (.ci/run does)");
+    let dir = TempDir::new("blk-irq");
+    let image = filler(1 << 20, 3);
+    let path = dir.file("root.img", &image);
+    let root = Drive::new(Engine::Sync, "rootfs", &path, true);
+    let run = BlkRun {
+        dev: 0,
+        drive: &root,
+        image: &image,
+        sector: 8,
+        count: 8,
+        event_idx: false,
+        indirect: false,
+    };
+    let mut want = vec![
+        "kiln-guest: start variant=elf".to_string(),
+        "info virtio dev=0 base=0xc0001000 size=0x1000 gsi=5 device-id=2".to_string(),
+        "ok virtio devices=1".to_string(),
+    ];
+    want.extend(run.expected());
+    want.push(done(count_ok(&want)));
+    let cfg = config(&dir, &format!("virtio,{}", run.arg()), 64, &[root]);
+    let cfg = cfg.to_str().unwrap();
+
+    // kiln's filters: KVM_IRQ_LINE.
+    let trace = dir.path().join("strace.txt");
+    let traced = Command::new(strace)
+        .args(["-f", "-qq", "-e", "signal=none", "-e", "trace=ioctl", "-o"])
+        .arg(&trace)
+        .args(["--", kiln(), "--config-file", cfg, "--no-api"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&traced.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(traced.status.success(), "{stdout}");
+    assert_eq!(lines, want);
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let raised = text.lines().filter(|l| l.contains("KVM_IRQ_LINE")).count();
+    assert!(
+        raised >= 2 && raised % 2 == 0,
+        "{raised} KVM_IRQ_LINE calls: the device did not raise its interrupts with them\n{text}"
+    );
+
+    // A filter file without KVM_IRQ_LINE: irqfds (a KVM_IRQ_LINE would end kiln with 148).
+    let builtin = include_str!("../seccomp-filters/x86_64.json");
+    let mut doc: serde_json::Value = serde_json::from_str(builtin).unwrap();
+    for category in doc.as_object_mut().unwrap().values_mut() {
+        if let Some(rules) = category["filter"].as_array_mut() {
+            rules.retain(|rule| !rule.to_string().contains("KVM_IRQ_LINE"));
+        }
+    }
+    let old = dir.file("old-filters.json", doc.to_string().as_bytes());
+    let out = run_kiln(&[
+        "--config-file",
+        cfg,
+        "--no-api",
+        "--seccomp-filter",
+        old.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status, 0, "{out}");
+    assert_lines(&out, &want);
 }
 
 /// Waits (bounded) for `child` to exit.

@@ -26,9 +26,10 @@ fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
     out
 }
 
-/// Boots an idle guest with 2 vCPUs, a drive and a TAP (in a network namespace of its own);
-/// returns its thread modes once every vCPU thread runs, then stops it with SIGTERM.
-fn thread_modes(tap: &str, extra: &[&str]) -> (Vec<(String, String)>, common::Output) {
+/// Boots an idle guest with 2 vCPUs, a drive and a TAP (in a network namespace of its own),
+/// serving the API or with `--no-api`; returns its thread modes once every vCPU thread runs,
+/// then stops it with SIGTERM.
+fn thread_modes(tap: &str, api: bool, extra: &[&str]) -> (Vec<(String, String)>, common::Output) {
     require_kvm();
     let dir = TempDir::new("seccomp");
     let disk = dir.file("disk.img", &vec![0u8; 1 << 20]);
@@ -44,7 +45,13 @@ fn thread_modes(tap: &str, extra: &[&str]) -> (Vec<(String, String)>, common::Ou
         tap
     );
     let cfg = dir.file("vm.json", json.as_bytes());
-    let mut args = vec!["--config-file", cfg.to_str().unwrap(), "--no-api"];
+    let sock = dir.path().join("api.sock");
+    let mut args = vec!["--config-file", cfg.to_str().unwrap()];
+    if api {
+        args.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
+    } else {
+        args.push("--no-api");
+    }
     args.extend_from_slice(extra);
     let child = ns
         .command(kiln())
@@ -77,18 +84,21 @@ fn thread_modes(tap: &str, extra: &[&str]) -> (Vec<(String, String)>, common::Ou
 
 #[test]
 fn every_thread_runs_under_its_filter() {
-    let (modes, out) = thread_modes("kilnsc0", &[]);
+    let (modes, out) = thread_modes("kilnsc0", true, &[]);
     // The main thread, two vCPU threads (and KVM's own worker tasks, which inherit).
     let kiln_threads = modes
         .iter()
         .filter(|(n, _)| n == "kiln" || n.starts_with("kiln_vcpu"))
         .count();
     assert_eq!(kiln_threads, 3, "{modes:?}");
-    // The migration thread, waiting for PUT /migration/send under its own filter.
-    assert!(
-        modes.iter().any(|(n, _)| n == "kiln_migration"),
-        "{modes:?}"
-    );
+    // The API thread, and the migration thread waiting for PUT /migration/send under its
+    // own filter.
+    for thread in ["kiln_api", "kiln_migration"] {
+        assert!(
+            modes.iter().any(|(n, _)| n == thread),
+            "{thread}: {modes:?}"
+        );
+    }
     for (name, mode) in &modes {
         assert_eq!(mode, "2", "thread {name} is not filtered: {modes:?}");
     }
@@ -100,9 +110,27 @@ fn every_thread_runs_under_its_filter() {
     assert!(!out.stderr.contains("seccomp"), "{out}");
 }
 
+/// Without an API nothing can ask for a migration: no migration thread, every thread there
+/// is filtered.
+#[test]
+fn no_api_no_migration_thread() {
+    let (modes, out) = thread_modes("kilnsc2", false, &[]);
+    assert!(modes.iter().any(|(n, _)| n == "kiln_vcpu1"), "{modes:?}");
+    assert!(
+        !modes
+            .iter()
+            .any(|(n, _)| n == "kiln_migration" || n == "kiln_api"),
+        "{modes:?}"
+    );
+    for (name, mode) in &modes {
+        assert_eq!(mode, "2", "thread {name} is not filtered: {modes:?}");
+    }
+    assert_eq!(out.status, 128 + 15, "{out}");
+}
+
 #[test]
 fn no_seccomp_warns_and_filters_nothing() {
-    let (modes, out) = thread_modes("kilnsc1", &["--no-seccomp"]);
+    let (modes, out) = thread_modes("kilnsc1", false, &["--no-seccomp"]);
     assert!(modes.iter().all(|(_, m)| m == "0"), "{modes:?}");
     assert!(
         out.stderr.contains("running without seccomp filters"),

@@ -141,6 +141,35 @@ pub struct SeccompFilters {
     /// The allowlists as text, for the audit.
     allowlists: HashMap<&'static str, String>,
     enabled: bool,
+    /// The VMM and vCPU categories allow KVM_IRQ_LINE (see [`SeccompFilters::allows_irq_line`]).
+    irq_line: bool,
+}
+
+/// KVM_IRQ_LINE: `_IOW(KVMIO, 0x61, struct kvm_irq_level)`.
+pub const KVM_IRQ_LINE: u64 = 0x4008_ae61;
+
+/// Whether the rules of one category in a filter file allow `ioctl(_, request, ...)`
+/// whatever its other arguments: a rule for `ioctl` with no condition, or with exactly the
+/// condition "argument 1 equals `request`".
+fn allows_ioctl(category: &serde_json::Value, request: u64) -> bool {
+    let Some(rules) = category["filter"].as_array() else {
+        return false;
+    };
+    rules.iter().any(|rule| {
+        if rule["syscall"].as_str() != Some("ioctl") {
+            return false;
+        }
+        match rule["args"].as_array() {
+            None => true,
+            Some(args) if args.is_empty() => true,
+            Some(args) => {
+                args.len() == 1
+                    && args[0]["index"].as_u64() == Some(1)
+                    && args[0]["op"].as_str() == Some("eq")
+                    && args[0]["val"].as_u64() == Some(request)
+            }
+        }
+    })
 }
 
 fn decode(bytes: &[u8]) -> BpfProgram {
@@ -160,6 +189,7 @@ impl SeccompFilters {
     pub fn builtin() -> SeccompFilters {
         let mut f = SeccompFilters {
             enabled: true,
+            irq_line: true,
             ..Default::default()
         };
         for cat in ThreadCategory::ALL {
@@ -195,6 +225,9 @@ impl SeccompFilters {
         check_dword_values(&doc, &shown)?;
         let mut f = SeccompFilters {
             enabled: true,
+            irq_line: [ThreadCategory::Vmm, ThreadCategory::Vcpu]
+                .iter()
+                .all(|cat| allows_ioctl(&doc[cat.name()], KVM_IRQ_LINE)),
             ..Default::default()
         };
         for cat in ThreadCategory::ALL {
@@ -229,6 +262,14 @@ impl SeccompFilters {
     /// Whether a thread of category `cat` can run: filters are off, or `cat` has one.
     pub fn has(&self, cat: ThreadCategory) -> bool {
         !self.enabled || self.programs.contains_key(cat.name())
+    }
+
+    /// Whether device interrupts may be raised with KVM_IRQ_LINE, which device code calls on
+    /// the VMM thread and on vCPU threads: always with kiln's filters or none; with a user's
+    /// file only if its `vmm` and `vcpu` categories allow that ioctl (a file written for an
+    /// earlier kiln does not, and keeps the irqfds).
+    pub fn allows_irq_line(&self) -> bool {
+        !self.enabled || self.irq_line
     }
 
     /// Whether filters are installed at all.

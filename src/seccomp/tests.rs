@@ -270,3 +270,57 @@ fn decimal_formatting() {
     assert_eq!(decimal(131, &mut b), b"131");
     assert_eq!(decimal(u64::MAX, &mut b), b"18446744073709551615");
 }
+
+/// Devices raise interrupts with KVM_IRQ_LINE on the VMM thread and on vCPU threads (the
+/// kernel's own filter decides here: an allowed call on a bad fd ends in EBADF, exit 0);
+/// a user's file decides by its rules whether kiln may, and one without them keeps irqfds.
+#[test]
+fn irq_line_where_devices_raise_interrupts() {
+    fn irq_line_on_bad_fd() {
+        // SAFETY: an ioctl on an invalid fd.
+        unsafe { libc::ioctl(-1, KVM_IRQ_LINE as libc::c_ulong) };
+    }
+    let builtin = SeccompFilters::builtin();
+    for cat in [ThreadCategory::Vmm, ThreadCategory::Vcpu] {
+        let status = in_filtered_child(&builtin, cat, irq_line_on_bad_fd);
+        assert_eq!(exited_with(status), Some(0), "{}", cat.name());
+    }
+    let status = in_filtered_child(&builtin, ThreadCategory::Api, irq_line_on_bad_fd);
+    assert_eq!(exited_with(status), Some(148));
+    assert!(builtin.allows_irq_line());
+    assert!(SeccompFilters::disabled().allows_irq_line());
+
+    let dir = std::env::temp_dir().join(format!("kiln-seccomp-irq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rule = format!(
+        r#"{{"syscall": "ioctl", "args": [{{"index": 1, "type": "dword", "op": "eq", "val": {KVM_IRQ_LINE}}}]}}"#
+    );
+    let other = r#"{"syscall": "ioctl", "args": [{"index": 1, "type": "dword", "op": "eq", "val": 44672}]}"#;
+    let file = |name: &str, vmm: &str, vcpu: &str| {
+        let path = dir.join(name);
+        let cat = |rules: &str| {
+            format!(
+                r#"{{"default_action": "trap", "filter_action": "allow", "filter": [{{"syscall": "exit_group"}}{rules}]}}"#
+            )
+        };
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"vmm": {}, "vcpu": {}, "api": {}}}"#,
+                cat(vmm),
+                cat(vcpu),
+                cat("")
+            ),
+        )
+        .unwrap();
+        SeccompFilters::from_file(&path).unwrap()
+    };
+    let with = format!(", {rule}");
+    let without = format!(", {other}");
+    assert!(file("both.json", &with, &with).allows_irq_line());
+    assert!(file("any-ioctl.json", r#", {"syscall": "ioctl"}"#, &with).allows_irq_line());
+    assert!(!file("old.json", &without, &without).allows_irq_line());
+    assert!(!file("vmm-only.json", &with, &without).allows_irq_line());
+    assert!(!file("vcpu-only.json", "", &with).allows_irq_line());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

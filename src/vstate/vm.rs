@@ -230,6 +230,13 @@ impl Vm {
         &self.dirty.fd
     }
 
+    /// The KVM VM fd, for an [`IrqLine::direct`] that outlives the borrow.
+    ///
+    /// [`IrqLine::direct`]: crate::devices::IrqLine::direct
+    pub fn shared_fd(&self) -> Arc<VmFd> {
+        self.dirty.fd.clone()
+    }
+
     /// Guest memory.
     pub fn memory(&self) -> &GuestMemory {
         &self.dirty.memory
