@@ -148,18 +148,20 @@ pub struct SeccompFilters {
 /// KVM_IRQ_LINE: `_IOW(KVMIO, 0x61, struct kvm_irq_level)`.
 pub const KVM_IRQ_LINE: u64 = 0x4008_ae61;
 
-/// Whether the rules of one category in a filter file allow `ioctl(_, request, ...)`
-/// whatever its other arguments: a rule for `ioctl` with no condition, or with exactly the
-/// condition "argument 1 equals `request`".
+/// Whether one category of a filter file lets `ioctl(_, request, ...)` through, whatever
+/// its other arguments. An allowlist (`filter_action` "allow") must have a rule for `ioctl`
+/// with no condition, or with exactly the condition "argument 1 equals `request`"; a
+/// denylist (`default_action` "allow") must have no rule for `ioctl` at all. Anything else
+/// counts as not allowed: kiln then keeps to the calls the file surely allows.
 fn allows_ioctl(category: &serde_json::Value, request: u64) -> bool {
     let Some(rules) = category["filter"].as_array() else {
         return false;
     };
-    rules.iter().any(|rule| {
-        if rule["syscall"].as_str() != Some("ioctl") {
-            return false;
-        }
-        match rule["args"].as_array() {
+    let mut ioctl_rules = rules
+        .iter()
+        .filter(|rule| rule["syscall"].as_str() == Some("ioctl"));
+    if category["filter_action"].as_str() == Some("allow") {
+        ioctl_rules.any(|rule| match rule["args"].as_array() {
             None => true,
             Some(args) if args.is_empty() => true,
             Some(args) => {
@@ -168,8 +170,10 @@ fn allows_ioctl(category: &serde_json::Value, request: u64) -> bool {
                     && args[0]["op"].as_str() == Some("eq")
                     && args[0]["val"].as_u64() == Some(request)
             }
-        }
-    })
+        })
+    } else {
+        category["default_action"].as_str() == Some("allow") && ioctl_rules.next().is_none()
+    }
 }
 
 fn decode(bytes: &[u8]) -> BpfProgram {

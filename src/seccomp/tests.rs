@@ -322,5 +322,21 @@ fn irq_line_where_devices_raise_interrupts() {
     assert!(!file("old.json", &without, &without).allows_irq_line());
     assert!(!file("vmm-only.json", &with, &without).allows_irq_line());
     assert!(!file("vcpu-only.json", "", &with).allows_irq_line());
+    // Denylists: an `ioctl` rule there forbids, its absence allows.
+    let denylist = |name: &str, rules: &str| {
+        let path = dir.join(name);
+        let cat = format!(
+            r#"{{"default_action": "allow", "filter_action": "trap", "filter": [{{"syscall": "reboot"}}{rules}]}}"#
+        );
+        std::fs::write(
+            &path,
+            format!(r#"{{"vmm": {cat}, "vcpu": {cat}, "api": {cat}}}"#),
+        )
+        .unwrap();
+        SeccompFilters::from_file(&path).unwrap()
+    };
+    assert!(!denylist("deny-irq-line.json", &with).allows_irq_line());
+    assert!(!denylist("deny-ioctl.json", r#", {"syscall": "ioctl"}"#).allows_irq_line());
+    assert!(denylist("deny-other.json", "").allows_irq_line());
     std::fs::remove_dir_all(&dir).unwrap();
 }
