@@ -325,6 +325,19 @@ fn stdin_source() -> Option<File> {
     nix::unistd::dup(std::io::stdin()).ok().map(File::from)
 }
 
+/// The interrupt line of a legacy device on GSI `gsi`: KVM_IRQ_LINE when `direct`, an
+/// irqfd otherwise (see [`IrqLine`]).
+fn irq_line(vm: &Vm, gsi: u32, direct: bool) -> std::io::Result<IrqLine> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+    if direct {
+        return Ok(IrqLine::direct(evt, vm.shared_fd(), gsi));
+    }
+    vm.fd()
+        .register_irqfd(&evt, gsi)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    Ok(IrqLine::new(evt))
+}
+
 /// Where the next virtio device goes, and how interrupts are raised.
 struct MmioSlots {
     /// The next free slot.
@@ -850,14 +863,12 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
     // Legacy devices on the port bus.
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("the serial IRQ"))?;
-    vm.fd()
-        .register_irqfd(&serial_irq, SERIAL_GSI)
-        .map_err(|e| event_err("the serial IRQ")(std::io::Error::from_raw_os_error(e.errno())))?;
+    let direct_irq = opts.seccomp.allows_irq_line();
+    let serial_irq = irq_line(&vm, SERIAL_GSI, direct_irq).map_err(event_err("the serial IRQ"))?;
     let input_ready = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("the serial input"))?;
     let (serial_out, serial_flusher) = serial_output(&opts.serial_out)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
-        IrqLine::new(serial_irq),
+        serial_irq,
         serial_out,
         input_ready
             .try_clone()
@@ -873,14 +884,8 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
         },
     );
 
-    let kbd_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("the i8042 IRQ"))?;
-    vm.fd()
-        .register_irqfd(&kbd_irq, I8042_GSI)
-        .map_err(|e| event_err("the i8042 IRQ")(std::io::Error::from_raw_os_error(e.errno())))?;
-    let i8042 = Arc::new(Mutex::new(I8042Device::new(
-        exit.clone(),
-        IrqLine::new(kbd_irq),
-    )));
+    let kbd_irq = irq_line(&vm, I8042_GSI, direct_irq).map_err(event_err("the i8042 IRQ"))?;
+    let i8042 = Arc::new(Mutex::new(I8042Device::new(exit.clone(), kbd_irq)));
     pio.insert(i8042.clone(), I8042_BASE, I8042_PORTS)?;
     devices.add(
         Device::I8042(i8042),
@@ -910,7 +915,7 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
     let mut cmdline = base_cmdline(config)?;
     let mut slots = MmioSlots {
         next: 0,
-        direct_irq: opts.seccomp.allows_irq_line(),
+        direct_irq,
     };
     attach_block_devices(
         config,

@@ -50,6 +50,14 @@ impl IrqLine {
         &self.evt
     }
 
+    /// Another handle on the same line, raised the same way.
+    pub fn try_clone(&self) -> std::io::Result<IrqLine> {
+        Ok(IrqLine {
+            evt: self.evt.try_clone()?,
+            direct: self.direct.clone(),
+        })
+    }
+
     /// Raises the interrupt.
     pub fn trigger(&self) -> std::io::Result<()> {
         match &self.direct {

@@ -84,7 +84,7 @@ impl SerialDevice {
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
         };
-        let irq = IrqLine::new(self.uart.interrupt_evt().eventfd().try_clone()?);
+        let irq = self.uart.interrupt_evt().try_clone()?;
         let placeholder = Serial::with_events(
             IrqLine::new(EventFd::new(libc::EFD_NONBLOCK)?),
             self.events()?,
