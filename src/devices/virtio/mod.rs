@@ -52,7 +52,7 @@ pub const INT_VRING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
 /// The interrupt of one virtio device: the status register the driver reads and acks, and
-/// the line (irqfd) that tells it to look.
+/// the line (KVM_IRQ_LINE or an irqfd, see [`IrqLine`]) that tells it to look.
 #[derive(Debug)]
 pub struct VirtioInterrupt {
     status: AtomicU32,
