@@ -74,8 +74,6 @@ const LINE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The goal for kiln's device thread, CPU per read as a fraction of Firecracker's (issue 16).
 const GOAL_RATIO: f64 = 0.6;
-/// The GSI the floor raises with KVM_IRQ_LINE.
-const FLOOR_IRQ_LINE_GSI: u32 = 6;
 /// How long the spaced floor's stand-in for the vCPU spins between requests: about the test
 /// guest's own time between two requests here (1/1900 s at queue depth 1, of which the
 /// device's part is some 20 µs), during which the device thread's CPU idles.
@@ -363,10 +361,7 @@ fn floor_device_loop(
                     }
                     match interrupt {
                         Interrupt::Irqfd => vm.irqfd.write(1)?,
-                        Interrupt::IrqLine => {
-                            vm.vm.set_irq_line(FLOOR_IRQ_LINE_GSI, true)?;
-                            vm.vm.set_irq_line(FLOOR_IRQ_LINE_GSI, false)?;
-                        }
+                        Interrupt::IrqLine => vm.pulse()?,
                         Interrupt::Sleeping => completion.write(1)?,
                     }
                     i += 1;

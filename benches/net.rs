@@ -30,9 +30,10 @@
 //! - `floor: device loop`: a device thread as small as one can be, with kiln's syscalls and
 //!   wake-ups: blocked in epoll_wait on the TAP and on a "queue" eventfd that a driver thread
 //!   writes (as KVM's ioeventfd does for the vCPU); TX: eventfd read, one writev (virtio-net
-//!   header + frame) per frame, one write to a real KVM irqfd per batch; RX: readv until
-//!   EAGAIN, one irqfd write per pass, and per burst the ack frame on a driver kick (eventfd
-//!   read, writev, irqfd). Its CPU per frame;
+//!   header + frame) per frame, one interrupt per batch (KVM_IRQ_LINE on a real VM's
+//!   IOAPIC pin, up then down, as kiln raises its devices' lines); RX: readv until EAGAIN,
+//!   one interrupt per pass, and per burst the ack frame on a driver kick (eventfd read,
+//!   writev, interrupt). Its CPU per frame;
 //! - `floor: syscalls`: the raw cost of the same TAP writes (TX) or reads (RX) from one
 //!   thread, nothing else.
 //!
@@ -559,13 +560,13 @@ fn floor_device_loop(tap: &Tap, vm: &FloorVm, shape: &Shape, socks: &Sockets) ->
                                 for _ in 0..k {
                                     tap.write(&frame)?;
                                 }
-                                vm.irqfd.write(1)?;
+                                vm.pulse()?;
                                 done.fetch_add(k, Ordering::AcqRel);
                             } else if k > 0 {
                                 let ack =
                                     guest_frame(46, PORT_RX, PORT_ACK, &(k as u32).to_be_bytes());
                                 tap.write(&ack)?;
-                                vm.irqfd.write(1)?;
+                                vm.pulse()?;
                             }
                         } else {
                             let mut count = 0;
@@ -574,7 +575,7 @@ fn floor_device_loop(tap: &Tap, vm: &FloorVm, shape: &Shape, socks: &Sockets) ->
                                     count += 1;
                                 }
                             }
-                            vm.irqfd.write(1)?;
+                            vm.pulse()?;
                             done.fetch_add(count, Ordering::AcqRel);
                         }
                     }

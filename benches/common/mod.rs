@@ -313,7 +313,18 @@ pub struct FloorVm {
     pub tsc_khz: u32,
 }
 
+/// The GSI a floor raises with KVM_IRQ_LINE ([`FloorVm::pulse`]), as kiln raises its
+/// devices' lines.
+pub const FLOOR_IRQ_LINE_GSI: u32 = 6;
+
 impl FloorVm {
+    /// Raises [`FLOOR_IRQ_LINE_GSI`] with KVM_IRQ_LINE, up then down: kiln's interrupt.
+    pub fn pulse(&self) -> Result<()> {
+        self.vm.set_irq_line(FLOOR_IRQ_LINE_GSI, true)?;
+        self.vm.set_irq_line(FLOOR_IRQ_LINE_GSI, false)?;
+        Ok(())
+    }
+
     /// Creates the VM, its vCPU and the irqfd on [`FLOOR_GSI`].
     pub fn new() -> Result<FloorVm> {
         let kvm = Kvm::new()?;
