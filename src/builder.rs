@@ -325,17 +325,26 @@ fn stdin_source() -> Option<File> {
     nix::unistd::dup(std::io::stdin()).ok().map(File::from)
 }
 
-/// The interrupt line of a legacy device on GSI `gsi`: KVM_IRQ_LINE when `direct`, an
-/// irqfd otherwise (see [`IrqLine`]).
-fn irq_line(vm: &Vm, gsi: u32, direct: bool) -> std::io::Result<IrqLine> {
-    let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+/// The interrupt line on GSI `gsi` raised through `evt`: KVM_IRQ_LINE when `direct`, an
+/// irqfd registered with KVM otherwise (see [`IrqLine`]).
+fn irq_line(vm: &Vm, evt: EventFd, gsi: u32, direct: bool) -> Result<IrqLine, kvm_ioctls::Error> {
     if direct {
         return Ok(IrqLine::direct(evt, vm.shared_fd(), gsi));
     }
-    vm.fd()
-        .register_irqfd(&evt, gsi)
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    vm.fd().register_irqfd(&evt, gsi)?;
     Ok(IrqLine::new(evt))
+}
+
+/// A legacy device's line on GSI `gsi` (`what` names it in an error).
+fn legacy_irq_line(
+    vm: &Vm,
+    gsi: u32,
+    direct: bool,
+    what: &'static str,
+) -> Result<IrqLine, StartError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err(what))?;
+    irq_line(vm, evt, gsi, direct)
+        .map_err(|e| event_err(what)(std::io::Error::from_raw_os_error(e.errno())))
 }
 
 /// Where the next virtio device goes, and how interrupts are raised.
@@ -365,12 +374,7 @@ fn attach_virtio_device(
     let base = VIRTIO_MMIO_START + u64::from(slot) * VIRTIO_MMIO_SIZE;
     let kvm_err = |source| StartError::VirtioKvm { slot, source };
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("a virtio interrupt"))?;
-    let irq = if slots.direct_irq {
-        IrqLine::direct(irq, vm.shared_fd(), gsi)
-    } else {
-        vm.fd().register_irqfd(&irq, gsi).map_err(kvm_err)?;
-        IrqLine::new(irq)
-    };
+    let irq = irq_line(vm, irq, gsi, slots.direct_irq).map_err(kvm_err)?;
     {
         let d = device
             .lock()
@@ -864,7 +868,7 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let direct_irq = opts.seccomp.allows_irq_line();
-    let serial_irq = irq_line(&vm, SERIAL_GSI, direct_irq).map_err(event_err("the serial IRQ"))?;
+    let serial_irq = legacy_irq_line(&vm, SERIAL_GSI, direct_irq, "the serial IRQ")?;
     let input_ready = EventFd::new(libc::EFD_NONBLOCK).map_err(event_err("the serial input"))?;
     let (serial_out, serial_flusher) = serial_output(&opts.serial_out)?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
@@ -884,7 +888,7 @@ fn build(config: &VmConfig, opts: &RunOptions, mut boot: Boot<'_>) -> Result<Vmm
         },
     );
 
-    let kbd_irq = irq_line(&vm, I8042_GSI, direct_irq).map_err(event_err("the i8042 IRQ"))?;
+    let kbd_irq = legacy_irq_line(&vm, I8042_GSI, direct_irq, "the i8042 IRQ")?;
     let i8042 = Arc::new(Mutex::new(I8042Device::new(exit.clone(), kbd_irq)));
     pio.insert(i8042.clone(), I8042_BASE, I8042_PORTS)?;
     devices.add(
