@@ -97,6 +97,25 @@ fn measured(v: Variant) -> bool {
 
 // ---- scratch files -------------------------------------------------------------------------
 
+/// Writes `bytes` (a whole number of MiB) of xorshift output seeded with `seed` to `path`,
+/// synced to disk.
+fn write_random_image(path: &Path, bytes: u64, seed: u64) -> Result<()> {
+    let mut file = File::create(path)?;
+    let mut x = seed;
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..bytes >> 20 {
+        for word in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        file.write_all(&chunk)?;
+    }
+    file.sync_all()?;
+    Ok(())
+}
+
 /// The drive image and kiln's config files.
 impl Scratch {
     fn disk(&self) -> PathBuf {
@@ -105,20 +124,7 @@ impl Scratch {
 
     /// A 64 MiB image of pseudo-random bytes, then read once so it is in the page cache.
     fn make_disk(&self) -> Result<()> {
-        let mut file = File::create(self.disk())?;
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut chunk = vec![0u8; 1 << 20];
-        for _ in 0..DISK_BYTES >> 20 {
-            for word in chunk.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                word.copy_from_slice(&x.to_le_bytes());
-            }
-            file.write_all(&chunk)?;
-        }
-        file.sync_all()?;
-        drop(file);
+        write_random_image(&self.disk(), DISK_BYTES, 0x9e37_79b9_7f4a_7c15)?;
         let mut sink = Vec::with_capacity(usize::try_from(DISK_BYTES)?);
         File::open(self.disk())?.read_to_end(&mut sink)?;
         Ok(())

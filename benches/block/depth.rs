@@ -19,7 +19,6 @@
 //! `KILN_BENCH_BLK_DEPTH_N` (reads per run, default 400).
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -88,20 +87,7 @@ struct Sample {
 }
 
 fn make_image(path: &Path) -> Result<()> {
-    let mut file = File::create(path)?;
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..IMAGE_BYTES >> 20 {
-        for word in chunk.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes());
-        }
-        file.write_all(&chunk)?;
-    }
-    file.sync_all()?;
-    Ok(())
+    super::write_random_image(path, IMAGE_BYTES, 0x2545_f491_4f6c_dd1d)
 }
 
 /// Puts the image in the page cache, or drops its pages from it.
