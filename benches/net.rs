@@ -152,12 +152,7 @@ impl Shape {
 /// once: threads and processes started later inherit it.
 fn net_ns() -> Result<NetNs> {
     let ns = NetNs::new("bench-net")?;
-    ns.exec(&[
-        "sysctl",
-        "-qw",
-        "net.ipv6.conf.all.disable_ipv6=1",
-        "net.ipv6.conf.default.disable_ipv6=1",
-    ])?;
+    ns.disable_ipv6()?;
     ns.add_tap_with(TAP, "10.0.0.1/24", &["address", &mac_str(&HOST_MAC)])?;
     ns.ip(&[
         "neigh",

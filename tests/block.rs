@@ -618,6 +618,14 @@ fn full_filesystem_gives_the_guest_ioerr(e: Engine) {
     assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 0);
 }
 
+/// The strace binary (the tests that read kiln's system calls need it: no skip).
+fn strace() -> &'static str {
+    ["/usr/bin/strace", "/bin/strace"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("strace is missing: install the Debian package strace (.ci/run does)")
+}
+
 /// One system call of a traced kiln, as strace printed it.
 #[derive(Debug)]
 struct Traced {
@@ -689,10 +697,7 @@ fn flush_syncs_the_image_before_completing_and_flushed_writes_survive_sigkill() 
     // io_uring operation no trace shows (tests/block_async.rs checks its ordering).
     let e = Engine::Sync;
     require_kvm();
-    let strace = ["/usr/bin/strace", "/bin/strace"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file())
-        .expect("strace is missing: install the Debian package strace (.ci/run does)");
+    let strace = strace();
     let dir = TempDir::new("blk-flush");
     let image = filler(1 << 20, 8);
     let path = dir.file("root.img", &image);
@@ -918,10 +923,7 @@ fn strace_string(args: &str) -> Vec<u8> {
 #[test]
 fn interrupts_by_kvm_irq_line_or_irqfd_as_the_filters_allow() {
     require_kvm();
-    let strace = ["/usr/bin/strace", "/bin/strace"]
-        .into_iter()
-        .find(|p| Path::new(p).is_file())
-        .expect("strace is missing: install the Debian package strace (.ci/run does)");
+    let strace = strace();
     let dir = TempDir::new("blk-irq");
     let image = filler(1 << 20, 3);
     let path = dir.file("root.img", &image);

@@ -131,6 +131,21 @@ impl Run {
         };
         testkit::exit_code(status)
     }
+
+    /// The end both engines must reach once the disk lets go: every read and the FLUSH
+    /// done, the guest's report, exit 0, and the FLUSH reaching the disk after every read.
+    fn finish(&mut self) {
+        assert_eq!(
+            self.wait_line("info blk-slow flush-done"),
+            format!("info blk-slow flush-done reads-done={READS} status=ok")
+        );
+        assert_eq!(
+            self.wait_line("ok blk-slow"),
+            format!("ok blk-slow reads={READS} flush=ok echoes=1")
+        );
+        assert_eq!(self.exit(), 0, "{}", self.seen.join("\n"));
+        assert_flush_after_reads(&self.disk.events());
+    }
 }
 
 impl Drop for Run {
@@ -142,24 +157,6 @@ impl Drop for Run {
             let _ = child.wait();
         }
     }
-}
-
-/// Each thread of `pid` and its `Seccomp:` mode.
-fn thread_modes(pid: u32) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
-        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        let mode = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp:"))
-            .unwrap_or("")
-            .trim()
-            .to_string();
-        out.push((name.trim().to_string(), mode));
-    }
-    out
 }
 
 /// Where each read and the FLUSH reached the disk: the FLUSH only after every read was
@@ -211,7 +208,7 @@ fn async_network_answers_while_every_read_is_held_and_the_flush_waits_for_them()
     );
     // The kernel's io-wq workers (blocked in the held reads) are threads of kiln: under the
     // filter they inherited, like every other.
-    let modes = thread_modes(run.pid());
+    let modes = common::seccomp_modes(run.pid());
     assert!(
         modes.iter().any(|(n, _)| n.starts_with("iou-wrk")),
         "no io-wq worker: {modes:?}"
@@ -224,16 +221,7 @@ fn async_network_answers_while_every_read_is_held_and_the_flush_waits_for_them()
         rtt.as_secs_f64() * 1e3
     );
     run.disk.release();
-    assert_eq!(
-        run.wait_line("info blk-slow flush-done"),
-        format!("info blk-slow flush-done reads-done={READS} status=ok")
-    );
-    assert_eq!(
-        run.wait_line("ok blk-slow"),
-        format!("ok blk-slow reads={READS} flush=ok echoes=1")
-    );
-    assert_eq!(run.exit(), 0, "{}", run.seen.join("\n"));
-    assert_flush_after_reads(&run.disk.events());
+    run.finish();
 }
 
 #[test]
@@ -266,14 +254,5 @@ fn sync_engine_stalls_the_network_while_a_read_is_held() {
         (answered - released).as_secs_f64() * 1e3,
         hold.as_secs_f64() * 1e3
     );
-    assert_eq!(
-        run.wait_line("info blk-slow flush-done"),
-        format!("info blk-slow flush-done reads-done={READS} status=ok")
-    );
-    assert_eq!(
-        run.wait_line("ok blk-slow"),
-        format!("ok blk-slow reads={READS} flush=ok echoes=1")
-    );
-    assert_eq!(run.exit(), 0, "{}", run.seen.join("\n"));
-    assert_flush_after_reads(&run.disk.events());
+    run.finish();
 }

@@ -128,14 +128,20 @@ fn linux_snapshotted_mid_boot_finishes_booting_in_a_new_process() {
             ..Options::default()
         },
     );
+    assert_rest_after_probe(&boot, "snapshot");
+    check_boot(&boot);
+}
+
+/// Every milestone after the block device's probe (where the VM was snapshotted or
+/// migrated, `what`) came after it: the boot went on in the new process.
+fn assert_rest_after_probe(boot: &linux::Boot, what: &str) {
     let probed = boot.milestones[1].unwrap();
     for (i, (name, _)) in linux::MILESTONES.iter().enumerate().skip(2) {
         assert!(
             boot.milestones[i].unwrap() > probed,
-            "{name} came before the snapshot\n{boot}"
+            "{name} came before the {what}\n{boot}"
         );
     }
-    check_boot(&boot);
 }
 
 #[test]
@@ -150,13 +156,7 @@ fn linux_migrated_mid_boot_finishes_booting_on_the_destination() {
             ..Options::default()
         },
     );
-    let probed = boot.milestones[1].unwrap();
-    for (i, (name, _)) in linux::MILESTONES.iter().enumerate().skip(2) {
-        assert!(
-            boot.milestones[i].unwrap() > probed,
-            "{name} came before the migration\n{boot}"
-        );
-    }
+    assert_rest_after_probe(&boot, "migration");
     assert!(
         boot.stderr.contains("the destination kiln"),
         "the boot did not move\n{boot}"

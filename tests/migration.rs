@@ -95,21 +95,7 @@ fn migrate_with_tap(two_hosts: bool) {
     } else {
         format!("unix:{}", dir.path().join("mig.sock").display())
     };
-    let (status, text) = dst.api(
-        "PUT",
-        "/migration/receive",
-        Some(&format!(r#"{{"listen": "{listen}"}}"#)),
-    );
-    assert_eq!(status, 204, "{text}");
-    let (status, body) = send(&src, &listen, "");
-    if status != 200 {
-        panic!(
-            "{status} {body}; the source: {}",
-            src.finish(Duration::from_secs(10))
-        );
-    }
-    let src_out = src.finish(Duration::from_secs(10));
-    assert_eq!(src_out.status, 0, "{src_out}");
+    let src_out = migrate(src, &dst, &listen);
     let (_, cfg) = dst.api("GET", "/vm/config", None);
     assert!(cfg.contains("kmig0"), "{cfg}");
     let out = dst.finish(Duration::from_secs(300));
@@ -172,6 +158,27 @@ fn send(k: &ApiKiln, destination: &str, extra: &str) -> (u16, String) {
         "/migration/send",
         Some(&format!(r#"{{"destination": "{destination}"{extra}}}"#)),
     )
+}
+
+/// Has `dst` receive on `listen` and `src` send there: both must succeed, and the source
+/// end with exit 0. The source's output.
+fn migrate(src: ApiKiln, dst: &ApiKiln, listen: &str) -> common::Output {
+    let (status, text) = dst.api(
+        "PUT",
+        "/migration/receive",
+        Some(&format!(r#"{{"listen": "{listen}"}}"#)),
+    );
+    assert_eq!(status, 204, "{text}");
+    let (status, body) = send(&src, listen, "");
+    if status != 200 {
+        panic!(
+            "{status} {body}; the source: {}",
+            src.finish(Duration::from_secs(10))
+        );
+    }
+    let src_out = src.finish(Duration::from_secs(10));
+    assert_eq!(src_out.status, 0, "{src_out}");
+    src_out
 }
 
 fn stat(body: &str, name: &str) -> u64 {
@@ -697,21 +704,7 @@ fn both_ends_work_inside_jails() {
     src.wait_line("info workload step=3 ", Duration::from_secs(60));
     let dst = dst_jail.kiln(&ns, &[]);
     let listen = "tcp:127.0.0.1:7791";
-    let (status, text) = dst.api(
-        "PUT",
-        "/migration/receive",
-        Some(&format!(r#"{{"listen": "{listen}"}}"#)),
-    );
-    assert_eq!(status, 204, "{text}");
-    let (status, body) = send(&src, listen, "");
-    if status != 200 {
-        panic!(
-            "{status} {body}; the source: {}",
-            src.finish(Duration::from_secs(10))
-        );
-    }
-    let src_out = src.finish(Duration::from_secs(10));
-    assert_eq!(src_out.status, 0, "{src_out}");
+    let src_out = migrate(src, &dst, listen);
     let out = dst.finish(Duration::from_secs(300));
     check_continuation(&steps(&src_out.stdout), &out);
     assert!(!out.stderr.contains("seccomp"), "{out}");

@@ -80,13 +80,7 @@ const TAP: &str = "tap0";
 fn net_ns(opts: TapOpts) -> NetNs {
     require_kvm();
     let ns = NetNs::new("net").unwrap();
-    ns.exec(&[
-        "sysctl",
-        "-qw",
-        "net.ipv6.conf.all.disable_ipv6=1",
-        "net.ipv6.conf.default.disable_ipv6=1",
-    ])
-    .unwrap();
+    ns.disable_ipv6().unwrap();
     ns.add_tap_with(
         TAP,
         "10.0.0.1/24",

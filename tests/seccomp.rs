@@ -7,24 +7,9 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{NetNs, TempDir, guest, kiln, require_kvm, run_kiln, sigterm, wait_with_deadline};
-
-fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
-        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
-        let mode = status
-            .lines()
-            .find(|l| l.starts_with("Seccomp:"))
-            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
-            .unwrap_or_default();
-        out.push((name.trim().to_string(), mode));
-    }
-    out.sort();
-    out
-}
+use common::{
+    NetNs, TempDir, guest, kiln, require_kvm, run_kiln, seccomp_modes, sigterm, wait_with_deadline,
+};
 
 /// Boots an idle guest with 2 vCPUs, a drive and a TAP (in a network namespace of its own),
 /// serving the API or with `--no-api`; returns its thread modes once every vCPU thread runs,

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use common::api::ApiKiln;
 use common::snapshot::{
-    STEPS, api_kiln, check_continuation, config, config_with, kill_hard, load_body,
-    snapshot_running_guest, steps,
+    STEPS, api_kiln, check_continuation, config, config_with, create_snapshot, kill_hard,
+    load_body, snapshot_running_guest, steps,
 };
 use common::{TempDir, require_kvm};
 
@@ -47,12 +47,7 @@ fn a_full_snapshot_restores_in_a_new_process_and_the_guest_carries_on() {
 }
 
 fn create(k: &ApiKiln, state: &Path, mem: &Path, kind: &str) {
-    let body = format!(
-        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "{kind}"}}"#,
-        state.display(),
-        mem.display()
-    );
-    let (status, text) = k.api("PUT", "/snapshot/create", Some(&body));
+    let (status, text) = create_snapshot(k, state, mem, kind);
     assert_eq!(status, 204, "{kind}: {text}");
 }
 

@@ -35,13 +35,7 @@ const GID: u32 = 40100;
 /// no unsolicited frames), the TAP usable by `owner` when given.
 fn tap_ns(tag: &str, tap: &str, owner: Option<u32>) -> NetNs {
     let ns = NetNs::new(tag).unwrap();
-    ns.exec(&[
-        "sysctl",
-        "-qw",
-        "net.ipv6.conf.all.disable_ipv6=1",
-        "net.ipv6.conf.default.disable_ipv6=1",
-    ])
-    .unwrap();
+    ns.disable_ipv6().unwrap();
     let mut add = vec!["tuntap", "add", tap, "mode", "tap"];
     let uid = owner.map(|u| u.to_string());
     if let Some(uid) = &uid {

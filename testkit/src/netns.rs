@@ -52,6 +52,18 @@ impl NetNs {
         c
     }
 
+    /// Turns IPv6 off in the namespace, so that the host side sends no unsolicited frames
+    /// (router solicitations, neighbour discovery) to a guest.
+    pub fn disable_ipv6(&self) -> io::Result<()> {
+        self.exec(&[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])
+        .map(drop)
+    }
+
     /// Runs `args` (a program and its arguments) inside the namespace; its stdout if it
     /// succeeds, else an error with its output.
     pub fn exec(&self, args: &[&str]) -> io::Result<String> {

@@ -177,3 +177,22 @@ pub fn fnv1a(data: &[u8]) -> u32 {
 
 pub mod api;
 pub mod snapshot;
+
+/// Each thread of process `pid`: its name and its `Seccomp:` mode from
+/// /proc/<pid>/task/<tid>/status ("2": filtered), sorted.
+pub fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find(|l| l.starts_with("Seccomp:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+            .unwrap_or_default();
+        out.push((name.trim().to_string(), mode));
+    }
+    out.sort();
+    out
+}

@@ -88,14 +88,20 @@ pub fn snapshot_at(k: &ApiKiln, step: u64, dir: &Path, tag: &str) -> (PathBuf, P
     assert_eq!(k.api("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)).0, 204);
     let state = dir.join(format!("{tag}.state"));
     let mem = dir.join(format!("{tag}.mem"));
+    let (status, text) = create_snapshot(k, &state, &mem, "Full");
+    assert_eq!(status, 204, "{text}");
+    (state, mem)
+}
+
+/// `PUT /snapshot/create` of `kind` (`Full` or `Diff`) into `state` and `mem`: the status
+/// and the answer.
+pub fn create_snapshot(k: &ApiKiln, state: &Path, mem: &Path, kind: &str) -> (u16, String) {
     let body = format!(
-        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Full"}}"#,
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "{kind}"}}"#,
         state.display(),
         mem.display()
     );
-    let (status, text) = k.api("PUT", "/snapshot/create", Some(&body));
-    assert_eq!(status, 204, "{text}");
-    (state, mem)
+    k.api("PUT", "/snapshot/create", Some(&body))
 }
 
 /// Kills `k` hard (the snapshot files are complete on disk before the answer) and returns
@@ -123,21 +129,11 @@ pub fn snapshot_running_guest(
     let state = dir.path().join("vm.state");
     let mem = dir.path().join("vm.mem");
     // Without dirty-page tracking a Diff is refused (Firecracker's words), and writes nothing.
-    let diff = format!(
-        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Diff"}}"#,
-        state.display(),
-        mem.display()
-    );
-    let (status, text) = k.api("PUT", "/snapshot/create", Some(&diff));
+    let (status, text) = create_snapshot(&k, &state, &mem, "Diff");
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("dirty page tracking disabled"), "{text}");
     assert!(!state.exists() && !mem.exists());
-    let body = format!(
-        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "snapshot_type": "Full"}}"#,
-        state.display(),
-        mem.display()
-    );
-    let (status, text) = k.api("PUT", "/snapshot/create", Some(&body));
+    let (status, text) = create_snapshot(&k, &state, &mem, "Full");
     assert_eq!(status, 204, "{text}");
     (kill_after_snapshot(k), state, mem)
 }

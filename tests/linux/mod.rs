@@ -425,6 +425,21 @@ fn spawn_kiln(ns: &NetNs, args: &[std::ffi::OsString], metrics: &Path, extra: &[
         .unwrap()
 }
 
+/// [`spawn_kiln`] serving the API on `sock` and nothing else, once the socket answers; `who`
+/// names the process in the failure.
+fn spawn_api_kiln(ns: &NetNs, sock: &Path, metrics: &Path, extra: &[&str], who: &str) -> Child {
+    let child = spawn_kiln(ns, &["--api-sock".into(), sock.into()], metrics, extra);
+    let ready = Instant::now();
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        assert!(
+            ready.elapsed() < Duration::from_secs(30),
+            "the {who} kiln never served its socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
 /// How often, and how far apart, `SendCtrlAltDel` is sent until Linux restarts.
 const CTRL_ALT_DEL_TRIES: u32 = 5;
 const CTRL_ALT_DEL_AGAIN: Duration = Duration::from_secs(3);
@@ -575,20 +590,7 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
             && migrated.borrow().is_none()
             && line.contains(needle)
         {
-            let dest = spawn_kiln(
-                &ns,
-                &["--api-sock".into(), dest_sock.clone().into()],
-                &metrics_path,
-                opts.extra,
-            );
-            let ready = Instant::now();
-            while std::os::unix::net::UnixStream::connect(&dest_sock).is_err() {
-                assert!(
-                    ready.elapsed() < Duration::from_secs(30),
-                    "the destination kiln never served its socket"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            let dest = spawn_api_kiln(&ns, &dest_sock, &metrics_path, opts.extra, "destination");
             let listen = format!("unix:{}", dir.path().join("mig.sock").display());
             let received = api_put(
                 &dest_sock,
@@ -639,20 +641,7 @@ pub fn boot_with(kernel: &Path, opts: &Options) -> Boot {
         // A new kiln, in the same namespace (the TAP and the DHCP server are still there),
         // restores the snapshot and carries on with the boot.
         let sock = dir.path().join("restored.sock");
-        let child = spawn_kiln(
-            &ns,
-            &["--api-sock".into(), sock.clone().into()],
-            &metrics_path,
-            opts.extra,
-        );
-        let ready = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(
-                ready.elapsed() < Duration::from_secs(30),
-                "the restoring kiln never served its socket"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let child = spawn_api_kiln(&ns, &sock, &metrics_path, opts.extra, "restoring");
         let loaded = api_put(
             &sock,
             "/snapshot/load",
