@@ -216,7 +216,7 @@ fn fd_kind(fd: i32) -> String {
     }
 }
 
-fn rlimit(resource: libc::__rlimit_resource_t) -> String {
+fn rlimit(resource: jailer::RlimitResource) -> String {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

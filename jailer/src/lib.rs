@@ -11,3 +11,5 @@ mod sys;
 
 pub use cgroup::{CgroupSetting, CgroupVersion};
 pub use resource_limits::ResourceLimits;
+/// The resource type of `setrlimit(2)` on the libc kiln is built against.
+pub use sys::Resource as RlimitResource;

@@ -45,11 +45,7 @@ impl ResourceLimits {
     }
 }
 
-fn set(
-    resource: &'static str,
-    id: libc::__rlimit_resource_t,
-    value: u64,
-) -> Result<(), RlimitError> {
+fn set(resource: &'static str, id: sys::Resource, value: u64) -> Result<(), RlimitError> {
     sys::setrlimit(id, value).map_err(|source| RlimitError {
         resource,
         value,

@@ -100,8 +100,17 @@ pub fn unlinkat(dir: BorrowedFd<'_>, path: &CStr, flags: libc::c_int) -> io::Res
     check(unsafe { libc::unlinkat(dir.as_raw_fd(), path.as_ptr(), flags) }).map(drop)
 }
 
+/// The type `setrlimit(2)` takes for its resource: glibc declares its own
+/// enum (`__rlimit_resource_t`), musl a plain `int`.
+#[cfg(target_env = "gnu")]
+pub type Resource = libc::__rlimit_resource_t;
+/// The type `setrlimit(2)` takes for its resource: glibc declares its own
+/// enum (`__rlimit_resource_t`), musl a plain `int`.
+#[cfg(not(target_env = "gnu"))]
+pub type Resource = libc::c_int;
+
 /// Sets both the soft and the hard limit of `resource` (`setrlimit(2)`).
-pub fn setrlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
+pub fn setrlimit(resource: Resource, value: u64) -> io::Result<()> {
     let limit = libc::rlimit {
         rlim_cur: value,
         rlim_max: value,
@@ -112,7 +121,7 @@ pub fn setrlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<
 
 /// Reads the (soft, hard) limits of `resource` (`getrlimit(2)`).
 #[cfg(test)]
-pub fn getrlimit(resource: libc::__rlimit_resource_t) -> io::Result<(u64, u64)> {
+pub fn getrlimit(resource: Resource) -> io::Result<(u64, u64)> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

@@ -51,7 +51,8 @@ impl Timer {
                 tv_nsec: 0,
             },
             it_value: libc::timespec {
-                tv_sec: libc::time_t::try_from(secs).unwrap_or(libc::time_t::MAX),
+                // time_t is 64-bit on x86_64 under both libcs (musl deprecates the alias).
+                tv_sec: i64::try_from(secs).unwrap_or(i64::MAX),
                 tv_nsec: (at_ns % 1_000_000_000) as libc::c_long,
             },
         };

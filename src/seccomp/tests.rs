@@ -278,7 +278,7 @@ fn decimal_formatting() {
 fn irq_line_where_devices_raise_interrupts() {
     fn irq_line_on_bad_fd() {
         // SAFETY: an ioctl on an invalid fd.
-        unsafe { libc::ioctl(-1, KVM_IRQ_LINE as libc::c_ulong) };
+        unsafe { libc::ioctl(-1, KVM_IRQ_LINE as libc::Ioctl) };
     }
     let builtin = SeccompFilters::builtin();
     for cat in [ThreadCategory::Vmm, ThreadCategory::Vcpu] {

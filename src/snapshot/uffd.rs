@@ -335,9 +335,13 @@ impl PageFaultHandler {
             // read, or dropped (after kiln's end is marked ECONNRESET) when the handler
             // closes without reading it.
             let mut unread: libc::c_int = 0;
+            // vmm-sys-util takes the request as an unsigned long; libc declares TIOCOUTQ an
+            // int on musl.
+            #[allow(clippy::unnecessary_cast)]
+            let request = libc::TIOCOUTQ as libc::c_ulong;
             // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int, which lives across the call, for
             // a socket this struct owns.
-            if unsafe { ioctl_with_mut_ref(&self.socket, libc::TIOCOUTQ, &mut unread) } < 0 {
+            if unsafe { ioctl_with_mut_ref(&self.socket, request, &mut unread) } < 0 {
                 return Err(UffdError::Send(io::Error::last_os_error()));
             }
             match getsockopt(&self.socket, sockopt::SocketError) {

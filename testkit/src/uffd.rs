@@ -33,8 +33,11 @@ const PAGE: usize = 4096;
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(120);
 
 // include/uapi/linux/userfaultfd.h (x86_64): _IOWR(0xAA, nr, size).
-const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
-const UFFDIO_ZEROPAGE: libc::c_ulong = 0xc020_aa04;
+// `libc::Ioctl` is the request type of ioctl(2): unsigned long on glibc, int on musl.
+#[allow(clippy::cast_lossless, clippy::unnecessary_cast)]
+const UFFDIO_COPY: libc::Ioctl = 0xc028_aa03_u32 as libc::Ioctl;
+#[allow(clippy::cast_lossless, clippy::unnecessary_cast)]
+const UFFDIO_ZEROPAGE: libc::Ioctl = 0xc020_aa04_u32 as libc::Ioctl;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 /// `sizeof(struct uffd_msg)`.
 const UFFD_MSG_LEN: usize = 32;
@@ -212,7 +215,7 @@ fn receive_handshake(stream: &UnixStream) -> io::Result<(String, OwnedFd)> {
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of_val(&control);
+    msg.msg_controllen = size_of_val(&control) as _;
     // SAFETY: `msg` points at `iov` (into `data`) and `control`, all alive across the call.
     let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {

@@ -225,7 +225,9 @@ fn on_nowait_filesystem(file: &File) -> bool {
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
         return false;
     }
-    NOWAIT_FILESYSTEMS.contains(&st.f_type)
+    // `f_type` is a signed long on glibc and an unsigned one on musl.
+    #[allow(clippy::unnecessary_cast)]
+    NOWAIT_FILESYSTEMS.contains(&(st.f_type as i64))
 }
 
 impl AsRawFd for DiskFile {
