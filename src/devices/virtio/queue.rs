@@ -26,13 +26,34 @@ pub struct Buffer {
     pub writable: bool,
 }
 
-/// A guest buffer as the host sees it: a pointer into a guest memory mapping.
+/// A guest buffer as the host sees it: a pointer into a guest memory mapping. Laid out
+/// exactly as `struct iovec` (a pointer, then a length), so that a slice of them goes to
+/// readv/writev as it is ([`HostBuffer::as_iovecs`]), with nothing allocated per request.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub struct HostBuffer {
     /// Host address (inside a guest memory mapping).
     pub ptr: *mut u8,
     /// Length in bytes.
     pub len: usize,
+}
+
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<HostBuffer>() == size_of::<libc::iovec>());
+    assert!(align_of::<HostBuffer>() == align_of::<libc::iovec>());
+    assert!(offset_of!(HostBuffer, ptr) == offset_of!(libc::iovec, iov_base));
+    assert!(offset_of!(HostBuffer, len) == offset_of!(libc::iovec, iov_len));
+};
+
+impl HostBuffer {
+    /// The same buffers as iovecs, without a copy.
+    pub fn as_iovecs(bufs: &[HostBuffer]) -> &[libc::iovec] {
+        // SAFETY: HostBuffer is repr(C) with iovec's size, alignment and field offsets
+        // (checked at compile time above), and a `*mut u8` and a `*mut c_void` share one
+        // representation, so every HostBuffer is a valid iovec. The slice borrows `bufs`.
+        unsafe { std::slice::from_raw_parts(bufs.as_ptr().cast::<libc::iovec>(), bufs.len()) }
+    }
 }
 
 /// Resolves walked guest buffers to host buffers (each lies inside one region, which
@@ -41,19 +62,48 @@ pub struct HostBuffer {
 /// vm-memory's back, so they are marked dirty here, where they are handed out (a buffer
 /// that ends up not written is merely saved once more by the next Diff snapshot).
 pub fn host_buffers(mem: &GuestMemory, bufs: &[Buffer]) -> Option<Vec<HostBuffer>> {
-    bufs.iter()
-        .filter(|b| b.len > 0)
-        .map(|b| {
-            let ptr = mem.get_host_address(b.addr).ok()?;
-            if b.writable {
-                mark_dirty(mem, b.addr, b.len as usize);
-            }
-            Some(HostBuffer {
-                ptr,
-                len: b.len as usize,
-            })
-        })
-        .collect()
+    let mut out = Vec::with_capacity(bufs.len());
+    host_buffers_into(mem, bufs, &mut out).then_some(out)
+}
+
+/// Host buffers a device keeps from one request to the next, so that resolving a request's
+/// buffers allocates nothing.
+#[derive(Debug, Default)]
+pub struct HostScratch(Vec<HostBuffer>);
+
+// SAFETY: the pointers are host addresses of guest memory, which is mapped for the VM's whole
+// life and shared by every thread of the VMM; the vector is only used by its owner, which
+// refills it before every use.
+unsafe impl Send for HostScratch {}
+
+impl HostScratch {
+    /// [`host_buffers`] of `bufs`, in this vector; `None` if a buffer has no host address.
+    pub fn fill(&mut self, mem: &GuestMemory, bufs: &[Buffer]) -> Option<&[HostBuffer]> {
+        host_buffers_into(mem, bufs, &mut self.0).then_some(&self.0)
+    }
+
+    /// The buffers of the last successful [`HostScratch::fill`].
+    pub fn filled(&self) -> &[HostBuffer] {
+        &self.0
+    }
+}
+
+/// [`host_buffers`] into `out` (cleared first); false if a buffer has no host address.
+fn host_buffers_into(mem: &GuestMemory, bufs: &[Buffer], out: &mut Vec<HostBuffer>) -> bool {
+    out.clear();
+    for b in bufs.iter().filter(|b| b.len > 0) {
+        let Ok(ptr) = mem.get_host_address(b.addr) else {
+            return false;
+        };
+        if b.writable {
+            mark_dirty(mem, b.addr, b.len as usize);
+        }
+        out.push(HostBuffer {
+            ptr,
+            len: b.len as usize,
+        });
+    }
+    true
 }
 
 /// Total bytes of `bufs`.
@@ -477,6 +527,32 @@ pub(crate) mod tests {
         assert!(
             !bitmap.dirty_at(0x20_0000),
             "a device-readable buffer is not dirtied"
+        );
+    }
+
+    #[test]
+    fn a_reused_scratch_resolves_each_request_afresh_and_reads_as_iovecs() {
+        let mem = create_guest_memory(16).unwrap();
+        let buf = |addr: u64, len: u32| Buffer {
+            addr: GuestAddress(addr),
+            len,
+            writable: false,
+        };
+        let mut scratch = HostScratch::default();
+        let first = [buf(0x1000, 16), buf(0x3000, 0), buf(0x8000, 32)];
+        assert_eq!(scratch.fill(&mem, &first).map(<[_]>::len), Some(2));
+        let second = [buf(0x2000, 8)];
+        let host = scratch.fill(&mem, &second).unwrap().to_vec();
+        assert_eq!(host.len(), 1, "the first request's buffers are gone");
+        // The iovecs the kernel gets: the guest address's host mapping, the same length.
+        let iovs = HostBuffer::as_iovecs(&host);
+        let want = mem.get_host_address(GuestAddress(0x2000)).unwrap();
+        assert_eq!((iovs[0].iov_base.cast::<u8>(), iovs[0].iov_len), (want, 8));
+        // A buffer outside guest memory fails the whole request.
+        assert!(
+            scratch
+                .fill(&mem, &[buf(0x2000, 8), buf(1 << 40, 8)])
+                .is_none()
         );
     }
 }

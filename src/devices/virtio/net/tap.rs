@@ -159,21 +159,12 @@ impl Tap {
         Ok(())
     }
 
-    fn iovecs(bufs: &[HostBuffer]) -> Vec<libc::iovec> {
-        bufs.iter()
-            .map(|b| libc::iovec {
-                iov_base: b.ptr.cast(),
-                iov_len: b.len,
-            })
-            .collect()
-    }
-
     /// Reads one frame into the buffers; returns its length.
     ///
     /// # Safety
     /// Every buffer must be valid for writes of its length for the duration of the call.
     pub unsafe fn read_frame(&self, bufs: &[HostBuffer]) -> std::io::Result<usize> {
-        let iovs = Self::iovecs(bufs);
+        let iovs = HostBuffer::as_iovecs(bufs);
         let count = iovs.len().min(1024) as libc::c_int;
         // SAFETY: the iovecs describe buffers the caller guarantees writable.
         let n = unsafe { libc::readv(self.file.as_raw_fd(), iovs.as_ptr(), count) };
@@ -189,7 +180,7 @@ impl Tap {
     /// # Safety
     /// Every buffer must be valid for reads of its length for the duration of the call.
     pub unsafe fn write_frame(&self, bufs: &[HostBuffer]) -> std::io::Result<usize> {
-        let iovs = Self::iovecs(bufs);
+        let iovs = HostBuffer::as_iovecs(bufs);
         let count = iovs.len().min(1024) as libc::c_int;
         // SAFETY: the iovecs describe buffers the caller guarantees readable.
         let n = unsafe { libc::writev(self.file.as_raw_fd(), iovs.as_ptr(), count) };

@@ -17,7 +17,7 @@ use crate::config::MacAddr;
 use crate::devices::virtio::features::{
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::devices::virtio::queue::Buffer;
+use crate::devices::virtio::queue::{Buffer, HostScratch};
 use crate::devices::virtio::{
     ActivateError, Activation, VirtioDevice, VirtioInterrupt, read_config_bytes,
 };
@@ -86,6 +86,11 @@ pub struct Net {
     chain: Vec<Buffer>,
     /// Buffer lists of used receive chains, kept for the next ones.
     rx_spare: Vec<Vec<Buffer>>,
+    /// The held receive buffers of one zero-copy read, and the host buffers of one read or
+    /// write: kept from frame to frame, so a frame allocates nothing (musl's allocator maps
+    /// and unmaps memory for an allocation freed as soon as it is made).
+    rx_flat: Vec<Buffer>,
+    host: HostScratch,
     /// Limits on frames to the guest. With a limit, frames are read into the bounce buffer
     /// (their length must be known before they are admitted), and a frame held back waits
     /// there while the TAP is left unread.
@@ -146,6 +151,8 @@ impl Net {
             rx_seen_avail: 0,
             chain: Vec::with_capacity(64),
             rx_spare: Vec::new(),
+            rx_flat: Vec::new(),
+            host: HostScratch::default(),
             rx_limiter: RateLimiter::new(None)?,
             tx_limiter: RateLimiter::new(None)?,
             batch_now: None,

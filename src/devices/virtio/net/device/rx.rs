@@ -15,7 +15,7 @@ use super::super::{MAX_FRAME_LEN, VNET_HDR_LEN};
 use super::{Active, Net};
 use crate::devices::virtio::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::devices::virtio::queue::{
-    Buffer, host_buffers, pop_head, return_chain, total_len, walk_chain, write_stream,
+    Buffer, pop_head, return_chain, total_len, walk_chain, write_stream,
 };
 
 /// Offset of `num_buffers` in `struct virtio_net_hdr_v1`.
@@ -329,17 +329,15 @@ impl Net {
         if active.rx_held_capacity >= MAX_FRAME_LEN
             && (!limited || self.rx_limiter.would_allow(largest, now))
         {
-            let bufs: Vec<Buffer> = active
-                .rx_held
-                .iter()
-                .flat_map(|c| c.bufs.iter().copied())
-                .collect();
-            let Some(host) = host_buffers(&active.mem, &bufs) else {
+            self.rx_flat.clear();
+            self.rx_flat
+                .extend(active.rx_held.iter().flat_map(|c| c.bufs.iter().copied()));
+            let Some(host) = self.host.fill(&active.mem, &self.rx_flat) else {
                 return Some(Outcome::Corrupt);
             };
             // SAFETY: the host buffers are device-writable guest memory inside `active.mem`,
             // which outlives the call.
-            let read = unsafe { self.tap.read_frame(&host) };
+            let read = unsafe { self.tap.read_frame(host) };
             return match read {
                 Ok(0) => {
                     // End of file: the other side is gone.

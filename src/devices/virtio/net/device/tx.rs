@@ -8,7 +8,7 @@ use super::super::features::{VIRTIO_NET_F_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_N
 use super::super::{MAX_FRAME_LEN, VNET_HDR_LEN};
 use super::{Active, Net};
 use crate::devices::virtio::features::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use crate::devices::virtio::queue::{host_buffers, pop_head, read_stream, total_len, walk_chain};
+use crate::devices::virtio::queue::{pop_head, read_stream, total_len, walk_chain};
 
 /// `virtio_net_hdr.flags`: the checksum is left for the device.
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
@@ -138,10 +138,10 @@ impl Net {
             self.metrics.tx_dropped.inc();
             return Sent::Done;
         }
-        let Some(host) = host_buffers(&active.mem, bufs) else {
+        if self.host.fill(&active.mem, bufs).is_none() {
             self.metrics.tx_dropped.inc();
             return Sent::Done;
-        };
+        }
         let bytes = (len - VNET_HDR_LEN) as u64;
         let limiting = self.tx_limiter.is_limiting();
         if limiting {
@@ -160,9 +160,9 @@ impl Net {
                 }
             }
         }
-        // SAFETY: the host buffers are device-readable guest memory inside `active.mem`,
-        // which outlives the call.
-        match unsafe { self.tap.write_frame(&host) } {
+        // SAFETY: the host buffers `fill` resolved above are device-readable guest memory
+        // inside `active.mem`, which outlives the call.
+        match unsafe { self.tap.write_frame(self.host.filled()) } {
             Ok(_) => {
                 self.metrics.tx_frames.inc();
                 self.metrics.tx_bytes.add(bytes);
