@@ -77,8 +77,13 @@ pub struct HostScratch(Vec<HostBuffer>);
 unsafe impl Send for HostScratch {}
 
 impl HostScratch {
-    /// [`host_buffers`] of `bufs`, in this vector; `None` if a buffer has no host address.
-    pub fn fill(&mut self, mem: &GuestMemory, bufs: &[Buffer]) -> Option<&[HostBuffer]> {
+    /// [`host_buffers`] of `bufs` (one chain's, or several chains' in a row), in this vector;
+    /// `None` if a buffer has no host address.
+    pub fn fill<'a>(
+        &mut self,
+        mem: &GuestMemory,
+        bufs: impl IntoIterator<Item = &'a Buffer>,
+    ) -> Option<&[HostBuffer]> {
         host_buffers_into(mem, bufs, &mut self.0).then_some(&self.0)
     }
 
@@ -89,9 +94,13 @@ impl HostScratch {
 }
 
 /// [`host_buffers`] into `out` (cleared first); false if a buffer has no host address.
-fn host_buffers_into(mem: &GuestMemory, bufs: &[Buffer], out: &mut Vec<HostBuffer>) -> bool {
+fn host_buffers_into<'a>(
+    mem: &GuestMemory,
+    bufs: impl IntoIterator<Item = &'a Buffer>,
+    out: &mut Vec<HostBuffer>,
+) -> bool {
     out.clear();
-    for b in bufs.iter().filter(|b| b.len > 0) {
+    for b in bufs.into_iter().filter(|b| b.len > 0) {
         let Ok(ptr) = mem.get_host_address(b.addr) else {
             return false;
         };

@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::disk::DiskFile;
 use super::io::{IoKind, IoRequest, guest_written};
 use super::uring::{Op, Ring, UringError};
-use crate::devices::virtio::queue::Buffer;
+use crate::devices::virtio::queue::{Buffer, HostBuffer};
 use crate::vstate::memory::GuestMemory;
 
 /// Most iovecs one `READV`/`WRITEV` takes (`IOV_MAX`).
@@ -204,14 +204,7 @@ impl AsyncEngine {
                 return Err(e.into());
             }
         };
-        let iovs: Vec<libc::iovec> = req
-            .host
-            .iter()
-            .map(|b| libc::iovec {
-                iov_base: b.ptr.cast(),
-                iov_len: b.len,
-            })
-            .collect();
+        let iovs = HostBuffer::as_iovecs(&req.host).to_vec();
         let mut parts = Vec::new();
         if req.kind == IoKind::Flush {
             parts.push(Part {

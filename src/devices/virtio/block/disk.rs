@@ -164,13 +164,10 @@ impl DiskFile {
         bufs: &[HostBuffer],
         write: bool,
     ) -> std::io::Result<()> {
-        let mut iovs: Vec<libc::iovec> = bufs
+        let mut iovs: Vec<libc::iovec> = HostBuffer::as_iovecs(bufs)
             .iter()
-            .filter(|b| b.len > 0)
-            .map(|b| libc::iovec {
-                iov_base: b.ptr.cast(),
-                iov_len: b.len,
-            })
+            .filter(|v| v.iov_len > 0)
+            .copied()
             .collect();
         let mut offset = offset;
         let mut first = 0;

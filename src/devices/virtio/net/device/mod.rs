@@ -86,10 +86,9 @@ pub struct Net {
     chain: Vec<Buffer>,
     /// Buffer lists of used receive chains, kept for the next ones.
     rx_spare: Vec<Vec<Buffer>>,
-    /// The held receive buffers of one zero-copy read, and the host buffers of one read or
-    /// write: kept from frame to frame, so a frame allocates nothing (musl's allocator maps
-    /// and unmaps memory for an allocation freed as soon as it is made).
-    rx_flat: Vec<Buffer>,
+    /// The host buffers of one read or write, kept from frame to frame so that a frame
+    /// allocates nothing (musl's allocator maps and unmaps memory for an allocation freed
+    /// as soon as it is made).
     host: HostScratch,
     /// Limits on frames to the guest. With a limit, frames are read into the bounce buffer
     /// (their length must be known before they are admitted), and a frame held back waits
@@ -151,7 +150,6 @@ impl Net {
             rx_seen_avail: 0,
             chain: Vec::with_capacity(64),
             rx_spare: Vec::new(),
-            rx_flat: Vec::new(),
             host: HostScratch::default(),
             rx_limiter: RateLimiter::new(None)?,
             tx_limiter: RateLimiter::new(None)?,

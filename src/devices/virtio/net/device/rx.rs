@@ -329,10 +329,8 @@ impl Net {
         if active.rx_held_capacity >= MAX_FRAME_LEN
             && (!limited || self.rx_limiter.would_allow(largest, now))
         {
-            self.rx_flat.clear();
-            self.rx_flat
-                .extend(active.rx_held.iter().flat_map(|c| c.bufs.iter().copied()));
-            let Some(host) = self.host.fill(&active.mem, &self.rx_flat) else {
+            let held = active.rx_held.iter().flat_map(|c| c.bufs.iter());
+            let Some(host) = self.host.fill(&active.mem, held) else {
                 return Some(Outcome::Corrupt);
             };
             // SAFETY: the host buffers are device-writable guest memory inside `active.mem`,

@@ -138,7 +138,7 @@ impl Net {
             self.metrics.tx_dropped.inc();
             return Sent::Done;
         }
-        if self.host.fill(&active.mem, bufs).is_none() {
+        if self.host.fill(&active.mem, bufs.iter()).is_none() {
             self.metrics.tx_dropped.inc();
             return Sent::Done;
         }
